@@ -1,0 +1,20 @@
+"""DynaDiag: dynamic sparse training of diagonally sparse networks, with real sparse kernels."""
+
+from dynadiag.conv import DiagConv2d
+from dynadiag.functional import num_active_diagonals, soft_topk_weights
+from dynadiag.layers import DiagLinear
+from dynadiag.sparsify import DiagSparsifyConfig, SparsifyReport, densify_, sparsify_, sparsity_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiagConv2d",
+    "DiagLinear",
+    "DiagSparsifyConfig",
+    "SparsifyReport",
+    "densify_",
+    "num_active_diagonals",
+    "soft_topk_weights",
+    "sparsify_",
+    "sparsity_report",
+]

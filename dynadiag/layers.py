@@ -1,0 +1,227 @@
+"""``DiagLinear``: a linear layer whose weight is a learned set of wrapped diagonals (DynaDiag).
+
+Life cycle:
+
+1. **Soft phase.** All ``P`` candidate diagonals carry a weight ``w = clamp(k * softmax(alpha / T), 0, 1)``;
+   the layer materialises ``W = sum_p w_p * placement_p(V_p)`` and runs one dense GEMM (all ``P`` diagonals
+   are live, so the work is dense anyway). The trainer anneals ``temperature`` from high to low.
+2. **Freeze.** :meth:`DiagLinear.freeze_` keeps ``topk(alpha, k)`` with weight 1, stores only those ``k``
+   rows of ``V`` (sorted by diagonal id) and stops training ``alpha``.
+3. **Frozen phase.** Compute is sparse, through the kernel backend registry (:mod:`dynadiag.kernels`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynadiag import functional as DF
+from dynadiag.kernels import get_backend
+
+__all__ = ["DiagLinear", "DiagonalSparseMixin"]
+
+
+def all_diagonals_weight(values: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from all ``P`` diagonals ``values`` (``[P, D]``), as one gather.
+
+    With ``out >= in``, ``W[r, t] = values[(r - t) % P, t]``; the wide case is the transpose of the same
+    gather. A gather (backward: scatter-add) is much cheaper than an index_put over ``P * D`` elements.
+    """
+    num_diag, length = values.shape[0], values.shape[1]
+    rows = torch.arange(num_diag, device=values.device)
+    cols = torch.arange(length, device=values.device)
+    index = (rows[:, None] - cols[None, :]) % num_diag  # [P, D]
+    gathered = values.gather(0, index)  # [P, D]
+    return gathered if out_features >= in_features else gathered.t()
+
+
+class DiagonalSparseMixin:
+    """State shared by diagonal layers: ``V`` (``[P, D, ...]``), ``alpha`` (``[P]``), ``k`` and ``offsets``."""
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.offsets is not None
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return 1.0 - self.k / self.num_diagonals
+
+    def soft_weights(self) -> torch.Tensor:  # [P]
+        """Current per-diagonal weights ``clamp(k * softmax(alpha / T), 0, 1)`` (ones on kept rows once frozen)."""
+        if self.is_frozen:
+            return torch.ones(self.k, device=self.V.device, dtype=self.V.dtype)
+        return DF.soft_topk_weights(self.alpha, self.k, self.temperature)
+
+    @torch.no_grad()
+    def freeze_(self):  # -> Self
+        """Keep exactly the ``k`` diagonals with the largest ``alpha``, with weight 1, in compact storage.
+
+        Replaces ``V`` by a new ``[k, D]`` parameter and turns ``alpha`` into a buffer: an optimizer holding
+        the old tensors must be updated (:func:`dynadiag.optim.replace_parameters_` does that).
+        """
+        if self.is_frozen:
+            return self
+        keep = torch.topk(self.alpha.detach().float(), self.k).indices.sort().values  # [K] ascending
+        values = self.V.detach()[keep].clone()
+        alpha = self.alpha.detach().clone()
+        del self.V, self.alpha
+        self.V = nn.Parameter(values)  # [K, D]
+        self.register_buffer("alpha", alpha)
+        self.offsets = keep.to(torch.long)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        # A frozen checkpoint loads into a fresh (soft) layer: adopt the frozen layout first.
+        offsets = state_dict.get(prefix + "offsets")
+        if offsets is not None and not self.is_frozen:
+            device, dtype, trailing = self.V.device, self.V.dtype, self.V.shape[1:]
+            del self.V, self.alpha
+            self.V = nn.Parameter(torch.empty(offsets.numel(), *trailing, device=device, dtype=dtype))
+            self.register_buffer("alpha", torch.empty(self.num_diagonals, device=device, dtype=dtype))
+            self.offsets = torch.empty_like(offsets, device=device)
+            self.k = offsets.numel()
+        elif offsets is None and self.is_frozen and prefix + "V" in state_dict:
+            errors.append(f"{prefix}: cannot load a soft-phase (unfrozen) state into a frozen DiagLinear")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+
+
+class DiagLinear(DiagonalSparseMixin, nn.Module):
+    """Diagonally sparse replacement for :class:`torch.nn.Linear`.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        sparsity: target fraction of zero weights, in ``[0, 1)``; sets ``k`` (active diagonals).
+        backend: kernel backend for the frozen phase (``"auto"``, ``"reference"``, ``"cpu"``, ...).
+        device: parameter device.
+        dtype: parameter dtype.
+
+    Shapes:
+        input ``[..., in_features]`` -> output ``[..., out_features]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        sparsity: float,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"DiagLinear needs positive sizes, got in={in_features}, out={out_features}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.sparsity = DF.validate_sparsity(sparsity, where=f"DiagLinear({in_features}->{out_features}): ")
+        self.num_diagonals, self.diag_length = DF.diag_dims(in_features, out_features)
+        self.k = DF.num_active_diagonals(in_features, out_features, self.sparsity)
+        self.backend = backend
+        self.temperature = 1.0
+        #: module name inside the model, set by :func:`dynadiag.sparsify_`; used in error messages.
+        self.layer_name = ""
+        self.V = nn.Parameter(torch.empty(self.num_diagonals, self.diag_length, **factory))  # [P, D]
+        self.alpha = nn.Parameter(torch.empty(self.num_diagonals, **factory))  # [P]
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("offsets", None)  # [K] int64 once frozen
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform ``V`` (a=sqrt(5), fan-in ``D``), ``alpha = 1/P``, zero bias."""
+        nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
+        with torch.no_grad():
+            self.alpha.fill_(1.0 / self.num_diagonals)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @property
+    def nnz(self) -> int:
+        """Non-zero weights the layer computes with once frozen (``k * D``)."""
+        return self.k * self.diag_length
+
+    def dense_weight(self) -> torch.Tensor:  # [out, in]
+        """The ``[out, in]`` matrix the layer currently computes with (differentiable)."""
+        if self.is_frozen:
+            return DF.place_diagonals(self.V, self.offsets, self.in_features, self.out_features)
+        scaled = self.V * self.soft_weights()[:, None]
+        return all_diagonals_weight(scaled, self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.shape[-1] != self.in_features:
+            name = f" '{self.layer_name}'" if self.layer_name else ""
+            raise ValueError(
+                f"DiagLinear{name} ({self.in_features}->{self.out_features}): input last dimension is "
+                f"{x.shape[-1]}, expected {self.in_features}"
+            )
+        if not self.is_frozen:
+            return F.linear(x, self.dense_weight(), self.bias)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2d = x.reshape(-1, self.in_features).to(dtype)  # [N, in]
+        bias = None if self.bias is None else self.bias.to(dtype)
+        backend = get_backend(self.backend, x.device)
+        y = backend.diag_linear(x2d, self.V.to(dtype), self.offsets, bias, self.in_features, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        sparsity: float,
+        *,
+        backend: str = "auto",
+        scores: torch.Tensor | None = None,
+        freeze: bool = False,
+    ) -> DiagLinear:
+        """Build a DiagLinear holding a dense layer's diagonals.
+
+        Args:
+            linear: the dense layer; its weight is read, not modified.
+            sparsity: target sparsity of the new layer.
+            backend: kernel backend for the frozen phase.
+            scores: per-diagonal importance ``[P]`` used as ``alpha``; default: each diagonal's L2 norm.
+            freeze: keep only the top-``k`` diagonals right away.
+        """
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            sparsity=sparsity,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.V.copy_(DF.gather_diagonals(weight))
+            alpha = layer.V.norm(dim=1) if scores is None else scores.to(layer.alpha)
+            layer.alpha.copy_(alpha.reshape(layer.num_diagonals))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer.freeze_() if freeze else layer
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """The exact dense equivalent of what the layer computes now."""
+        weight = self.dense_weight()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"k={self.k}/{self.num_diagonals}, sparsity={self.achieved_sparsity:.4f}, frozen={self.is_frozen}, "
+            f"backend={self.backend}"
+        )
