@@ -1,0 +1,149 @@
+// CPU implementations of the dynadiag ops declared in csrc/schema.cpp.
+//
+// fp32 and bf16 (bf16 storage, fp32 accumulation) run the AVX-512 kernels in diag_kernels.h when the build
+// machine has AVX-512 (the extension is compiled with -march=native); every other dtype (fp64 for gradcheck,
+// fp16) and tiny shapes (P < 16, where one 16-lane window would wrap twice) use the portable scalar loops.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "diag_kernels.h"
+
+namespace dynadiag {
+namespace {
+
+struct Dims {
+  int64_t in, out, P, D, K;
+  bool tall;  // out >= in (the square case uses the tall convention)
+};
+
+Dims check_args(const char* op, const at::Tensor& a, const at::Tensor& values_or_b, const at::Tensor& offsets,
+                int64_t in, int64_t out, int64_t K, int64_t D_given) {
+  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", in, " and ", out);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
+  TORCH_CHECK(a.device().is_cpu() && values_or_b.device().is_cpu() && offsets.device().is_cpu(), op,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(a.scalar_type() == values_or_b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
+              values_or_b.scalar_type(), ")");
+  Dims d{in, out, std::max(in, out), std::min(in, out), K, out >= in};
+  TORCH_CHECK(D_given < 0 || D_given == d.D, op, ": values must have min(in, out) = ", d.D, " columns, got ",
+              D_given);
+  TORCH_CHECK(offsets.size(0) == K, op, ": ", K, " diagonals but ", offsets.size(0), " offsets");
+  return d;
+}
+
+at::Tensor checked_offsets(const at::Tensor& offsets, int64_t P, const char* op) {
+  at::Tensor off = offsets.contiguous();
+  const int64_t* p = off.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < off.numel(); ++k)
+    TORCH_CHECK(p[k] >= 0 && p[k] < P, op, ": offset ", p[k], " out of range [0, ", P, ")");
+  return off;
+}
+
+// out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]); dispatch on dtype and on the AVX-512 fast path.
+void gather(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
+  const int64_t N = z.size(0), K = V.size(0);
+#if DYNADIAG_AVX512
+  if (P >= 16 && z.scalar_type() == at::kFloat)
+    return gather_avx512<F32>(z.const_data_ptr<float>(), N, P, V.const_data_ptr<float>(),
+                              off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<float>());
+  if (P >= 16 && z.scalar_type() == at::kBFloat16)
+    return gather_avx512<BF16>(z.const_data_ptr<c10::BFloat16>(), N, P, V.const_data_ptr<c10::BFloat16>(),
+                               off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<c10::BFloat16>());
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_gather", [&] {
+    gather_scalar<scalar_t>(z.const_data_ptr<scalar_t>(), N, P, V.const_data_ptr<scalar_t>(),
+                            off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void scatter(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
+  const int64_t N = z.size(0), K = V.size(0);
+#if DYNADIAG_AVX512
+  if (P >= 16 && z.scalar_type() == at::kFloat)
+    return scatter_avx512<F32>(z.const_data_ptr<float>(), N, D, V.const_data_ptr<float>(),
+                               off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<float>());
+  if (P >= 16 && z.scalar_type() == at::kBFloat16)
+    return scatter_avx512<BF16>(z.const_data_ptr<c10::BFloat16>(), N, D, V.const_data_ptr<c10::BFloat16>(),
+                                off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<c10::BFloat16>());
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_scatter", [&] {
+    scatter_scalar<scalar_t>(z.const_data_ptr<scalar_t>(), N, D, V.const_data_ptr<scalar_t>(),
+                             off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void sddmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& dv) {
+  const int64_t N = a.size(0), K = off.size(0);
+#if DYNADIAG_AVX512
+  if (P >= 16 && a.scalar_type() == at::kFloat)
+    return sddmm_avx512<F32>(a.const_data_ptr<float>(), b.const_data_ptr<float>(), N, D, P,
+                             off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<float>());
+  if (P >= 16 && a.scalar_type() == at::kBFloat16)
+    return sddmm_avx512<BF16>(a.const_data_ptr<c10::BFloat16>(), b.const_data_ptr<c10::BFloat16>(), N, D, P,
+                              off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<c10::BFloat16>());
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "dynadiag_sddmm", [&] {
+    sddmm_scalar<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), N, D, P,
+                           off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<scalar_t>());
+  });
+}
+
+at::Tensor diag_fwd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
+  const Dims d = check_args("diag_fwd", x, values, offsets, x.size(1), out_features, values.size(0), values.size(1));
+  at::Tensor y = at::empty({x.size(0), d.out}, x.options());
+  if (x.size(0) == 0) return y;
+  if (d.K == 0) return y.zero_();
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_fwd");
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  if (d.tall)
+    scatter(xc, vc, off, d.P, d.D, y);  // y [N, P=out] from x [N, D=in]
+  else
+    gather(xc, vc, off, d.P, d.D, y);  // y [N, D=out] from x [N, P=in]
+  return y;
+}
+
+at::Tensor diag_bwd_x(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& offsets,
+                      int64_t in_features) {
+  TORCH_CHECK(grad_y.dim() == 2 && values.dim() == 2, "diag_bwd_x: grad_y must be [N, out] and values [K, D]");
+  const Dims d = check_args("diag_bwd_x", grad_y, values, offsets, in_features, grad_y.size(1), values.size(0),
+                            values.size(1));
+  at::Tensor gx = at::empty({grad_y.size(0), d.in}, grad_y.options());
+  if (grad_y.size(0) == 0) return gx;
+  if (d.K == 0) return gx.zero_();
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_x");
+  const at::Tensor gc = grad_y.contiguous(), vc = values.contiguous();
+  if (d.tall)
+    gather(gc, vc, off, d.P, d.D, gx);  // W^T is wide: gx [N, D=in] from grad_y [N, P=out]
+  else
+    scatter(gc, vc, off, d.P, d.D, gx);  // W^T is tall: gx [N, P=in] from grad_y [N, D=out]
+  return gx;
+}
+
+at::Tensor diag_bwd_v(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
+  TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
+              "diag_bwd_v: grad_y must be [N, out] and x [N, in]");
+  const Dims d = check_args("diag_bwd_v", grad_y, x, offsets, x.size(1), grad_y.size(1), offsets.size(0), -1);
+  if (x.size(0) == 0 || d.K == 0) return at::zeros({d.K, d.D}, x.options());
+  at::Tensor dv = at::empty({d.K, d.D}, x.options());
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_v");
+  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous();
+  if (d.tall)
+    sddmm(xc, gc, off, d.P, d.D, dv);  // dV[k, t] = sum_n x[n, t] grad_y[n, (t + p) % out]
+  else
+    sddmm(gc, xc, off, d.P, d.D, dv);  // dV[k, t] = sum_n grad_y[n, t] x[n, (t + p) % in]
+  return dv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynadiag, CPU, m) {
+  m.impl("diag_fwd", &diag_fwd);
+  m.impl("diag_bwd_x", &diag_bwd_x);
+  m.impl("diag_bwd_v", &diag_bwd_v);
+}
+
+}  // namespace dynadiag

@@ -1,0 +1,17 @@
+// Operator schemas for the frozen DiagLinear layer, shared by every device implementation.
+//
+// Layout: W is [out, in]; P = max(in, out) candidate diagonals of length D = min(in, out), wrapping modulo P.
+//   out >= in: element t of diagonal p sits at W[(t + p) % out, t]
+//   out <  in: element t of diagonal p sits at W[t, (t + p) % in]
+// `values` is [K, D] (one row per kept diagonal), `offsets` is [K] int64 in [0, P).
+// Device kernels live in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and csrc/cuda (CUDA); this file only declares.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dynadiag, m) {
+  // x [N, in] -> y [N, out] = x W^T (bias is added in Python).
+  m.def("diag_fwd(Tensor x, Tensor values, Tensor offsets, int out_features) -> Tensor");
+  // grad_y [N, out] -> grad_x [N, in] = grad_y W.
+  m.def("diag_bwd_x(Tensor grad_y, Tensor values, Tensor offsets, int in_features) -> Tensor");
+  // grad_y [N, out], x [N, in] -> grad_values [K, D]: the pattern-restricted product grad_y^T x.
+  m.def("diag_bwd_v(Tensor grad_y, Tensor x, Tensor offsets) -> Tensor");
+}

@@ -1,0 +1,112 @@
+"""The ``torch.ops.dynadiag`` custom ops: loading, fake (meta) implementations and autograd.
+
+Schemas live in ``csrc/schema.cpp`` (its own tiny library, so device extensions such as ``csrc/cuda`` can load
+after it even when another device's build fails); CPU kernels in ``csrc/cpu``. Everything here is
+device-agnostic: the fake functions only compute shapes, and the autograd formula calls the other two ops,
+which dispatch to whichever device implementation is registered.
+
+Ops (``W`` is ``[out, in]``, ``P = max(in, out)``, ``D = min(in, out)``, ``K`` kept diagonals):
+
+- ``diag_fwd(x [N, in], values [K, D], offsets [K], out_features) -> y [N, out]`` (``x W^T``, no bias)
+- ``diag_bwd_x(grad_y [N, out], values [K, D], offsets [K], in_features) -> grad_x [N, in]`` (``grad_y W``)
+- ``diag_bwd_v(grad_y [N, out], x [N, in], offsets [K]) -> grad_values [K, D]``
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from dynadiag.kernels._build import load_extension
+
+__all__ = ["CSRC", "cpu_library_error", "load_cpu_library", "load_library", "load_schema"]
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_LOCK = threading.Lock()
+_REGISTERED = False
+_CPU_ERROR: str | None = None
+_CPU_TRIED = False
+
+
+def load_schema() -> None:
+    """Define the ``dynadiag`` op schemas (build/load ``csrc/schema.cpp``) and their Python registrations."""
+    global _REGISTERED
+    with _LOCK:
+        if _REGISTERED:
+            return
+        load_extension("dynadiag_schema", [CSRC / "schema.cpp"], extra_cflags=("-O2",), extra_ldflags=())
+        _register_python_side()
+        _REGISTERED = True
+
+
+def load_cpu_library() -> None:
+    """Load the schemas and the CPU kernels. Raises :class:`~dynadiag.kernels._build.ExtensionBuildError`."""
+    global _CPU_ERROR, _CPU_TRIED
+    load_schema()
+    with _LOCK:
+        if _CPU_TRIED and _CPU_ERROR is not None:
+            from dynadiag.kernels._build import ExtensionBuildError
+
+            raise ExtensionBuildError(_CPU_ERROR)
+        if _CPU_TRIED:
+            return
+        _CPU_TRIED = True
+        try:
+            load_extension("dynadiag_cpu", sorted((CSRC / "cpu").glob("*.cpp")))
+        except Exception as exc:
+            _CPU_ERROR = str(exc)
+            raise
+
+
+def load_library() -> None:
+    """Build (once, cached on disk) and load the op schemas and the CPU kernels."""
+    load_cpu_library()
+
+
+def cpu_library_error() -> str | None:
+    """The CPU build's error message, or ``None`` (after a successful or not yet attempted load)."""
+    return _CPU_ERROR
+
+
+def _register_python_side() -> None:
+    """Fake implementations (for torch.compile / meta tensors) and the autograd formula of ``diag_fwd``."""
+
+    @torch.library.register_fake("dynadiag::diag_fwd")
+    def _(x, values, offsets, out_features):
+        torch._check(x.dim() == 2 and values.dim() == 2, lambda: "diag_fwd: x must be [N, in], values [K, D]")
+        torch._check(values.shape[1] == min(x.shape[1], out_features), lambda: "diag_fwd: values must be [K, D]")
+        torch._check(values.shape[0] == offsets.shape[0], lambda: "diag_fwd: one offset per diagonal")
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("dynadiag::diag_bwd_x")
+    def _(grad_y, values, offsets, in_features):
+        torch._check(grad_y.dim() == 2 and values.dim() == 2, lambda: "diag_bwd_x: grad_y must be [N, out]")
+        torch._check(values.shape[1] == min(grad_y.shape[1], in_features), lambda: "diag_bwd_x: values [K, D]")
+        return grad_y.new_empty(grad_y.shape[0], in_features)
+
+    @torch.library.register_fake("dynadiag::diag_bwd_v")
+    def _(grad_y, x, offsets):
+        torch._check(grad_y.dim() == 2 and x.dim() == 2, lambda: "diag_bwd_v: grad_y [N, out] and x [N, in]")
+        torch._check(grad_y.shape[0] == x.shape[0], lambda: "diag_bwd_v: grad_y and x need the same N")
+        return x.new_empty(offsets.shape[0], min(x.shape[1], grad_y.shape[1]))
+
+    def setup_context(ctx, inputs, output):
+        x, values, offsets, _out_features = inputs
+        ctx.in_features = x.shape[1]
+        saved_x = x if ctx.needs_input_grad[1] else None  # x is only needed for grad_values
+        saved_v = values if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(saved_x, saved_v, offsets)
+
+    def backward(ctx, grad_y):
+        x, values, offsets = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.dynadiag.diag_bwd_x(grad_y, values, offsets, ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.ops.dynadiag.diag_bwd_v(grad_y, x, offsets)
+        return grad_x, grad_v, None, None
+
+    torch.library.register_autograd("dynadiag::diag_fwd", backward, setup_context=setup_context)
