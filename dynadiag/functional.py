@@ -113,5 +113,7 @@ def soft_topk_weights(alpha: torch.Tensor, k: int, temperature: float) -> torch.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    probs = torch.softmax(alpha.float() / temperature, dim=0)
+    # Softmax in at least fp32: half-precision logits lose the small differences that rank diagonals.
+    logits = alpha.float() if alpha.element_size() < 4 else alpha
+    probs = torch.softmax(logits / temperature, dim=0)
     return (k * probs).clamp(0.0, 1.0).to(alpha.dtype)

@@ -1,0 +1,379 @@
+"""The training loop: any :class:`~dynadiag.methods.base.SparseMethod`, checkpoints, metrics and throughput.
+
+Per optimizer step, in this order (the contract of :mod:`dynadiag.methods.base`)::
+
+    method.on_step_start          (e.g. set the temperature)
+    forward under autocast -> loss -> backward
+    method.on_after_backward      (dense gradients visible)
+    unscale + clip -> optimizer.step -> lr_scheduler.step
+    method.on_after_optimizer_step  (freeze, prune/regrow; may set ``method.topology_changed``)
+
+The trainer owns the global step; the method's schedules are pure functions of it, so a checkpoint with the
+step, the model (topology included), the optimizer, the method state and the RNG states resumes exactly.
+Rank 0 alone logs and writes files (:mod:`dynadiag.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynadiag import distributed as dist_utils
+from dynadiag.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from dynadiag.data import DataBundle
+from dynadiag.evaluate import evaluate, sparsity_stats
+from dynadiag.loggers import Logger, NullLogger
+from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
+from dynadiag.methods.base import SparseMethod
+from dynadiag.throughput import StepTimer, measure_inference_throughput
+
+__all__ = ["Trainer", "TrainerConfig", "format_summary"]
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, logging cadence, numerics and checkpointing.
+
+    Attributes:
+        epochs: planned epochs; every schedule (lr, temperature, freeze) is laid out over these.
+        max_steps: hard cap on optimizer steps (smoke runs); schedules still follow ``epochs``.
+        eval_every_epochs: validate every this many epochs (and always at the end).
+        log_every_steps: write ``train/*`` metrics every this many steps.
+        grad_clip: max global gradient norm (``None`` or 0: no clipping).
+        amp: ``off``, ``bf16`` or ``fp16`` (the latter with a gradient scaler).
+        compile: wrap the model in ``torch.compile`` (rebuilt when the topology changes).
+        save_checkpoints: write ``checkpoints/last.pt`` and ``best.pt``.
+        ckpt_every_steps: also write ``last.pt`` every this many steps (0: only at evaluations).
+        progress: ``auto`` (bars only on a terminal), ``on`` or ``off``.
+        throughput_warmup_steps: untimed steps at the start of each phase (and after a topology change).
+        inference_iters: timed forward passes for inference throughput at each evaluation.
+        nonfinite: what to do on a NaN/inf loss: ``stop`` (raise) or ``skip`` (drop that update).
+        eval_max_batches: limit validation batches (smoke runs).
+    """
+
+    epochs: int = 40
+    max_steps: int | None = None
+    eval_every_epochs: int = 1
+    log_every_steps: int = 20
+    grad_clip: float | None = None
+    amp: str = "off"
+    compile: bool = False
+    save_checkpoints: bool = True
+    ckpt_every_steps: int = 0
+    progress: str = "auto"
+    throughput_warmup_steps: int = 5
+    inference_iters: int = 10
+    nonfinite: str = "stop"
+    eval_max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"trainer.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"trainer.amp must be off, bf16 or fp16, got {self.amp!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"trainer.nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if self.progress not in ("auto", "on", "off"):
+            raise ValueError(f"trainer.progress must be auto, on or off, got {self.progress!r}")
+        self.eval_every_epochs = max(1, int(self.eval_every_epochs))
+        self.log_every_steps = max(1, int(self.log_every_steps))
+
+
+class Trainer:
+    """Trains ``model`` with ``method``; :meth:`fit` returns the run summary.
+
+    Args:
+        model: the dense model (the method makes it sparse in :meth:`setup`).
+        method: the sparse-training method (``SparseMethod()`` for dense training).
+        optimizer_factory: builds the optimizer from the (sparsified, possibly resumed) model.
+        lr_schedule: warm-up/decay of the learning rate.
+        data: loaders, Mixup and loss from :func:`dynadiag.data.build_loaders`.
+        config: loop settings.
+        device: where to train.
+        run_dir: the run directory (``checkpoints/``, ``summary.json``, ``metrics.jsonl`` live here).
+        logger: metric sink (rank 0); :class:`~dynadiag.loggers.NullLogger` elsewhere.
+        run_config: the resolved run configuration, stored in checkpoints so ``eval.py`` can rebuild the model.
+        info: extra fields for the summary (run name, model name, target sparsity, seed, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: SparseMethod,
+        optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+        lr_schedule: LRSchedule,
+        data: DataBundle,
+        config: TrainerConfig,
+        device: torch.device,
+        run_dir: str,
+        logger: Logger | None = None,
+        run_config: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.method, self.data, self.cfg = model, method, data, config
+        self.optimizer_factory, self.lr_schedule = optimizer_factory, lr_schedule
+        self.device, self.run_dir = device, run_dir
+        self.logger = logger or NullLogger()
+        self.run_config, self.info = run_config or {}, dict(info or {})
+        self.steps_per_epoch = len(data.train_loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError("the training loader yields no full batch: lower data.batch_size")
+        self.planned_steps = config.epochs * self.steps_per_epoch
+        self.total_steps = min(self.planned_steps, config.max_steps or self.planned_steps)
+        self.step, self.best_top1, self.last_eval: int = 0, -math.inf, {}
+        self.sparsify_report: Any = None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        self.train_timer = StepTimer(device, config.throughput_warmup_steps)  # current topology only
+        self.overall_timer = StepTimer(device, config.throughput_warmup_steps)  # whole run
+        self.infer_images_per_s = 0.0
+
+    # ----------------------------------------------------------------- setup
+    def autocast(self):  # noqa: ANN201 - a context manager
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the forward pass runs through (``torch.compile``; DDP would wrap here too)."""
+        return torch.compile(model) if self.cfg.compile else model
+
+    def setup(self, resume: str | None = None) -> None:
+        """Bind schedules to the run length, sparsify, move to device, build the optimizer, maybe resume."""
+        self.method.bind(self.steps_per_epoch, self.planned_steps)
+        self.sparsify_report = self.method.apply_(self.model)
+        self.model.to(self.device)
+        state = None
+        if resume:
+            state = load_checkpoint(resume, map_location=self.device)
+            self._check_compatible(state, resume)
+            # Load the model before building the optimizer: a frozen checkpoint changes the parameter shapes.
+            self.model.load_state_dict(state["model"])
+            self.model.to(self.device)
+        self.optimizer = self.optimizer_factory(self.model)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, self.lr_schedule, self.steps_per_epoch, self.planned_steps
+        )
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.scaler.load_state_dict(state.get("scaler") or {})
+            self.method.load_state_dict(state.get("method") or {})
+            self.step, self.best_top1 = int(state["step"]), float(state.get("best_metric", -math.inf))
+            self.last_eval = dict(state.get("last_eval") or {})
+            restore_rng_state(state["rng"])
+            self._print(f"resumed from {resume} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+        self.forward_model = self.wrap_model(self.model)
+
+    def _check_compatible(self, state: dict[str, Any], path: str) -> None:
+        old, new = state.get("config") or {}, self.run_config
+        for key in ("model", "sparsifier", "data"):
+            a, b = (old.get(key) or {}), (new.get(key) or {})
+            for field in ("_target_", "name", "sparsity", "num_classes", "img_size", "patch_size", "in_chans"):
+                if field in a and field in b and a[field] != b[field]:
+                    raise ValueError(
+                        f"checkpoint {path} is from an incompatible config: {key}.{field}={a[field]!r} there, "
+                        f"{b[field]!r} here"
+                    )
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise ValueError(
+                f"checkpoint {path} has {state['steps_per_epoch']} steps per epoch, this run {self.steps_per_epoch}: "
+                "resume with the same data.batch_size and number of ranks"
+            )
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: str | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` and return the summary (also written to ``summary.json``)."""
+        t_start = time.perf_counter()
+        self.setup(resume)
+        if self.sparsify_report is not None and not resume:
+            self._print(str(self.sparsify_report))
+        show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
+        show = show and dist_utils.is_main_process()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        while self.step < self.total_steps:
+            epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.data.train_sampler.set_epoch(epoch)
+            self.data.train_sampler.skip(done_in_epoch * self.data.train_loader.batch_size)
+            self.model.train()
+            for images, labels in self.data.train_loader:
+                loss, metrics = self._train_step(images, labels)
+                if loss is not None:
+                    loss_sum += loss
+                    loss_count += 1
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
+                    avg = (loss_sum / max(1, loss_count)).item()
+                    loss_sum.zero_()
+                    loss_count = 0
+                    record = {"train/loss": avg, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
+                    record |= {f"train/{k}": v for k, v in metrics.items()}
+                    if self.train_timer.images:
+                        record["throughput/train_images_per_s"] = self.train_timer.images_per_second
+                    self.logger.log(record, self.step)
+                    bar.set_postfix(loss=f"{avg:.3f}")
+                if self.cfg.ckpt_every_steps and self.step % self.cfg.ckpt_every_steps == 0:
+                    self.save("last.pt")
+                if self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
+                    break
+            epoch_done = self.step % self.steps_per_epoch == 0
+            finished = self.step >= self.total_steps
+            if finished or (epoch_done and (self.step // self.steps_per_epoch) % self.cfg.eval_every_epochs == 0):
+                self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0))
+        bar.close()
+        summary = self._summary(time.perf_counter() - t_start)
+        if dist_utils.is_main_process():
+            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
+                json.dump(summary, fh, indent=2)
+            self.logger.log_summary(summary)
+        return summary
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        step = self.step
+        metrics = dict(self.method.on_step_start(step, self.model))
+        images = images.to(self.device, non_blocking=True)  # [B, C, H, W]
+        labels = labels.to(self.device, non_blocking=True)  # [B]
+        if self.data.mixup_fn is not None:
+            images, labels = self.data.mixup_fn(images, labels)  # labels -> [B, num_classes] soft targets
+        for timer in (self.train_timer, self.overall_timer):
+            timer.start()
+        with self.autocast():
+            logits = self.forward_model(images)  # [B, num_classes]
+            loss = self.data.train_loss(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss).item():
+            self.logger.log({"train/nonfinite_loss": float(loss.item())}, step)
+            if self.cfg.nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; stopping")
+            self.lr_scheduler.step()  # skip the update but keep every schedule on the global step
+            return None, metrics
+        self.scaler.scale(loss).backward()
+        metrics |= self.method.on_after_backward(step, self.model, self.optimizer)
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        metrics |= self.method.on_after_optimizer_step(step, self.model, self.optimizer)
+        for timer in (self.train_timer, self.overall_timer):
+            timer.stop(images.shape[0])
+        if self.method.topology_changed:
+            # New parameters (e.g. frozen compact V): rebuild wrappers, time the new compute path afresh.
+            self.method.topology_changed = False
+            self.forward_model = self.wrap_model(self.model)
+            self.train_timer.reset()
+        return loss.detach(), metrics
+
+    # ------------------------------------------------------- eval and files
+    def _evaluate_and_checkpoint(self, epoch: int) -> None:
+        result = evaluate(
+            self.forward_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+        )
+        images = next(iter(self.data.val_loader))[0].to(self.device)
+        self.infer_images_per_s = measure_inference_throughput(
+            self.forward_model, images, iters=self.cfg.inference_iters, autocast=self.autocast()
+        )
+        improved = result["top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, result["top1"])
+        stats = sparsity_stats(self.model)
+        record = {f"val/{k}": result[k] for k in ("loss", "top1", "top5")}
+        record |= {"val/top1_best": self.best_top1, "epoch": epoch}
+        record |= {"sparsity/effective": stats["effective"], "sparsity/target_layers": stats["target"]}
+        record |= {f"sparsity/k/{name}": k for name, k in stats["layers"].items()}
+        record["throughput/infer_images_per_s"] = self.infer_images_per_s
+        if self.train_timer.images:
+            record["throughput/train_images_per_s"] = self.train_timer.images_per_second
+        self.logger.log(record, self.step)
+        self.last_eval = {**result, "epoch": epoch, "step": self.step}
+        self._print(
+            f"epoch {epoch:>3}/{self.cfg.epochs} step {self.step:>6} | val loss {result['loss']:.4f} "
+            f"top1 {result['top1']:6.2f} (best {self.best_top1:6.2f}) | sparsity {stats['effective']:.3f} | "
+            f"train {self.train_timer.images_per_second:8.1f} img/s, infer {self.infer_images_per_s:8.1f} img/s"
+        )
+        if self.cfg.save_checkpoints:
+            self.save("last.pt")
+            if improved:
+                self.save("best.pt")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (see :mod:`dynadiag.checkpoint`)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "best_metric": self.best_top1,
+            "last_eval": self.last_eval,
+            "rng": capture_rng_state(),
+            "config": self.run_config,
+        }
+
+    def save(self, name: str) -> str | None:
+        """Write ``checkpoints/<name>`` atomically (rank 0 only)."""
+        if not dist_utils.is_main_process():
+            return None
+        return save_checkpoint(os.path.join(self.run_dir, "checkpoints", name), self.checkpoint_state())
+
+    def _summary(self, wall_seconds: float) -> dict[str, Any]:
+        stats = sparsity_stats(self.model)
+        train_ips = self.train_timer.images_per_second or self.overall_timer.images_per_second
+        return {
+            **self.info,
+            "method": getattr(self.method, "name", type(self.method).__name__),
+            "epochs": self.cfg.epochs,
+            "steps": self.step,
+            "val_top1_best": self.best_top1,
+            "val_top1_final": self.last_eval.get("top1"),
+            "val_top5_final": self.last_eval.get("top5"),
+            "val_loss_final": self.last_eval.get("loss"),
+            "params": stats["params"],
+            "nnz": stats["nnz"],
+            "dense_weights": stats["dense"],
+            "sparsity_effective": stats["effective"],
+            "sparsity_target_layers": stats["target"],
+            "train_images_per_s": train_ips,
+            "train_images_per_s_overall": self.overall_timer.images_per_second,
+            "infer_images_per_s": self.infer_images_per_s,
+            "wall_time_s": wall_seconds,
+            "device": str(self.device),
+        }
+
+    def _print(self, message: str) -> None:
+        if dist_utils.is_main_process():
+            print(message, flush=True)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A two-column text table of the summary."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            text = f"{value:,.4f}" if abs(value) < 1 else f"{value:,.2f}"
+        elif isinstance(value, int):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        rows.append((key, text))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])

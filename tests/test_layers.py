@@ -1,0 +1,178 @@
+import pytest
+import torch
+from torch import nn
+
+from dynadiag import DiagConv2d, DiagLinear
+from dynadiag import functional as DF
+
+SHAPES = [(8, 8), (12, 4), (4, 12), (1, 7), (7, 1), (13, 5), (5, 13)]
+
+
+def _explicit_soft_weight(layer: DiagLinear) -> torch.Tensor:
+    """W = sum_p w_p * placement_p(V_p), one diagonal at a time (the definition, not the fast gather)."""
+    w = layer.soft_weights()
+    weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.V.dtype)
+    for p in range(layer.num_diagonals):
+        offsets = torch.tensor([p])
+        weight = weight + w[p] * DF.place_diagonals(layer.V[p : p + 1], offsets, layer.in_features, layer.out_features)
+    return weight
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_init_and_shapes(in_f, out_f):
+    layer = DiagLinear(in_f, out_f, sparsity=0.7)
+    num_diag, length = max(in_f, out_f), min(in_f, out_f)
+    assert layer.V.shape == (num_diag, length) and layer.alpha.shape == (num_diag,)
+    assert torch.allclose(layer.alpha, torch.full((num_diag,), 1.0 / num_diag))
+    assert torch.count_nonzero(layer.bias) == 0
+    assert layer.V.abs().max() <= 1.0 / length**0.5 + 1e-6  # kaiming-uniform a=sqrt(5), fan-in D
+    assert layer.k == DF.num_active_diagonals(in_f, out_f, 0.7)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_soft_forward_is_weighted_sum_of_placements(in_f, out_f):
+    layer = DiagLinear(in_f, out_f, sparsity=0.5).double()
+    with torch.no_grad():
+        layer.alpha.normal_()
+    layer.temperature = 0.3
+    assert torch.allclose(layer.dense_weight(), _explicit_soft_weight(layer))
+    x = torch.randn(2, 3, in_f, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ _explicit_soft_weight(layer).T + layer.bias)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_freeze_keeps_exactly_k_diagonals(in_f, out_f):
+    layer = DiagLinear(in_f, out_f, sparsity=0.6)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.randperm(layer.num_diagonals).float())
+    expected = torch.topk(layer.alpha, layer.k).indices.sort().values
+    kept_values = layer.V.detach()[expected].clone()
+    layer.freeze_()
+    assert layer.is_frozen and layer.V.shape == (layer.k, layer.diag_length)
+    assert torch.equal(layer.offsets, expected)
+    assert torch.equal(layer.V.detach(), kept_values)
+    assert not isinstance(layer.alpha, nn.Parameter)
+    assert all(name != "alpha" for name, _ in layer.named_parameters())
+    # Exactly k whole diagonals are non-zero in the dense equivalent.
+    values = DF.gather_diagonals(layer.dense_weight().detach())
+    assert (values.abs().sum(1) > 0).sum() == layer.k
+    assert torch.count_nonzero(layer.dense_weight()) == layer.k * layer.diag_length
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_frozen_forward_and_grads_match_dense(in_f, out_f):
+    layer = DiagLinear(in_f, out_f, sparsity=0.5, backend="reference").double().freeze_()
+    dense = layer.to_linear()
+    x = torch.randn(4, 2, in_f, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert torch.allclose(y, x @ dense.weight.T + dense.bias)
+    grad = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, layer.V, layer.bias), grad)
+    x2 = x.detach().requires_grad_()
+    dense_y = dense(x2)
+    dgx, dgw, dgb = torch.autograd.grad(dense_y, (x2, dense.weight, dense.bias), grad)
+    assert torch.allclose(gx, dgx) and torch.allclose(gb, dgb)
+    assert torch.allclose(gv, DF.gather_diagonals(dgw, layer.offsets))
+
+
+@pytest.mark.parametrize("in_f,out_f", [(5, 3), (3, 5), (4, 4)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradcheck(in_f, out_f, frozen):
+    layer = DiagLinear(in_f, out_f, sparsity=0.4, backend="reference").double()
+    with torch.no_grad():
+        layer.alpha.normal_()
+    if frozen:
+        layer.freeze_()
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(3, in_f, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()])
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_from_linear_to_linear_roundtrip_at_sparsity_zero():
+    linear = nn.Linear(6, 10)
+    layer = DiagLinear.from_linear(linear, 0.0, freeze=True)
+    assert layer.k == layer.num_diagonals
+    assert torch.allclose(layer.to_linear().weight, linear.weight)
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), linear(x), atol=1e-6)
+
+
+def test_from_linear_ranks_diagonals_by_norm():
+    linear = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        for p, scale in ((2, 5.0), (6, 3.0)):
+            rows, cols = DF.diag_index(8, 8, torch.tensor([p]))
+            linear.weight[rows, cols] = scale
+    layer = DiagLinear.from_linear(linear, sparsity=0.75, freeze=True)  # k = 2
+    assert layer.offsets.tolist() == [2, 6]
+    assert torch.allclose(layer.to_linear().weight, linear.weight)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_state_dict_roundtrip(frozen):
+    layer = DiagLinear(12, 5, sparsity=0.5)
+    with torch.no_grad():
+        layer.alpha.normal_()
+    if frozen:
+        layer.freeze_()
+    fresh = DiagLinear(12, 5, sparsity=0.5)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.is_frozen == frozen
+    x = torch.randn(4, 12)
+    assert torch.equal(fresh(x), layer(x))
+    if frozen:
+        with pytest.raises(RuntimeError, match="soft-phase"):
+            layer.load_state_dict(DiagLinear(12, 5, sparsity=0.5).state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_low_precision_inputs(dtype, frozen):
+    layer = DiagLinear(16, 24, sparsity=0.8, backend="reference").to(dtype)
+    if frozen:
+        layer.freeze_()
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 5, 24)
+    ref = x.float() @ layer.dense_weight().float().T + layer.bias.float()
+    assert torch.allclose(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_autocast_frozen():
+    layer = DiagLinear(16, 8, sparsity=0.5, backend="reference").freeze_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="sparsity"):
+        DiagLinear(4, 4, sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        DiagLinear(4, 4, sparsity=-0.5)
+    layer = DiagLinear(4, 6, sparsity=0.5)
+    layer.layer_name = "blocks.0.mlp.fc1"
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.*last dimension is 5, expected 4"):
+        layer(torch.randn(2, 5))
+
+
+def test_diag_conv2d_matches_dense_conv():
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    layer = DiagConv2d.from_conv(conv, sparsity=0.0, freeze=True)
+    x = torch.randn(2, 6, 7, 7)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)
+    sparse = DiagConv2d.from_conv(conv, sparsity=0.7, freeze=True)
+    weight = sparse.dense_weight().detach()
+    # the same diagonals are kept for every kernel tap
+    masks = [(weight[..., i, j] != 0) for i in range(3) for j in range(3)]
+    assert all(torch.equal(masks[0], m) for m in masks)
+    assert torch.allclose(sparse(x), sparse.to_conv()(x), atol=1e-5)
+    fresh = DiagConv2d(6, 10, (3, 3), padding=(1, 1), sparsity=0.7)
+    fresh.load_state_dict(sparse.state_dict())
+    assert torch.equal(fresh(x), sparse(x))

@@ -1,0 +1,115 @@
+import pytest
+import timm
+import torch
+from timm.models.mlp_mixer import MlpMixer
+from torch import nn
+
+from dynadiag import DiagConv2d, DiagLinear, DiagSparsifyConfig, densify_, sparsify_, sparsity_report
+from dynadiag.methods.dynadiag import freeze_all_
+
+
+def _vit():
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10)
+
+
+def _forward_backward(model, x):
+    out = model(x)
+    out.float().pow(2).mean().backward()
+    return out
+
+
+def test_vit_tiny_default_targets():
+    model = _vit()
+    report = sparsify_(model, DiagSparsifyConfig(sparsity=0.9))
+    names = [r.name for r in report.layers]
+    assert len(names) == 12 * 4
+    assert "blocks.0.attn.qkv" in names and "blocks.11.mlp.fc2" in names
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, DiagLinear)
+    assert isinstance(model.patch_embed.proj, nn.Conv2d) and not isinstance(model.patch_embed.proj, DiagConv2d)
+    assert 0.89 < report.sparsity < 0.91
+    text = str(report)
+    assert "blocks.0.attn.qkv" in text and "sparsity" in text
+    _forward_backward(model, torch.randn(2, 1, 32, 32))
+    assert model.blocks[0].attn.qkv.alpha.grad is not None
+    freeze_all_(model)
+    frozen = sparsity_report(model)
+    assert frozen.model_params_after < report.model_params_before / 5
+    _forward_backward(model, torch.randn(2, 1, 32, 32))
+
+
+def test_mixer_targets():
+    model = MlpMixer(num_classes=10, img_size=32, in_chans=1, patch_size=4, num_blocks=2, embed_dim=64)
+    report = sparsify_(model, DiagSparsifyConfig(sparsity=0.8))
+    assert len(report.layers) == 2 * 4
+    assert {r.name.split(".", 2)[2] for r in report.layers} == {
+        "mlp_tokens.fc1",
+        "mlp_tokens.fc2",
+        "mlp_channels.fc1",
+        "mlp_channels.fc2",
+    }
+    _forward_backward(model, torch.randn(2, 1, 32, 32))
+
+
+def test_resnet_targets():
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    report = sparsify_(model, DiagSparsifyConfig(sparsity=0.8))
+    # 8 basic blocks x 2 convs + 3 downsample 1x1 convs; stem conv1 and fc stay dense
+    assert len(report.layers) == 19
+    assert not isinstance(model.conv1, DiagConv2d) and not isinstance(model.fc, DiagLinear)
+    assert {r.kind for r in report.layers} == {"conv3x3", "conv1x1"}
+    _forward_backward(model, torch.randn(2, 1, 32, 32))
+
+
+def test_resnet50_layer_count():
+    model = timm.create_model("resnet50", in_chans=1, num_classes=10)
+    report = sparsify_(model, DiagSparsifyConfig(sparsity=0.9))
+    assert len(report.layers) == 16 * 3 + 4
+
+
+def test_densify_inverts_exactly():
+    model = _vit().eval()
+    sparsify_(model, DiagSparsifyConfig(sparsity=0.5, init="copy"))
+    freeze_all_(model)
+    x = torch.randn(2, 1, 32, 32)
+    expected = model(x)
+    assert densify_(model) == 48
+    assert not any(isinstance(m, DiagLinear) for m in model.modules())
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_init_copy_keeps_dense_function_at_sparsity_zero():
+    model = _vit().eval()
+    x = torch.randn(2, 1, 32, 32)
+    expected = model(x)
+    sparsify_(model, DiagSparsifyConfig(sparsity=0.0, init="copy"))
+    freeze_all_(model)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_include_exclude_and_filter():
+    model = _vit()
+    report = sparsify_(model, DiagSparsifyConfig(0.9, include=["blocks.*.mlp.fc1"], exclude=["blocks.0.*"]))
+    assert len(report.layers) == 11
+    model = _vit()
+    report = sparsify_(model, DiagSparsifyConfig(0.9), filter_fn=lambda m, name: m.in_features == 192)
+    assert all(r.in_features == 192 for r in report.layers) and len(report.layers) == 36
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        DiagSparsifyConfig(sparsity=1.2)
+    with pytest.raises(ValueError, match="pattern 'blocks.*.nope' matches no module"):
+        sparsify_(_vit(), DiagSparsifyConfig(0.5, include=["blocks.*.nope"]))
+    with pytest.raises(ValueError, match="cannot convert 'blocks.0.norm1'"):
+        sparsify_(_vit(), DiagSparsifyConfig(0.5, include=["blocks.0.norm1"]))
+    with pytest.raises(ValueError, match="no layer of Sequential matches"):
+        sparsify_(nn.Sequential(nn.Linear(3, 3)), DiagSparsifyConfig(0.5))
+    grouped = nn.Sequential()
+    grouped.add_module("layer1", nn.Sequential(nn.Module()))
+    grouped.layer1[0].conv1 = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="grouped convolution"):
+        sparsify_(grouped, DiagSparsifyConfig(0.5))
+    model = _vit()
+    sparsify_(model, DiagSparsifyConfig(0.5))
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv"):
+        model.blocks[0].attn.qkv(torch.randn(2, 3, 100))
