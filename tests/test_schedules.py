@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def test_schedule_bounds_and_endpoint(kind):
 def test_monotone_decay(kind):
     schedule = TemperatureSchedule(kind=kind, end_step=50, steps_per_epoch=5, warmup_epochs=2, step_epochs=2)
     values = [schedule(s) for s in range(60)]
-    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(values))
 
 
 def test_cosine_midpoint_and_per_epoch():
@@ -34,7 +35,7 @@ def test_warmup_and_cyclic_shapes():
     assert warm(29) == pytest.approx(5.0) and warm(31) < 5.0
     cyclic = TemperatureSchedule(kind="cyclic", end_step=100, cycles=2)
     values = [cyclic(s) for s in range(101)]
-    assert any(b > a for a, b in zip(values, values[1:]))  # it rises again at the start of cycle 2
+    assert any(b > a for a, b in itertools.pairwise(values))  # it rises again at the start of cycle 2
 
 
 def test_bad_schedule():
