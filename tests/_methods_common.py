@@ -1,0 +1,38 @@
+"""Helpers shared by the tests of the sparse-training baselines (dynadiag.methods)."""
+
+import timm
+import torch
+import torch.nn.functional as F
+
+IMG, CLASSES = 16, 5
+
+
+def tiny_vit(**kwargs):
+    """A vit_tiny-shaped timm ViT with tiny dims: 2 blocks, width 32, 16 patches."""
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=IMG,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=CLASSES,
+        in_chans=3,
+        **kwargs,
+    )
+
+
+def run_steps(model, method, optimizer, steps, start=0, after_step=None, batch=4, clip=1.0):
+    """A manual training loop calling the method's hooks in the trainer's order (see methods/base.py)."""
+    for step in range(start, start + steps):
+        method.on_step_start(step, model)
+        x = torch.randn(batch, 3, IMG, IMG)
+        y = torch.randint(0, CLASSES, (batch,))
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        method.on_after_backward(step, model, optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        metrics = method.on_after_optimizer_step(step, model, optimizer)
+        if after_step is not None:
+            after_step(step, metrics)
