@@ -1,0 +1,415 @@
+// CUDA-core kernels for frozen wrapped-diagonal layers (see diag_kernels.cuh for the two primitives).
+//
+// Why CUDA cores and not tensor cores: learned offsets are random, so every 16x16 tile of W holds a few
+// diagonal fragments and a block-sparse tensor-core kernel would do dense work. Per diagonal the op is a
+// shifted element-wise multiply-accumulate of activation columns, which these kernels do from shared memory.
+//
+// apply (forward and grad_x), output-stationary:
+//   a block owns BM tokens x BRB outputs; each thread keeps kTM tokens x TR outputs in registers and sums
+//   over the K active diagonals. For diagonal k the outputs r0..r0+BRB read the contiguous (wrapped) source
+//   columns r0 -/+ p_k, so with offsets sorted a chunk of diagonals whose offsets span S reads a window of
+//   S + BRB columns. The block stages that window of its BM token rows in shared memory once (all columns,
+//   "full" mode, when the row fits) and every diagonal of the chunk reads it: one shared load per FMA, the
+//   value V[k, .] is loaded once per kTM tokens, and lanes read consecutive columns (no bank conflicts).
+// sddmm (grad_V), a reduction over tokens per diagonal:
+//   a block owns KB diagonals x BT positions t and a slice of the tokens; each thread keeps TK x TT partial
+//   sums in registers, with the shared-memory column of every (k, t) precomputed once. Per token chunk the
+//   block stages S[:, t0:t0+BT] and the window of Q that its (sorted) diagonals touch, then every thread does
+//   TK*TT FMAs per token from shared memory. Token slices are combined with one atomicAdd per (k, t, slice).
+#include "diag_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace dynadiag_cuda {
+namespace {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ T store_cast(typename AccOf<T>::type v) {
+  return from_acc<T>(v);
+}
+template <>
+__device__ __forceinline__ double store_cast<double>(double v) {
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T zero_of() {
+  return store_cast<T>(typename AccOf<T>::type(0));
+}
+
+__device__ __forceinline__ int wrap_mod(long long v, int m) {
+  long long r = v % m;
+  return static_cast<int>(r < 0 ? r + m : r);
+}
+
+constexpr int kTM = 8;      // tokens per thread in apply
+constexpr int kLanesR = 64;  // threads along the outputs in apply (blockDim.x)
+constexpr int kTT = 4;       // positions t per thread in sddmm (stride 32)
+constexpr int kTK = 8;       // diagonals per thread in sddmm
+constexpr int kWarpsK = 8;   // warps along the diagonals in sddmm (blockDim.y)
+
+// ---------------------------------------------------------------------------------------------------------------
+// apply: dst [N, B] from src [N, A]; grid (ceil(B / BRB), ceil(N / BM)), block (kLanesR, WM), BM = WM * kTM.
+// wmax: columns of shared memory per token row; the row is staged whole when L = (TALL ? B : A) <= wmax.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T, int TR, bool TALL>
+__global__ void __launch_bounds__(256) apply_kernel(const T* __restrict__ src, const T* __restrict__ V,
+                                                    const int64_t* __restrict__ off, T* __restrict__ dst, int N,
+                                                    int A, int B, int K, int wmax) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+
+  const int L = TALL ? B : A;  // circle the source columns live on (zeros at [A, B) in the tall form)
+  const int D = TALL ? A : B;
+  const int BX = blockDim.x;
+  const int BM = blockDim.y * kTM;
+  const int BRB = BX * TR;
+  const int n0 = blockIdx.y * BM;
+  const int r0 = blockIdx.x * BRB;
+  const int tid = threadIdx.y * BX + threadIdx.x;
+  const int nthreads = BX * blockDim.y;
+  const int m0 = threadIdx.y * kTM;
+  const bool full = L <= wmax;
+  const T zero = zero_of<T>();
+
+  Acc acc[kTM][TR];
+#pragma unroll
+  for (int m = 0; m < kTM; ++m)
+#pragma unroll
+    for (int j = 0; j < TR; ++j) acc[m][j] = Acc(0);
+
+  int kb = 0;
+  while (kb < K) {
+    // The chunk [kb, ke) of diagonals and the source window [s0, s0 + W) (mod L) it reads.
+    int ke, s0, W;
+    if (full) {
+      ke = K;
+      s0 = 0;
+      W = L;
+    } else {
+      const int p_first = static_cast<int>(__ldg(off + kb));
+      ke = kb + 1;
+      while (ke < K && static_cast<int>(__ldg(off + ke)) - p_first + BRB <= wmax) ++ke;
+      const int p_last = static_cast<int>(__ldg(off + ke - 1));
+      W = min(max(p_last - p_first + BRB, 1), wmax);  // clamp: unsorted offsets must stay memory-safe
+      s0 = TALL ? wrap_mod(static_cast<long long>(r0) - p_last, L) : wrap_mod(static_cast<long long>(r0) + p_first, L);
+    }
+
+    __syncthreads();  // the previous chunk is done reading xs
+    for (int m = 0; m < BM; ++m) {
+      const int n = n0 + m;
+      T* row = xs + m * W;
+      const T* srow = src + static_cast<int64_t>(n < N ? n : 0) * A;
+      for (int i = tid; i < W; i += nthreads) {
+        int c = s0 + i;
+        if (c >= L) c -= L;
+        row[i] = (n < N && c < A) ? srow[c] : zero;
+      }
+    }
+    __syncthreads();
+
+    const T* xrow = xs + m0 * W;
+#pragma unroll 2
+    for (int k = kb; k < ke; ++k) {
+      const int p = static_cast<int>(__ldg(off + k));
+      const T* vrow = V + static_cast<int64_t>(k) * D;
+#pragma unroll
+      for (int j = 0; j < TR; ++j) {
+        const int r = r0 + threadIdx.x + j * BX;
+        int c, vi;
+        if (TALL) {
+          c = r - p;
+          if (c < 0) c += B;
+          vi = c;
+        } else {
+          c = r + p;
+          if (c >= A) c -= A;
+          vi = r;
+        }
+        int idx = c - s0;
+        if (idx < 0) idx += L;
+        bool ok = r < B && static_cast<unsigned>(idx) < static_cast<unsigned>(W);
+        if (TALL) ok = ok && static_cast<unsigned>(c) < static_cast<unsigned>(A);
+        const Acc v = ok ? to_acc(__ldg(vrow + vi)) : Acc(0);
+        if (!ok) idx = 0;
+#pragma unroll
+        for (int m = 0; m < kTM; ++m) acc[m][j] += v * to_acc(xrow[m * W + idx]);
+      }
+    }
+    kb = ke;
+  }
+
+#pragma unroll
+  for (int m = 0; m < kTM; ++m) {
+    const int n = n0 + m0 + m;
+    if (n >= N) continue;
+#pragma unroll
+    for (int j = 0; j < TR; ++j) {
+      const int r = r0 + threadIdx.x + j * BX;
+      if (r < B) dst[static_cast<int64_t>(n) * B + r] = store_cast<T>(acc[m][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// sddmm: out [K, D] += S [N, D] (x) Q [N, M] on the diagonals; grid (ceil(D / BT), ceil(K / KB), slices),
+// block (32, kWarpsK); BT = 32 * kTT, KB = kWarpsK * kTK. smem_elems: shared-memory capacity in elements.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, const T* __restrict__ Q,
+                                                    const int64_t* __restrict__ off,
+                                                    typename AccOf<T>::type* __restrict__ out, int N, int D, int M,
+                                                    int K, int tokens_per_slice, int smem_elems) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sm = reinterpret_cast<T*>(smem_raw);
+
+  constexpr int BT = 32 * kTT;
+  const int KB = blockDim.y * kTK;
+  const int t0 = blockIdx.x * BT;
+  const int k0 = blockIdx.y * KB;
+  const int k1 = min(K, k0 + KB);
+  const int nb = blockIdx.z * tokens_per_slice;
+  const int ne = min(N, nb + tokens_per_slice);
+  if (k0 >= K || nb >= ne) return;  // uniform across the block
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+
+  // Window of Q columns touched by diagonals [k0, k1) at positions [t0, t0 + BT).
+  const int p_first = static_cast<int>(__ldg(off + k0));
+  const int p_last = static_cast<int>(__ldg(off + k1 - 1));
+  int W = p_last - p_first + BT;
+  int s0;
+  if (W >= M || W <= 0) {
+    W = M;
+    s0 = 0;
+  } else {
+    s0 = wrap_mod(static_cast<long long>(t0) + p_first, M);
+  }
+  const int rowlen = BT + W;  // per staged token: BT values of S, then W values of Q
+  const int BN = min(64, max(1, smem_elems / rowlen));
+
+  int idx[kTK][kTT];
+  bool valid[kTK][kTT];
+#pragma unroll
+  for (int i = 0; i < kTK; ++i) {
+    const int k = k0 + threadIdx.y * kTK + i;
+    const int p = k < k1 ? static_cast<int>(__ldg(off + k)) : 0;
+#pragma unroll
+    for (int j = 0; j < kTT; ++j) {
+      const int t = t0 + threadIdx.x + 32 * j;
+      const int c = wrap_mod(static_cast<long long>(t) + p, M);
+      int id = c - s0;
+      if (id < 0) id += M;
+      const bool ok = k < k1 && t < D && id < W;
+      valid[i][j] = ok;
+      idx[i][j] = BT + (ok ? id : 0);
+    }
+  }
+
+  Acc acc[kTK][kTT];
+#pragma unroll
+  for (int i = 0; i < kTK; ++i)
+#pragma unroll
+    for (int j = 0; j < kTT; ++j) acc[i][j] = Acc(0);
+
+  const T zero = zero_of<T>();
+  for (int n = nb; n < ne; n += BN) {
+    const int nn = min(BN, ne - n);
+    __syncthreads();  // the previous chunk is done reading sm
+    for (int m = 0; m < nn; ++m) {
+      T* row = sm + m * rowlen;
+      const T* srow = S + static_cast<int64_t>(n + m) * D;
+      const T* qrow = Q + static_cast<int64_t>(n + m) * M;
+      for (int i = tid; i < rowlen; i += nthreads) {
+        if (i < BT) {
+          const int t = t0 + i;
+          row[i] = t < D ? srow[t] : zero;
+        } else {
+          int c = s0 + (i - BT);
+          if (c >= M) c -= M;
+          row[i] = qrow[c];
+        }
+      }
+    }
+    __syncthreads();
+    for (int m = 0; m < nn; ++m) {
+      const T* row = sm + m * rowlen;
+      Acc s[kTT];
+#pragma unroll
+      for (int j = 0; j < kTT; ++j) s[j] = to_acc(row[threadIdx.x + 32 * j]);
+#pragma unroll
+      for (int i = 0; i < kTK; ++i)
+#pragma unroll
+        for (int j = 0; j < kTT; ++j) acc[i][j] += s[j] * to_acc(row[idx[i][j]]);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kTK; ++i) {
+    const int k = k0 + threadIdx.y * kTK + i;
+#pragma unroll
+    for (int j = 0; j < kTT; ++j) {
+      const int t = t0 + threadIdx.x + 32 * j;
+      if (valid[i][j]) atomicAdd(out + static_cast<int64_t>(k) * D + t, acc[i][j]);
+    }
+  }
+}
+
+int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int TR, bool TALL>
+cudaError_t launch_apply(const T* src, const T* V, const int64_t* off, T* dst, int64_t N, int A, int B, int K, int WM,
+                         int max_smem, cudaStream_t stream) {
+  const int BM = WM * kTM;
+  const int BRB = kLanesR * TR;
+  const int L = TALL ? B : A;
+  // 24 KiB of staging per warp row: 96 KiB for the 256-thread block, two blocks per SM.
+  const int budget = std::min(24 * 1024 * WM, max_smem);
+  int wmax = budget / (BM * static_cast<int>(sizeof(T)));
+  if (wmax >= L) {
+    wmax = L;
+  } else if (wmax < BRB + 1) {
+    return cudaErrorInvalidConfiguration;  // cannot happen with the configurations chosen below
+  }
+  const size_t smem = static_cast<size_t>(BM) * wmax * sizeof(T);
+  cudaError_t err = allow_smem(apply_kernel<T, TR, TALL>, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 block(kLanesR, WM);
+  const int64_t max_rows = static_cast<int64_t>(65535) * BM;  // gridDim.y limit: launch in token chunks
+  for (int64_t n0 = 0; n0 < N; n0 += max_rows) {
+    const int rows = static_cast<int>(std::min<int64_t>(max_rows, N - n0));
+    const dim3 grid(ceil_div(B, BRB), ceil_div(rows, BM));
+    apply_kernel<T, TR, TALL>
+        <<<grid, block, smem, stream>>>(src + n0 * A, V, off, dst + n0 * B, rows, A, B, K, wmax);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t apply_typed(const void* src, const void* values, const int64_t* off, void* dst, int64_t N, int64_t A,
+                        int64_t B, int64_t K, bool tall, int num_sms, int max_smem, cudaStream_t stream) {
+  // Largest tiles that still give about two blocks per SM: small token counts (batch-1 inference) need
+  // narrower tiles to fill the GPU.
+  int TR = 4, WM = 4;
+  auto blocks = [&](int tr, int wm) { return static_cast<int64_t>(ceil_div(B, kLanesR * tr)) * ceil_div(N, kTM * wm); };
+  while (TR > 1 && blocks(TR, WM) < 2 * num_sms) TR /= 2;
+  while (WM > 1 && blocks(TR, WM) < 2 * num_sms) WM /= 2;
+  const T* s = static_cast<const T*>(src);
+  const T* v = static_cast<const T*>(values);
+  T* d = static_cast<T*>(dst);
+  const int a = static_cast<int>(A), b = static_cast<int>(B), k = static_cast<int>(K);
+#define DYNADIAG_APPLY(TR_)                                                                       \
+  case TR_:                                                                                       \
+    return tall ? launch_apply<T, TR_, true>(s, v, off, d, N, a, b, k, WM, max_smem, stream)     \
+                : launch_apply<T, TR_, false>(s, v, off, d, N, a, b, k, WM, max_smem, stream);
+  switch (TR) {
+    DYNADIAG_APPLY(1)
+    DYNADIAG_APPLY(2)
+    DYNADIAG_APPLY(4)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DYNADIAG_APPLY
+}
+
+template <typename T>
+cudaError_t sddmm_typed(const void* S, const void* Q, const int64_t* off, void* out, int64_t N, int64_t D, int64_t M,
+                        int64_t K, int num_sms, int max_smem, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  constexpr int BT = 32 * kTT;
+  const int KB = kWarpsK * kTK;
+  // The window can be the whole Q row plus the S tile; 96 KiB covers ViT-sized rows, larger rows take more.
+  const size_t need = static_cast<size_t>(M + BT) * sizeof(T);
+  const size_t smem = std::max<size_t>(96 * 1024, need);
+  if (smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = allow_smem(sddmm_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  const int gx = ceil_div(D, BT), gy = ceil_div(K, KB);
+  // Token slices: enough blocks for about two waves, but at least 128 tokens per slice.
+  int64_t slices = std::max<int64_t>(1, (2 * num_sms + gx * gy - 1) / (static_cast<int64_t>(gx) * gy));
+  slices = std::min<int64_t>({slices, std::max<int64_t>(1, N / 128), 65535});
+  const int per_slice = ceil_div(N, slices);
+  const dim3 grid(gx, gy, ceil_div(N, per_slice));
+  const dim3 block(32, kWarpsK);
+  sddmm_kernel<T><<<grid, block, smem, stream>>>(static_cast<const T*>(S), static_cast<const T*>(Q), off,
+                                                  static_cast<Acc*>(out), static_cast<int>(N), static_cast<int>(D),
+                                                  static_cast<int>(M), static_cast<int>(K), per_slice,
+                                                  static_cast<int>(smem / sizeof(T)));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t diag_apply(const void* src, const void* values, const int64_t* offsets, void* dst, int64_t N, int64_t A,
+                       int64_t B, int64_t K, bool tall, DType dtype, int num_sms, int max_smem_bytes,
+                       cudaStream_t stream) {
+  if (N == 0 || B == 0) return cudaSuccess;
+  if (A <= 0 || K < 0 || A > INT32_MAX || B > INT32_MAX || (tall ? B < A : B > A)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return apply_typed<float>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+    case DType::kBFloat16:
+      return apply_typed<__nv_bfloat16>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes,
+                                        stream);
+    case DType::kFloat16:
+      return apply_typed<__half>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+    case DType::kFloat64:
+      return apply_typed<double>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
+                       int64_t M, int64_t K, DType dtype, int num_sms, int max_smem_bytes, cudaStream_t stream) {
+  if (N == 0 || K == 0 || D == 0) return cudaSuccess;
+  if (M < D || M > INT32_MAX || N > INT32_MAX) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return sddmm_typed<float>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+    case DType::kBFloat16:
+      return sddmm_typed<__nv_bfloat16>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+    case DType::kFloat16:
+      return sddmm_typed<__half>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+    case DType::kFloat64:
+      return sddmm_typed<double>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace dynadiag_cuda

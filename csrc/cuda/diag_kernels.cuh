@@ -1,0 +1,39 @@
+// CUDA kernels for wrapped-diagonal sparse matrices: launch interface (no torch headers, so plain `nvcc -c`
+// can compile diag_kernels.cu on machines without torch or a GPU).
+//
+// Index map (csrc/schema.cpp): W is [out, in], P = max(in, out), D = min(in, out).
+//   out >= in: element t of diagonal p sits at W[(t + p) % out, t]
+//   out <  in: element t of diagonal p sits at W[t, (t + p) % in]
+//
+// Every op of the frozen layer is one of two primitives on token-major activations (rows = tokens):
+//
+//   apply, "tall" form (B >= A, D = A):  dst[n, r] = sum_k V[k, c] * src[n, c],  c = (r - p_k) mod B, if c < A
+//   apply, "wide" form (B <= A, D = B):  dst[n, r] = sum_k V[k, r] * src[n, (r + p_k) mod A]
+//   sddmm:                               dV[k, t]  = sum_n S[n, t] * Q[n, (t + p_k) mod M],   t < D
+//
+//   forward  y = x W^T:  apply(src = x [N, in], A = in, B = out), tall iff out >= in
+//   grad_x  = grad_y W:  apply(src = grad_y, A = out, B = in), the other form (the transposed pattern)
+//   grad_V:              sddmm(S = x, Q = grad_y, M = out) if out >= in, else sddmm(S = grad_y, Q = x, M = in)
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dynadiag_cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// dst [N, B] = apply(src [N, A]) with the K diagonals values [K, D] at offsets [K] (int64, sorted ascending, in
+// [0, max(A, B))). All pointers are device pointers to contiguous row-major tensors of `dtype` (offsets int64).
+// Unsorted or out-of-range offsets give wrong results but never touch memory outside the tensors.
+cudaError_t diag_apply(const void* src, const void* values, const int64_t* offsets, void* dst, int64_t N, int64_t A,
+                       int64_t B, int64_t K, bool tall, DType dtype, int num_sms, int max_smem_bytes,
+                       cudaStream_t stream);
+
+// out [K, D] (accumulator type: float, or double for kFloat64; zero-initialised by the caller) +=
+// sddmm(S [N, D], Q [N, M]). Offsets as above, in [0, M).
+cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
+                       int64_t M, int64_t K, DType dtype, int num_sms, int max_smem_bytes, cudaStream_t stream);
+
+}  // namespace dynadiag_cuda

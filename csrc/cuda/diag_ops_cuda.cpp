@@ -1,0 +1,132 @@
+// CUDA implementations of the dynadiag ops (schemas in csrc/schema.cpp): input checks, dtype dispatch and the
+// current stream; the kernels themselves are in diag_kernels.cu (no torch headers there).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "diag_kernels.cuh"
+
+namespace {
+
+using dynadiag_cuda::DType;
+
+DType kernel_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kDouble:
+      return DType::kFloat64;
+    default:
+      TORCH_CHECK(false, op, ": CUDA kernels support float32, bfloat16, float16 and float64, got ", t);
+  }
+}
+
+// Checks shared by the three ops: devices, dtypes, ranks and the [K, D] / [K] shapes.
+void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, int64_t in,
+                  int64_t out, int64_t values_cols) {
+  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", in, " and ", out);
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && offsets.is_cuda(), op, ": all tensors must be CUDA tensors");
+  TORCH_CHECK(a.device() == b.device() && a.device() == offsets.device(), op, ": tensors are on different devices");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D inputs");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
+              b.scalar_type(), ")");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
+  const int64_t D = std::min(in, out);
+  TORCH_CHECK(values_cols < 0 || values_cols == D, op, ": values must have min(in, out) = ", D, " columns, got ",
+              values_cols);
+  TORCH_CHECK(std::max(in, out) <= INT32_MAX, op, ": layers wider than 2^31 - 1 are not supported");
+}
+
+struct Launch {
+  cudaStream_t stream;
+  int num_sms;
+  int max_smem;
+};
+
+// Current stream and the two device properties the launch heuristics need. cudaDeviceGetAttribute is a cheap
+// query (unlike cudaGetDeviceProperties); ATen/cuda/CUDAContext.h would also work but pulls in cuBLAS and
+// cuSPARSE headers that minimal toolkits (like the CI's) do not ship.
+Launch launch_info(const at::Tensor& t) {
+  const int device = t.get_device();
+  int sms = 0, smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return {c10::cuda::getCurrentCUDAStream(device).stream(), sms, smem};
+}
+
+at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
+                         int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
+  const int64_t in = x.size(1);
+  check_inputs("diag_fwd", x, values, offsets, in, out_features, values.size(1));
+  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_fwd: ", values.size(0), " diagonals but ", offsets.size(0),
+              " offsets");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  const Launch l = launch_info(x);
+  C10_CUDA_CHECK(dynadiag_cuda::diag_apply(xc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr<int64_t>(),
+                                           y.mutable_data_ptr(), x.size(0), in, out_features, vc.size(0),
+                                           /*tall=*/out_features >= in, kernel_dtype(x.scalar_type(), "diag_fwd"),
+                                           l.num_sms, l.max_smem, l.stream));
+  return y;
+}
+
+at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& offsets,
+                           int64_t in_features) {
+  TORCH_CHECK(grad_y.dim() == 2 && values.dim() == 2, "diag_bwd_x: grad_y must be [N, out] and values [K, D]");
+  const int64_t out = grad_y.size(1);
+  check_inputs("diag_bwd_x", grad_y, values, offsets, in_features, out, values.size(1));
+  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_bwd_x: ", values.size(0), " diagonals but ",
+              offsets.size(0), " offsets");
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const at::Tensor gc = grad_y.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
+  at::Tensor grad_x = at::empty({grad_y.size(0), in_features}, grad_y.options());
+  const Launch l = launch_info(grad_y);
+  // grad_x = grad_y W: the transposed pattern, i.e. the other form with source = grad_y.
+  C10_CUDA_CHECK(dynadiag_cuda::diag_apply(gc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr<int64_t>(),
+                                           grad_x.mutable_data_ptr(), grad_y.size(0), out, in_features, vc.size(0),
+                                           /*tall=*/!(out >= in_features),
+                                           kernel_dtype(grad_y.scalar_type(), "diag_bwd_x"), l.num_sms, l.max_smem,
+                                           l.stream));
+  return grad_x;
+}
+
+at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
+  TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
+              "diag_bwd_v: grad_y must be [N, out] and x [N, in] with the same N");
+  const int64_t in = x.size(1), out = grad_y.size(1);
+  check_inputs("diag_bwd_v", grad_y, x, offsets, in, out, -1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();
+  const int64_t K = oc.size(0), D = std::min(in, out);
+  const bool tall = out >= in;
+  const DType dtype = kernel_dtype(x.scalar_type(), "diag_bwd_v");
+  // Partial sums from token slices meet in an fp32 (fp64 for double) buffer through atomics.
+  at::Tensor acc = at::zeros({K, D}, x.options().dtype(dtype == DType::kFloat64 ? at::kDouble : at::kFloat));
+  const Launch l = launch_info(x);
+  C10_CUDA_CHECK(dynadiag_cuda::diag_sddmm(tall ? xc.const_data_ptr() : gc.const_data_ptr(),
+                                           tall ? gc.const_data_ptr() : xc.const_data_ptr(),
+                                           oc.const_data_ptr<int64_t>(), acc.mutable_data_ptr(), x.size(0), D,
+                                           tall ? out : in, K, dtype, l.num_sms, l.max_smem, l.stream));
+  return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynadiag, CUDA, m) {
+  m.impl("diag_fwd", &diag_fwd_cuda);
+  m.impl("diag_bwd_x", &diag_bwd_x_cuda);
+  m.impl("diag_bwd_v", &diag_bwd_v_cuda);
+}

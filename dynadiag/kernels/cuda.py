@@ -1,0 +1,118 @@
+"""``cuda`` backend: the CUDA-core kernels in ``csrc/cuda`` behind ``torch.ops.dynadiag``.
+
+The kernels (``csrc/cuda/diag_kernels.cu``) run fp32, bf16, fp16 (fp32 accumulation) and fp64 (fp64
+accumulation, for ``gradcheck``). The extension is JIT-built with ninja on first use (about a minute: nvcc plus
+the ATen CUDA headers) for the current GPU's architecture and cached in ``~/.cache/dynadiag``. Set
+``DYNADIAG_CUDA_ARCH`` (e.g. ``"8.0;9.0"``) to build for other architectures.
+
+Offsets must be sorted ascending and lie in ``[0, max(in, out))``: the CUDA op does not check them (that would
+cost a device synchronisation per call); :class:`~dynadiag.DiagLinear` guarantees both at freeze time. Bad
+offsets give wrong results but never touch memory outside the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from dynadiag.kernels import ops
+from dynadiag.kernels._build import load_extension
+
+__all__ = ["BACKEND", "CudaBackend", "cuda_arch_flags", "load_cuda_library"]
+
+_SOURCES = (ops.CSRC / "cuda" / "diag_ops_cuda.cpp", ops.CSRC / "cuda" / "diag_kernels.cu")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_LOCK = threading.Lock()
+_ERROR: str | None = None
+_LOADED = False
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc ``-gencode`` flags: ``$DYNADIAG_CUDA_ARCH``, else the current GPU, else sm_80 + sm_90."""
+    spec = os.environ.get("DYNADIAG_CUDA_ARCH")
+    if spec:
+        archs = [a.strip().replace(".", "") for a in spec.replace(",", ";").split(";") if a.strip()]
+    elif torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        archs = [f"{major}{minor}"]
+    else:
+        archs = ["80", "90"]
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def load_cuda_library() -> None:
+    """Load the op schemas, then build (once, cached) and load the CUDA kernels.
+
+    Raises:
+        dynadiag.kernels._build.ExtensionBuildError: the build or load failed (the message has nvcc's output).
+    """
+    global _ERROR, _LOADED
+    ops.load_schema()
+    with _LOCK:
+        if _LOADED:
+            return
+        if _ERROR is not None:
+            from dynadiag.kernels._build import ExtensionBuildError
+
+            raise ExtensionBuildError(_ERROR)
+        try:
+            load_extension(
+                "dynadiag_cuda",
+                _SOURCES,
+                extra_cflags=("-O3",),
+                extra_cuda_cflags=("-O3", "-std=c++17", "-lineinfo", *cuda_arch_flags()),
+                extra_ldflags=(),
+                cuda=True,
+            )
+        except Exception as exc:
+            _ERROR = str(exc)
+            raise
+        _LOADED = True
+
+
+class CudaBackend:
+    """Shared-memory-tiled CUDA-core kernels for frozen diagonal layers on CUDA tensors."""
+
+    name = "cuda"
+
+    def is_available(self, device: torch.device) -> tuple[bool, str]:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors only (got {device})"
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
+        try:
+            load_cuda_library()
+        except Exception as exc:
+            return False, str(exc)
+        return True, ""
+
+    def diag_linear(
+        self,
+        x: torch.Tensor,  # [..., in]
+        values: torch.Tensor,  # [K, D]
+        offsets: torch.Tensor,  # [K] int64, sorted ascending
+        bias: torch.Tensor | None,  # [out]
+        in_features: int,
+        out_features: int,
+    ) -> torch.Tensor:  # [..., out]
+        """``y = x W^T + b`` with ``W`` given by ``K`` wrapped diagonals; differentiable in x, values, bias."""
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda backend got a tensor on {x.device}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"cuda backend supports {_DTYPES}, got {x.dtype}")
+        if x.shape[-1] != in_features:
+            raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
+        load_cuda_library()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
+        # values may be fp32 master weights under bf16 activations: the cast is differentiable.
+        y = torch.ops.dynadiag.diag_fwd(x2, values.to(x.dtype).contiguous(), offsets, out_features)  # [N, out]
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*lead, out_features)
+
+
+BACKEND = CudaBackend()
