@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -175,194 +176,206 @@ static inline __m512 load_win(const typename E::T* row, const Win& w) {
   return E::mask_load(E::maskz_load(w.ma, row + w.a), w.mb, row + w.b);
 }
 
-// ----- gather G: out[n, t] = sum_k V[k, t] z[n, (t + p_k) % P]; tile = NB tokens x TV vectors at t0 -----
-template <class E, int NB, int TV>
-static inline void gather_tile(const typename E::T* z, int64_t P, const typename E::T* V, const int64_t* off,
-                               int64_t K, int64_t D, typename E::T* out, int64_t t0) {
-  __m512 acc[NB][TV];
-  __mmask16 vm[TV];
-#pragma GCC unroll 16
-  for (int v = 0; v < TV; ++v) vm[v] = lane_range(0, D - t0 - 16 * v);
-#pragma GCC unroll 16
-  for (int n = 0; n < NB; ++n)
-#pragma GCC unroll 16
-    for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_setzero_ps();
-  const bool full = t0 + 16 * TV <= D;
-  for (int64_t k = 0; k < K; ++k) {
-    const typename E::T* vr = V + k * D + t0;
-    __m512 w[TV];
-    if (full) {
-#pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) w[v] = E::load(vr + 16 * v);
-    } else {
-#pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) w[v] = E::maskz_load(vm[v], vr + 16 * v);
-    }
-    int64_t s0 = t0 + off[k];
-    while (s0 >= P) s0 -= P;
-    if (s0 + 16 * TV <= P) {  // common case: one contiguous window, plain unaligned loads
-#pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n) {
-        const typename E::T* zr = z + n * P + s0;
-#pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], E::load(zr + 16 * v), acc[n][v]);
+#ifndef DD_NB
+#define DD_NB 6
+#endif
+#ifndef DD_TV
+#define DD_TV 4
+#endif
+#ifndef DD_KB
+#define DD_KB 6
+#endif
+#ifndef DD_NC
+#define DD_NC 64
+#endif
+constexpr int kNB = DD_NB;  // tokens per register tile (gather/scatter)
+constexpr int kTV = DD_TV;  // 16-float vectors of outputs per register tile
+constexpr int kW = 16 * kTV;
+constexpr int kKB = DD_KB;  // diagonals per sddmm register tile
+constexpr int kNC = DD_NC;  // tokens per sddmm chunk (a and b rows of a chunk stay in L2)
+
+// ----- gather and scatter share one tile kernel over packed value windows -----
+//
+// out[n, o0 + i] = sum_e vals[e, i] * z[n, (s0_e + i) mod P], i < W, over the entries e of the output tile.
+//   gather  (G): s0 = (o0 + p_k) mod P, vals = V[k, o0 + i] (0 past D), z valid on all of P.
+//   scatter (T): s0 = (o0 - p_k) mod P, vals = V[k, s] for s = (s0 + i) mod P < D else 0, z valid on [0, D);
+//                windows that miss the diagonal entirely are dropped (tall/wide shapes keep ~D/P of them).
+// Packing the windows tile-major once per call turns the values' access into one sequential stream per tile
+// (instead of K scattered rows), which the L2 prefetcher follows, and moves all masking out of the hot loop.
+template <class E>
+struct PackedWindows {
+  using T = typename E::T;
+  int64_t n_tiles = 0, K = 0;
+  std::unique_ptr<T[]> vals;       // [n_tiles, K, W]
+  std::unique_ptr<int64_t[]> s0;   // [n_tiles, K]
+  std::unique_ptr<int64_t[]> cnt;  // [n_tiles]
+};
+
+template <class E>
+PackedWindows<E> pack_windows(const typename E::T* V, const int64_t* off, int64_t K, int64_t D, int64_t P,
+                              int64_t n_out, bool scatter) {
+  using T = typename E::T;
+  PackedWindows<E> pw;
+  pw.n_tiles = (n_out + kW - 1) / kW;
+  pw.K = K;
+  pw.vals.reset(new T[pw.n_tiles * K * kW]);
+  pw.s0.reset(new int64_t[pw.n_tiles * K]);
+  pw.cnt.reset(new int64_t[pw.n_tiles]);
+  at::parallel_for(0, pw.n_tiles, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o0 = j * kW;
+      int64_t c = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        T* dst = pw.vals.get() + (j * K + c) * kW;
+        const T* vr = V + k * D;
+        int64_t s0;
+        if (!scatter) {
+          s0 = (o0 + off[k]) % P;
+          for (int64_t i = 0; i < kW; ++i) dst[i] = o0 + i < D ? vr[o0 + i] : T(0);
+        } else {
+          s0 = ((o0 - off[k]) % P + P) % P;
+          bool any = false;
+          int64_t s = s0;
+          for (int64_t i = 0; i < kW; ++i, ++s) {
+            while (s >= P) s -= P;  // no integer division in the packing loop
+            const bool ok = s < D && o0 + i < n_out;
+            dst[i] = ok ? vr[s] : T(0);
+            any = any || ok;
+          }
+          if (!any) continue;
+        }
+        pw.s0[j * K + c] = s0;
+        ++c;
       }
-    } else {
-      Win win[TV];
-#pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) {
-        int64_t s = s0 + 16 * v;
-        while (s >= P) s -= P;
-        win[v] = make_win(s, P, P);
-      }
-#pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n)
-#pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], load_win<E>(z + n * P, win[v]), acc[n][v]);
+      pw.cnt[j] = c;
     }
-  }
-#pragma GCC unroll 16
-  for (int n = 0; n < NB; ++n)
-#pragma GCC unroll 16
-    for (int v = 0; v < TV; ++v) {
-      typename E::T* o = out + n * D + t0 + 16 * v;
-      if (full)
-        E::store(o, acc[n][v]);
-      else if (vm[v])
-        E::mask_store(o, vm[v], acc[n][v]);
-    }
+  });
+  return pw;
 }
 
-// ----- scatter T as a gather: out[n, r] = sum_k [s < D] V[k, s] z[n, s], s = (r - p_k) mod P -----
-template <class E, int NB, int TV>
-static inline void scatter_tile(const typename E::T* z, int64_t D, const typename E::T* V, const int64_t* off,
-                                int64_t K, int64_t P, typename E::T* out, int64_t r0) {
+template <class E, int NB>
+static inline void window_tile(const typename E::T* z, int64_t ldz, int64_t P, int64_t zvalid,
+                               const typename E::T* vals, const int64_t* s0s, int64_t cnt, typename E::T* out,
+                               int64_t ldo, int64_t o0, int64_t n_out) {
+  constexpr int TV = kTV;
   __m512 acc[NB][TV];
 #pragma GCC unroll 16
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 16
     for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const typename E::T* vr = V + k * D;
-    int64_t s0 = r0 - off[k];
-    if (s0 < 0) s0 += P;
-    if (s0 + 16 * TV <= D) {  // window entirely inside the diagonal: plain loads
-      __m512 w[TV];
+  for (int64_t e = 0; e < cnt; ++e) {
+    const typename E::T* vr = vals + e * kW;
+    const int64_t s0 = s0s[e];
+    __m512 w[TV];
 #pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) w[v] = E::load(vr + s0 + 16 * v);
+    for (int v = 0; v < TV; ++v) w[v] = E::load(vr + 16 * v);
+    if (s0 + kW <= zvalid) {  // common case: one contiguous window of z
 #pragma GCC unroll 16
       for (int n = 0; n < NB; ++n) {
-        const typename E::T* zr = z + n * D + s0;
+        const typename E::T* zr = z + n * ldz + s0;
 #pragma GCC unroll 16
         for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], E::load(zr + 16 * v), acc[n][v]);
       }
-    } else if (s0 >= D && s0 + 16 * TV <= P) {
-      continue;  // window entirely in the part of the circle this diagonal does not cover (tall/wide shapes)
-    } else {
-      Win win[TV];
-      __m512 w[TV];
+    } else {  // the window wraps around P or leaves z's valid range: per vector, plain, masked or nothing
 #pragma GCC unroll 16
       for (int v = 0; v < TV; ++v) {
         int64_t s = s0 + 16 * v;
         while (s >= P) s -= P;
-        win[v] = make_win(s, P, D);
-        w[v] = load_win<E>(vr, win[v]);
+        const Win win = make_win(s, P, zvalid);
+        if (win.ma == 0xFFFF) {
+#pragma GCC unroll 16
+          for (int n = 0; n < NB; ++n) acc[n][v] = _mm512_fmadd_ps(w[v], E::load(z + n * ldz + s), acc[n][v]);
+        } else if ((win.ma | win.mb) != 0) {
+#pragma GCC unroll 16
+          for (int n = 0; n < NB; ++n) acc[n][v] = _mm512_fmadd_ps(w[v], load_win<E>(z + n * ldz, win), acc[n][v]);
+        }
       }
-#pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n)
-#pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], load_win<E>(z + n * D, win[v]), acc[n][v]);
     }
   }
-  const bool full = r0 + 16 * TV <= P;
+  const bool full = o0 + kW <= n_out;
 #pragma GCC unroll 16
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 16
     for (int v = 0; v < TV; ++v) {
-      typename E::T* o = out + n * P + r0 + 16 * v;
+      typename E::T* o = out + n * ldo + o0 + 16 * v;
       if (full) {
         E::store(o, acc[n][v]);
       } else {
-        __mmask16 m = lane_range(0, P - r0 - 16 * v);
+        const __mmask16 m = lane_range(0, n_out - o0 - 16 * v);
         if (m) E::mask_store(o, m, acc[n][v]);
       }
     }
 }
 
-// Runs a tile kernel over all (token block, output tile) pairs, token-block-major so that a thread keeps its
-// tokens' activations hot in L1/L2 across output tiles. Remainder tokens use a one-token tile.
-template <class E, int NB, int TV, class Tile, class Tile1>
-static void run_tiles(int64_t N, int64_t n_out, int64_t z_ld, int64_t o_ld, const typename E::T* z, typename E::T* out,
-                      Tile tile, Tile1 tile1) {
-  const int64_t tile_w = 16 * TV;
-  const int64_t n_tiles = (n_out + tile_w - 1) / tile_w;
-  const int64_t n_blocks = N / NB;
-  const int64_t rem = N - n_blocks * NB;
-  const int64_t items = (n_blocks + rem) * n_tiles;
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+// Runs the tile kernel over all (token block, output tile) pairs, token-block-major so that a thread keeps its
+// tokens' activations hot in L1/L2 across output tiles. Remainder tokens use one-token tiles.
+template <class E>
+void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const PackedWindows<E>& pw,
+                 typename E::T* out, int64_t n_out) {
+  const int64_t n_tiles = pw.n_tiles;
+  const int64_t n_blocks = N / kNB;
+  const int64_t rem = N - n_blocks * kNB;
+  at::parallel_for(0, (n_blocks + rem) * n_tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / n_tiles, o0 = (i % n_tiles) * tile_w;
-      if (b < n_blocks)
-        tile(z + b * NB * z_ld, out + b * NB * o_ld, o0);
-      else {
-        const int64_t n = n_blocks * NB + (b - n_blocks);
-        tile1(z + n * z_ld, out + n * o_ld, o0);
+      const int64_t b = i / n_tiles, j = i % n_tiles;
+      const typename E::T* vals = pw.vals.get() + j * pw.K * kW;
+      const int64_t* s0s = pw.s0.get() + j * pw.K;
+      if (b < n_blocks) {
+        window_tile<E, kNB>(z + b * kNB * ldz, ldz, P, zvalid, vals, s0s, pw.cnt[j], out + b * kNB * n_out, n_out,
+                            j * kW, n_out);
+      } else {
+        const int64_t n = n_blocks * kNB + (b - n_blocks);
+        window_tile<E, 1>(z + n * ldz, ldz, P, zvalid, vals, s0s, pw.cnt[j], out + n * n_out, n_out, j * kW, n_out);
       }
     }
   });
 }
 
-constexpr int kNB = 4;  // tokens per register tile
-constexpr int kTV = 4;  // 16-float vectors of outputs per register tile
-
 template <class E>
 void gather_avx512(const typename E::T* z, int64_t N, int64_t P, const typename E::T* V, const int64_t* off,
                    int64_t K, int64_t D, typename E::T* out) {
-  using T = typename E::T;
-  run_tiles<E, kNB, kTV>(
-      N, D, P, D, z, out,
-      [&](const T* zb, T* ob, int64_t t0) { gather_tile<E, kNB, kTV>(zb, P, V, off, K, D, ob, t0); },
-      [&](const T* zb, T* ob, int64_t t0) { gather_tile<E, 1, kTV>(zb, P, V, off, K, D, ob, t0); });
+  const PackedWindows<E> pw = pack_windows<E>(V, off, K, D, P, D, /*scatter=*/false);
+  run_windows<E>(z, N, P, P, P, pw, out, D);
 }
 
 template <class E>
 void scatter_avx512(const typename E::T* z, int64_t N, int64_t D, const typename E::T* V, const int64_t* off,
                     int64_t K, int64_t P, typename E::T* out) {
-  using T = typename E::T;
-  run_tiles<E, kNB, kTV>(
-      N, P, D, P, z, out,
-      [&](const T* zb, T* ob, int64_t r0) { scatter_tile<E, kNB, kTV>(zb, D, V, off, K, P, ob, r0); },
-      [&](const T* zb, T* ob, int64_t r0) { scatter_tile<E, 1, kTV>(zb, D, V, off, K, P, ob, r0); });
+  const PackedWindows<E> pw = pack_windows<E>(V, off, K, D, P, P, /*scatter=*/true);
+  run_windows<E>(z, N, D, P, D, pw, out, P);
 }
 
-// ----- sddmm S: dV[k, t] = sum_n a[n, t] b[n, (t + p_k) % P]; tile = KB diagonals x TV vectors, over all n -----
-template <class E, int KB, int TV>
-static inline void sddmm_tile(const typename E::T* a, const typename E::T* b, int64_t N, int64_t D, int64_t P,
-                              const int64_t* off, int64_t k0, int64_t t0, typename E::T* dv) {
+// ----- sddmm S: dV[k, t] = sum_n a[n, t] b[n, (t + p_k) % P]; tile = KB diagonals x TV vectors -----
+// Tokens are processed in chunks of kNC so that the chunk's rows of a and b stay in L2 while every tile reads
+// them; the fp32 partial sums live in `acc_buf` [K, Dp] between chunks.
+template <class E, int KB>
+static inline void sddmm_tile(const typename E::T* a, const typename E::T* b, int64_t n0, int64_t n1, int64_t D,
+                              int64_t P, const int64_t* off, int64_t k0, int64_t t0, float* acc_buf, int64_t Dp,
+                              bool first) {
+  constexpr int TV = kTV;
   __m512 acc[KB][TV];
   __mmask16 am[TV];
   Win win[KB][TV];
-  bool fast = true;
+  int64_t s0[KB];
+  bool fast = t0 + kW <= D;
 #pragma GCC unroll 16
   for (int v = 0; v < TV; ++v) am[v] = lane_range(0, D - t0 - 16 * v);
-  const bool full = t0 + 16 * TV <= D;
-  int64_t s0[KB];
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk) {
     int64_t s = t0 + off[k0 + kk];
     while (s >= P) s -= P;
     s0[kk] = s;
-    fast = fast && (s + 16 * TV <= P);
+    fast = fast && (s + kW <= P);
 #pragma GCC unroll 16
     for (int v = 0; v < TV; ++v) {
       int64_t sv = s + 16 * v;
       while (sv >= P) sv -= P;
       win[kk][v] = make_win(sv, P, P);
-      acc[kk][v] = _mm512_setzero_ps();
+      acc[kk][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + (k0 + kk) * Dp + t0 + 16 * v);
     }
   }
-  if (fast && full) {
-    for (int64_t n = 0; n < N; ++n) {
+  if (fast) {
+    for (int64_t n = n0; n < n1; ++n) {
       const typename E::T* ar = a + n * D + t0;
       const typename E::T* br = b + n * P;
       __m512 x[TV];
@@ -371,11 +384,10 @@ static inline void sddmm_tile(const typename E::T* a, const typename E::T* b, in
 #pragma GCC unroll 16
       for (int kk = 0; kk < KB; ++kk)
 #pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v)
-          acc[kk][v] = _mm512_fmadd_ps(x[v], E::load(br + s0[kk] + 16 * v), acc[kk][v]);
+        for (int v = 0; v < TV; ++v) acc[kk][v] = _mm512_fmadd_ps(x[v], E::load(br + s0[kk] + 16 * v), acc[kk][v]);
     }
   } else {
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
       const typename E::T* ar = a + n * D + t0;
       const typename E::T* br = b + n * P;
       __m512 x[TV];
@@ -390,33 +402,36 @@ static inline void sddmm_tile(const typename E::T* a, const typename E::T* b, in
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk)
 #pragma GCC unroll 16
-    for (int v = 0; v < TV; ++v) {
-      typename E::T* o = dv + (k0 + kk) * D + t0 + 16 * v;
-      if (full)
-        E::store(o, acc[kk][v]);
-      else if (am[v])
-        E::mask_store(o, am[v], acc[kk][v]);
-    }
+    for (int v = 0; v < TV; ++v) _mm512_storeu_ps(acc_buf + (k0 + kk) * Dp + t0 + 16 * v, acc[kk][v]);
 }
-
-constexpr int kKB = 4;  // diagonals per sddmm register tile
 
 template <class E>
 void sddmm_avx512(const typename E::T* a, const typename E::T* b, int64_t N, int64_t D, int64_t P, const int64_t* off,
                   int64_t K, typename E::T* dv) {
-  const int64_t tile_w = 16 * kTV;
-  const int64_t n_tiles = (D + tile_w - 1) / tile_w;
+  const int64_t n_tiles = (D + kW - 1) / kW;
+  const int64_t Dp = n_tiles * kW;
   const int64_t n_kb = K / kKB;
   const int64_t n_k_items = n_kb + (K - n_kb * kKB);  // full blocks, then one item per leftover diagonal
-  // Tile-major order: consecutive items share a's columns and overlapping windows of b (offsets are sorted).
-  at::parallel_for(0, n_tiles * n_k_items, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t0 = (i / n_k_items) * tile_w, kb = i % n_k_items;
-      if (kb < n_kb)
-        sddmm_tile<E, kKB, kTV>(a, b, N, D, P, off, kb * kKB, t0, dv);
-      else
-        sddmm_tile<E, 1, kTV>(a, b, N, D, P, off, n_kb * kKB + (kb - n_kb), t0, dv);
-    }
+  std::unique_ptr<float[]> acc(new float[K * Dp]);
+  for (int64_t n0 = 0; n0 < N; n0 += kNC) {
+    const int64_t n1 = std::min(N, n0 + kNC);
+    // Tile-major order: consecutive items share a's columns and overlapping windows of b (offsets are sorted).
+    at::parallel_for(0, n_tiles * n_k_items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t0 = (i / n_k_items) * kW, kb = i % n_k_items;
+        if (kb < n_kb)
+          sddmm_tile<E, kKB>(a, b, n0, n1, D, P, off, kb * kKB, t0, acc.get(), Dp, n0 == 0);
+        else
+          sddmm_tile<E, 1>(a, b, n0, n1, D, P, off, n_kb * kKB + (kb - n_kb), t0, acc.get(), Dp, n0 == 0);
+      }
+    });
+  }
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t t = 0; t < D; t += 16) {
+        const __mmask16 m = lane_range(0, D - t);
+        E::mask_store(dv + k * D + t, m, _mm512_loadu_ps(acc.get() + k * Dp + t));
+      }
   });
 }
 
