@@ -1,0 +1,264 @@
+"""``triton`` backend: Triton kernels for frozen diagonal layers (forward, ``grad_x``, ``grad_values``).
+
+Same two primitives as ``csrc/cuda/diag_kernels.cuh`` (token-major activations, ``P = max(A, B)``):
+
+- apply, tall form (``B >= A``): ``dst[n, r] = sum_k V[k, c] src[n, c]`` with ``c = (r - p_k) mod B`` if ``c < A``
+- apply, wide form (``B <= A``): ``dst[n, r] = sum_k V[k, r] src[n, (r + p_k) mod A]``
+- sddmm: ``dV[k, t] = sum_n S[n, t] Q[n, (t + p_k) mod M]``
+
+The forward is the tall form when ``out >= in``; ``grad_x`` is the other form on ``grad_y`` (the transposed
+pattern). Each program owns a token x output tile and gathers the shifted source tile per diagonal straight from
+global memory (L1/L2 serve the reuse); ``grad_values`` programs own a few diagonals x positions and reduce over
+all tokens. Accumulation is fp32 (fp64 for fp64 inputs). No ``tl.dot``, no block pointers, so the kernels also run
+in Triton's CPU interpreter.
+
+Availability: on CUDA tensors whenever ``triton`` imports; on CPU tensors only when the environment variable
+``TRITON_INTERPRET=1`` was set before the first kernel launch in this process (Triton reads it when the kernels
+are decorated, which happens lazily on first use). That is how CI tests this backend without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+try:
+    import triton.language as tl
+except ImportError:  # the backend reports itself unavailable; the kernels below are never decorated
+    tl = None
+
+__all__ = ["BACKEND", "TritonBackend", "diag_apply", "diag_sddmm"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _apply_kernel(
+    src,
+    V,
+    off,
+    dst,
+    N,
+    A,
+    B,
+    K,
+    D,
+    TALL: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_n = rn < N
+    mask_r = rr < B
+    row = rn.to(tl.int64) * A
+    if FP64:
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k in range(0, K):
+        p = tl.load(off + k).to(tl.int32)
+        if TALL:
+            c = rr - p
+            c = tl.where(c < 0, c + B, c)
+            valid = mask_r & (c < A)
+            vi = c
+        else:
+            c = rr + p
+            c = tl.where(c >= A, c - A, c)
+            valid = mask_r
+            vi = rr
+        v = tl.load(V + k * D + vi, mask=valid, other=0.0).to(acc.dtype)
+        x = tl.load(src + row[:, None] + c[None, :], mask=mask_n[:, None] & valid[None, :], other=0.0)
+        acc += x.to(acc.dtype) * v[None, :]
+    out = dst + rn.to(tl.int64)[:, None] * B + rr[None, :]
+    tl.store(out, acc.to(dst.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+
+
+def _sddmm_kernel(
+    S, Q, off, out, N, D, M, K, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_t = t < D
+    mask_k = ks < K
+    p = tl.load(off + ks, mask=mask_k, other=0).to(tl.int32)
+    c = t[None, :] + p[:, None]  # [BLOCK_K, BLOCK_T]
+    c = tl.where(c >= M, c - M, c)
+    mask_kt = mask_k[:, None] & mask_t[None, :]
+    if FP64:
+        acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rn64 = rn.to(tl.int64)
+        s = tl.load(S + rn64[:, None] * D + t[None, :], mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+        q = tl.load(
+            Q + rn64[:, None, None] * M + c[None, :, :],
+            mask=mask_n[:, None, None] & mask_kt[None, :, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_K, BLOCK_T]
+        acc += tl.sum(s.to(acc.dtype)[:, None, :] * q.to(acc.dtype), axis=0)
+    tl.store(out + ks.to(tl.int64)[:, None] * D + t[None, :], acc.to(out.dtype.element_ty), mask=mask_kt)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """Decorate the kernels on first use, so ``TRITON_INTERPRET`` set by then takes effect."""
+    import triton
+
+    return triton.jit(_apply_kernel), triton.jit(_sddmm_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def diag_apply(
+    src: torch.Tensor,  # [N, A]
+    values: torch.Tensor,  # [K, D]
+    offsets: torch.Tensor,  # [K] int64, sorted
+    out_cols: int,
+    tall: bool,
+) -> torch.Tensor:  # [N, B]
+    """One apply primitive (see the module docstring): ``tall`` needs ``B >= A``, wide ``B <= A``."""
+    apply_kernel, _ = _kernels()
+    n, a = src.shape
+    dst = src.new_empty(n, out_cols)
+    if n == 0:
+        return dst
+    block_n, block_r = 32, 64
+    grid = (triton_cdiv(out_cols, block_r), triton_cdiv(n, block_n))
+    apply_kernel[grid](
+        src,
+        values,
+        offsets,
+        dst,
+        n,
+        a,
+        out_cols,
+        values.shape[0],
+        values.shape[1],
+        TALL=tall,
+        FP64=src.dtype == torch.float64,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+    )
+    return dst
+
+
+def diag_sddmm(
+    s: torch.Tensor,  # [N, D]
+    q: torch.Tensor,  # [N, M]
+    offsets: torch.Tensor,  # [K]
+) -> torch.Tensor:  # [K, D]
+    """``dV[k, t] = sum_n s[n, t] q[n, (t + p_k) mod M]`` in the inputs' dtype (fp32/fp64 accumulation)."""
+    _, sddmm_kernel = _kernels()
+    n, d = s.shape
+    m = q.shape[1]
+    k = offsets.shape[0]
+    out = s.new_empty(k, d)
+    if k == 0:
+        return out
+    block_n, block_k, block_t = 16, 8, 64
+    grid = (triton_cdiv(d, block_t), triton_cdiv(k, block_k))
+    sddmm_kernel[grid](
+        s,
+        q,
+        offsets,
+        out,
+        n,
+        d,
+        m,
+        k,
+        FP64=s.dtype == torch.float64,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_T=block_t,
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+class _DiagLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, offsets, out_features):  # x [N, in], values [K, D]
+        in_features = x.shape[1]
+        ctx.save_for_backward(x, values, offsets)
+        ctx.in_features = in_features
+        return diag_apply(x, values, offsets, out_features, tall=out_features >= in_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y [N, out]
+        x, values, offsets = ctx.saved_tensors
+        in_features = ctx.in_features
+        out_features = grad_y.shape[1]
+        grad_y = grad_y.contiguous()
+        tall = out_features >= in_features
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = diag_apply(grad_y, values, offsets, in_features, tall=not tall)
+        if ctx.needs_input_grad[1]:
+            grad_v = diag_sddmm(x, grad_y, offsets) if tall else diag_sddmm(grad_y, x, offsets)
+        return grad_x, grad_v, None, None
+
+
+class TritonBackend:
+    """Triton kernels; compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+
+    def is_available(self, device: torch.device) -> tuple[bool, str]:
+        device = torch.device(device)
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return False, f"triton is not installed ({exc})"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return False, "torch.cuda.is_available() is False"
+            if _interpreting():
+                return False, "TRITON_INTERPRET=1 is set: Triton would interpret instead of compiling for the GPU"
+            return True, ""
+        if device.type == "cpu":
+            if _interpreting():
+                return True, ""
+            return False, "Triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before use)"
+        return False, f"no Triton support for device type {device.type}"
+
+    def diag_linear(
+        self,
+        x: torch.Tensor,  # [..., in]
+        values: torch.Tensor,  # [K, D]
+        offsets: torch.Tensor,  # [K] int64, sorted ascending
+        bias: torch.Tensor | None,  # [out]
+        in_features: int,
+        out_features: int,
+    ) -> torch.Tensor:  # [..., out]
+        """``y = x W^T + b`` with ``W`` given by ``K`` wrapped diagonals; differentiable in x, values, bias."""
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"triton backend supports {_DTYPES}, got {x.dtype}")
+        if x.shape[-1] != in_features:
+            raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
+        v = values.to(x.dtype).contiguous()  # differentiable cast (fp32 master weights under bf16 activations)
+        y = _DiagLinearFn.apply(x2, v, offsets.contiguous(), out_features)  # [N, out]
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*lead, out_features)
+
+
+BACKEND = TritonBackend()
