@@ -46,7 +46,8 @@ class CpuBackend:
             raise TypeError(f"cpu backend supports {_DTYPES}, got {x.dtype}")
         if x.shape[-1] != in_features:
             raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
-        ops.load_library()
+        if not ops.is_loaded():  # a plain flag check, so torch.compile traces straight through
+            ops.load_library()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
         # values may be fp32 master weights under bf16 activations: the cast is differentiable.

@@ -21,7 +21,7 @@ import torch
 
 from dynadiag.kernels._build import load_extension
 
-__all__ = ["CSRC", "cpu_library_error", "load_cpu_library", "load_library", "load_schema"]
+__all__ = ["CSRC", "cpu_library_error", "is_loaded", "load_cpu_library", "load_library", "load_schema"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _LOCK = threading.Lock()
@@ -63,6 +63,11 @@ def load_cpu_library() -> None:
 def load_library() -> None:
     """Build (once, cached on disk) and load the op schemas and the CPU kernels."""
     load_cpu_library()
+
+
+def is_loaded() -> bool:
+    """Whether the schemas and the CPU kernels are loaded in this process."""
+    return _CPU_TRIED and _CPU_ERROR is None
 
 
 def cpu_library_error() -> str | None:

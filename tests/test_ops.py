@@ -1,0 +1,132 @@
+"""The ``torch.ops.dynadiag`` custom ops: opcheck, fp64 gradcheck, fake shapes, errors, torch.compile."""
+
+import shutil
+
+import pytest
+import torch
+
+from dynadiag import DiagLinear
+from dynadiag.functional import place_diagonals
+
+if shutil.which("c++") is None:  # pragma: no cover
+    pytest.skip("no C++ compiler: the dynadiag ops cannot be built here", allow_module_level=True)
+
+from dynadiag.kernels import ops
+
+ops.load_library()
+OPS = torch.ops.dynadiag
+
+
+def _args(in_f, out_f, k, n=6, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_diag, length = max(in_f, out_f), min(in_f, out_f)
+    offsets = torch.randperm(num_diag, generator=gen)[:k].sort().values
+    values = torch.randn(k, length, generator=gen).to(dtype)
+    x = torch.randn(n, in_f, generator=gen).to(dtype)
+    grad_y = torch.randn(n, out_f, generator=gen).to(dtype)
+    return x, values, offsets, grad_y
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k"), [(12, 20, 3), (20, 12, 3), (16, 16, 16), (40, 72, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_every_op(in_f, out_f, k, dtype):
+    x, values, offsets, grad_y = _args(in_f, out_f, k, dtype=dtype)
+    torch.library.opcheck(OPS.diag_fwd.default, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
+    torch.library.opcheck(OPS.diag_bwd_x.default, (grad_y, values.detach(), offsets, in_f))
+    torch.library.opcheck(OPS.diag_bwd_v.default, (grad_y, x.detach(), offsets))
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k"), [(7, 11, 3), (11, 7, 3), (9, 9, 9), (1, 5, 2), (5, 1, 5)])
+def test_gradcheck_fp64_through_the_op(in_f, out_f, k):
+    x, values, offsets, _ = _args(in_f, out_f, k, n=4, dtype=torch.float64)
+    x.requires_grad_()
+    values.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, v: OPS.diag_fwd(a, v, offsets, out_f), (x, values))
+    assert torch.autograd.gradgradcheck is not None  # second order is not registered (frozen layers need none)
+
+
+@pytest.mark.parametrize(("in_f", "out_f"), [(24, 56), (56, 24), (33, 33)])
+def test_ops_match_dense_formulas(in_f, out_f):
+    x, values, offsets, grad_y = _args(in_f, out_f, 7, dtype=torch.float64)
+    weight = place_diagonals(values, offsets, in_f, out_f)  # [out, in]
+    torch.testing.assert_close(OPS.diag_fwd(x, values, offsets, out_f), x @ weight.T)
+    torch.testing.assert_close(OPS.diag_bwd_x(grad_y, values, offsets, in_f), grad_y @ weight)
+    rows = torch.arange(len(offsets))[:, None]
+    full = grad_y.T @ x  # [out, in]: every entry of dW, then read back on the pattern
+    from dynadiag.functional import diag_index
+
+    r, c = diag_index(in_f, out_f, offsets)
+    torch.testing.assert_close(OPS.diag_bwd_v(grad_y, x, offsets), full[r, c])
+    assert rows.shape[0] == values.shape[0]
+
+
+def test_only_requested_gradients_are_computed():
+    x, values, offsets, _ = _args(10, 14, 3)
+    values.requires_grad_()
+    y = OPS.diag_fwd(x, values, offsets, 14)
+    (gv,) = torch.autograd.grad(y.sum(), values)
+    assert gv.shape == values.shape and x.grad is None
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, values = torch.empty(5, 30), torch.empty(4, 18)
+        offsets = torch.zeros(4, dtype=torch.long)
+        assert OPS.diag_fwd(x, values, offsets, 18).shape == (5, 18)
+        assert OPS.diag_bwd_x(torch.empty(5, 18), values, offsets, 30).shape == (5, 30)
+        assert OPS.diag_bwd_v(torch.empty(5, 18), x, offsets).shape == (4, 18)
+
+
+def test_errors_are_clear():
+    x, values, offsets, _ = _args(8, 12, 3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        OPS.diag_fwd(x, values, torch.tensor([0, 5, 12]), 12)
+    with pytest.raises(RuntimeError, match="columns"):
+        OPS.diag_fwd(x, values[:, :5], offsets, 12)
+    with pytest.raises(RuntimeError, match="dtype mismatch"):
+        OPS.diag_fwd(x.double(), values, offsets, 12)
+    with pytest.raises(RuntimeError, match="offsets"):
+        OPS.diag_fwd(x, values, offsets.int(), 12)
+
+
+def test_empty_batch():
+    x, values, offsets, _ = _args(8, 12, 3, n=0)
+    assert OPS.diag_fwd(x, values, offsets, 12).shape == (0, 12)
+    assert OPS.diag_bwd_v(torch.empty(0, 12), x, offsets).abs().sum() == 0
+
+
+def _frozen_model():
+    model = torch.nn.Sequential(
+        DiagLinear(32, 64, sparsity=0.75, backend="cpu"),
+        torch.nn.GELU(),
+        DiagLinear(64, 32, sparsity=0.75, backend="cpu"),
+    )
+    for layer in model:
+        if isinstance(layer, DiagLinear):
+            layer.freeze_()
+    return model
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_compile_frozen_model_without_graph_breaks(compile_backend):
+    torch._dynamo.reset()
+    model = _frozen_model()
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    model(x)  # the backend registry imports backends lazily on first use; dynamo cannot trace that import
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)  # fullgraph: a break raises
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x))
+    y.sum().backward()  # aot_eager traces the registered autograd formula through the fake kernels
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 32))
+    assert explanation.graph_break_count == 0
+
+
+@pytest.mark.slow
+def test_inductor_compile_frozen_model():
+    torch._dynamo.reset()
+    model = _frozen_model()
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
