@@ -100,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         # weights_only=False: the checkpoint holds RNG states (numpy arrays, tuples) written by us.
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+    except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a dynadiag checkpoint (needs keys {list(REQUIRED_KEYS)})")

@@ -95,7 +95,7 @@ class ResumableSampler(DistributedSampler):
         """Drop the first ``num_samples`` indices of the next epoch's order (this epoch only)."""
         self._skip = int(num_samples)
 
-    def __iter__(self):  # noqa: ANN204 - matches the base class
+    def __iter__(self):
         indices = list(super().__iter__())
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])

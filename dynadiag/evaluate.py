@@ -6,8 +6,9 @@ whichever process prints them.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -53,7 +53,8 @@ class JsonlLogger(Logger):
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8")  # append: a resumed run continues the same file
+        # append: a resumed run continues the same file; closed in finish()
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": int(step), "time": round(time.time(), 3), **_plain(metrics)}

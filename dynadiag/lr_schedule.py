@@ -42,7 +42,7 @@ class LRSchedule:
 
     def factor(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
         """Multiplier of the peak learning rate at ``step`` (0-based)."""
-        warmup = int(round(self.warmup_epochs * steps_per_epoch))
+        warmup = round(self.warmup_epochs * steps_per_epoch)
         if step < warmup:
             frac = step / max(1, warmup)
             return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * frac

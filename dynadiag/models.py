@@ -44,9 +44,9 @@ def create_model(
     Returns:
         The model, mapping ``[B, in_chans, img_size, img_size]`` to logits ``[B, num_classes]``.
     """
-    if img_size is not None and patch_size is not None and img_size % patch_size:
-        raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
     base = name.split(".")[0]
+    if (base in MIXER_ARCHS or _is_patch_model(name)) and img_size and patch_size and img_size % patch_size:
+        raise ValueError(f"{name}: image size {img_size} is not divisible by patch size {patch_size}")
     if base in MIXER_ARCHS:
         from timm.models.mlp_mixer import MlpMixer
 

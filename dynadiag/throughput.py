@@ -8,8 +8,8 @@ backend builds).
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
-from typing import ContextManager
 
 import torch
 from torch import nn

@@ -133,7 +133,8 @@ class Trainer:
             raise ValueError("the training loader yields no full batch: lower data.batch_size")
         self.planned_steps = config.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, config.max_steps or self.planned_steps)
-        self.step, self.best_top1, self.last_eval: int = 0, -math.inf, {}
+        self.step, self.best_top1 = 0, -math.inf
+        self.last_eval: dict[str, Any] = {}
         self.sparsify_report: Any = None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -142,7 +143,7 @@ class Trainer:
         self.infer_images_per_s = 0.0
 
     # ----------------------------------------------------------------- setup
-    def autocast(self):  # noqa: ANN201 - a context manager
+    def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)

@@ -1,0 +1,118 @@
+"""Evaluate a checkpoint: top-1/top-5 and inference throughput, rebuilding the model from the checkpoint's config.
+
+    python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt
+    python eval.py ckpt=outputs/<date>/<time> backend=reference     # run dir -> checkpoints/last.pt
+    python eval.py ckpt=<...>/best.pt data=digits data.eval_batch_size=128
+
+``backend`` (kernel backend of frozen diagonal layers) and ``data`` may differ from training; the model
+architecture always comes from the checkpoint, and its weights are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dynadiag.checkpoint import CheckpointError, load_checkpoint
+from dynadiag.data import build_loaders
+from dynadiag.evaluate import evaluate, sparsity_stats
+from dynadiag.kernels import backend_names, get_backend
+from dynadiag.throughput import measure_inference_throughput
+from dynadiag.trainer import format_summary
+from train import build_model_and_method, error_message, resolve_device
+
+
+def load_model(state: dict[str, Any], backend: str | None, device: torch.device, path: str) -> torch.nn.Module:
+    """Rebuild the checkpoint's model (sparsified like in training) and load its weights strictly."""
+    config = copy.deepcopy(state["config"])
+    if backend is not None and "backend" in (config.get("sparsifier") or {}):
+        config["sparsifier"]["backend"] = backend
+    model, method = build_model_and_method(config)
+    method.apply_(model)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"checkpoint {path} does not match the model its config builds: {detail}") from None
+    if backend is not None:  # frozen layers created by loading take their backend from the sparsifier config
+        for module in model.modules():
+            if hasattr(module, "backend") and hasattr(module, "offsets"):
+                module.backend = backend
+    return model.to(device).eval()
+
+
+def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt``; returns (and writes ``eval.json`` into ``out_dir``) the results."""
+    if cfg.ckpt is None:
+        raise ValueError("give a checkpoint: python eval.py ckpt=<run dir>/checkpoints/best.pt")
+    device = resolve_device(str(cfg.device))
+    backend = None if cfg.backend is None else str(cfg.backend)
+    if backend is not None:
+        if backend not in backend_names():
+            raise ValueError(f"unknown backend '{backend}'; choose one of {backend_names()}")
+        if backend != "auto":
+            get_backend(backend, device)
+    state = load_checkpoint(str(cfg.ckpt), map_location="cpu")
+    model = load_model(state, backend, device, str(cfg.ckpt))
+    data_cfg_dict = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else state["config"]["data"]
+    data_cfg = instantiate(data_cfg_dict, _convert_="all")
+    data = build_loaders(data_cfg, seed=0)
+    autocast = None
+    amp = (state["config"].get("trainer") or {}).get("amp", "off") if cfg.amp is None else str(cfg.amp)
+    if amp in ("bf16", "fp16"):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    result = evaluate(model, data.val_loader, device, autocast)
+    images = next(iter(data.val_loader))[0].to(device)
+    ips = measure_inference_throughput(
+        model, images, warmup=3, iters=int(cfg.inference_iters), min_seconds=float(cfg.min_seconds), autocast=autocast
+    )
+    stats = sparsity_stats(model)
+    summary = {
+        "checkpoint": os.path.abspath(str(cfg.ckpt)),
+        "step": int(state["step"]),
+        "data": data_cfg.name,
+        "backend": backend or state["config"].get("backend", "auto"),
+        "val_top1": result["top1"],
+        "val_top5": result["top5"],
+        "val_loss": result["loss"],
+        "val_images": result["count"],
+        "params": stats["params"],
+        "nnz": stats["nnz"],
+        "sparsity_effective": stats["effective"],
+        "infer_images_per_s": ips,
+        "infer_batch_size": int(images.shape[0]),
+        "device": str(device),
+    }
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        out_dir = HydraConfig.get().runtime.output_dir
+        summary = run_eval(cfg, out_dir)
+    except Exception as exc:
+        message = error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()
