@@ -79,7 +79,7 @@ constexpr int kWarpsK = 8;   // warps along the diagonals in sddmm (blockDim.y)
 // wmax: columns of shared memory per token row; the row is staged whole when L = (TALL ? B : A) <= wmax.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T, int TR, bool TALL>
-__global__ void __launch_bounds__(256) apply_kernel(const T* __restrict__ src, const T* __restrict__ V,
+__global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src, const T* __restrict__ V,
                                                     const int64_t* __restrict__ off, T* __restrict__ dst, int N,
                                                     int A, int B, int K, int wmax) {
   using Acc = typename AccOf<T>::type;
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(256) apply_kernel(const T* __restrict__ src, c
     __syncthreads();
 
     const T* xrow = xs + m0 * W;
-#pragma unroll 2
+#pragma unroll(sizeof(T) == 2 ? 1 : 2)
     for (int k = kb; k < ke; ++k) {
       const int p = static_cast<int>(__ldg(off + k));
       const T* vrow = V + static_cast<int64_t>(k) * D;
