@@ -413,10 +413,12 @@ void sddmm_avx512(const typename E::T* a, const typename E::T* b, int64_t N, int
   const int64_t n_kb = K / kKB;
   const int64_t n_k_items = n_kb + (K - n_kb * kKB);  // full blocks, then one item per leftover diagonal
   std::unique_ptr<float[]> acc(new float[K * Dp]);
-  for (int64_t n0 = 0; n0 < N; n0 += kNC) {
-    const int64_t n1 = std::min(N, n0 + kNC);
-    // Tile-major order: consecutive items share a's columns and overlapping windows of b (offsets are sorted).
-    at::parallel_for(0, n_tiles * n_k_items, 1, [&](int64_t i0, int64_t i1) {
+  // One parallel region: each thread owns a contiguous range of (tile, diagonal block) items, i.e. disjoint
+  // outputs, and walks the token chunks itself, so no barrier is needed between chunks. Tile-major order:
+  // consecutive items share a's columns and overlapping windows of b (offsets are sorted).
+  at::parallel_for(0, n_tiles * n_k_items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNC) {
+      const int64_t n1 = std::min(N, n0 + kNC);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t0 = (i / n_k_items) * kW, kb = i % n_k_items;
         if (kb < n_kb)
@@ -424,14 +426,14 @@ void sddmm_avx512(const typename E::T* a, const typename E::T* b, int64_t N, int
         else
           sddmm_tile<E, 1>(a, b, n0, n1, D, P, off, n_kb * kKB + (kb - n_kb), t0, acc.get(), Dp, n0 == 0);
       }
-    });
-  }
-  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t t = 0; t < D; t += 16) {
-        const __mmask16 m = lane_range(0, D - t);
-        E::mask_store(dv + k * D + t, m, _mm512_loadu_ps(acc.get() + k * Dp + t));
-      }
+    }
+    for (int64_t i = i0; i < i1; ++i) {  // convert this thread's outputs (fp32 -> storage dtype)
+      const int64_t t0 = (i / n_k_items) * kW, kb = i % n_k_items;
+      const int64_t k0 = kb < n_kb ? kb * kKB : n_kb * kKB + (kb - n_kb), k1 = kb < n_kb ? k0 + kKB : k0 + 1;
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t t = t0; t < std::min(D, t0 + kW); t += 16)
+          E::mask_store(dv + k * D + t, lane_range(0, D - t), _mm512_loadu_ps(acc.get() + k * Dp + t));
+    }
   });
 }
 

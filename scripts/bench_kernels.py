@@ -1,0 +1,327 @@
+"""Benchmark frozen DiagLinear kernels against dense ``F.linear`` and ``torch.sparse`` CSR with the same nnz.
+
+For the four ViT-B layer shapes, two token counts and six sparsities, times forward, backward (grad of the input
+and of the weights) and forward+backward of:
+
+- dense ``F.linear`` in fp32 and bf16 (on CUDA also TF32), the sparsity-independent baseline;
+- torch.sparse CSR (fp32, random unstructured pattern with the same nnz): ``W @ x^T``, ``W^T @ dY^T`` and
+  ``sampled_addmm`` for the weight gradient;
+- the ``reference`` backend (dense materialisation) and every other backend available on the device, in fp32
+  and bf16 (bf16 is compared with dense bf16, which runs on AMX / tensor cores).
+
+Methods are interleaved within each repeat and the minimum over repeats is kept, so load from other processes
+hits all methods alike. Prints ratios vs dense and vs CSR and the fraction of the FLOP ceiling ``1/(1-s)``;
+writes ``<out>/bench_kernels.json`` and ``<out>/bench_kernels.png``.
+
+    python scripts/bench_kernels.py --device cpu --threads 2 --out docs/benchmarks/cpu
+    python scripts/bench_kernels.py --device cuda --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dynadiag.functional import num_active_diagonals
+from dynadiag.kernels import available_backends, get_backend
+
+SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
+TOKENS = (197, 1576)
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+PHASES = ("fwd", "bwd", "fb")
+
+
+class Timer:
+    """Wall-clock timing of a callable: ``perf_counter`` on CPU, CUDA events (after a sync) on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:  # milliseconds
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _phases(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad_y: torch.Tensor) -> dict:
+    """fwd / bwd / fb closures for a differentiable forward; bwd reuses one graph (retain_graph)."""
+    state = {}
+
+    def fwd():
+        with torch.no_grad():
+            return forward()
+
+    def bwd():
+        if "y" not in state:
+            state["y"] = forward()
+        return torch.autograd.grad(state["y"], inputs, grad_y, retain_graph=True)
+
+    def fb():
+        return torch.autograd.grad(forward(), inputs, grad_y)
+
+    return {"fwd": fwd, "bwd": bwd, "fb": fb}
+
+
+def _csr_phases(in_f: int, out_f: int, nnz: int, x: torch.Tensor, grad_y: torch.Tensor) -> dict:
+    """Unstructured CSR with ``nnz`` random entries; explicit sparse products (no autograd support needed)."""
+    device = x.device
+    flat = torch.randperm(in_f * out_f, device=device)[:nnz]
+    mask = torch.zeros(in_f * out_f, dtype=torch.bool, device=device)
+    mask[flat] = True
+    dense = torch.randn(out_f, in_f, device=device) * mask.view(out_f, in_f)
+    w = dense.to_sparse_csr()  # [out, in]
+    wt = dense.t().contiguous().to_sparse_csr()  # [in, out], for grad_x
+    pattern = torch.sparse_csr_tensor(w.crow_indices(), w.col_indices(), torch.zeros_like(w.values()), w.shape)
+    xt, gyt = x.t(), grad_y.t()
+
+    def fwd():
+        return torch.mm(w, xt)  # [out, N]
+
+    def bwd():
+        gx = torch.mm(wt, gyt)  # [in, N]
+        gw = torch.sparse.sampled_addmm(pattern, gyt.contiguous(), x)  # dY^T X on the pattern
+        return gx, gw
+
+    def fb():
+        return fwd(), bwd()
+
+    return {"fwd": fwd, "bwd": bwd, "fb": fb}
+
+
+def bench_case(
+    in_f: int, out_f: int, n: int, sparsity: float, device: torch.device, backends: list[str], reps: int, csr: bool
+) -> list[dict]:
+    """Time every method on one (shape, tokens, sparsity) case; returns one record per method."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    num_diag, length = max(in_f, out_f), min(in_f, out_f)
+    k = num_active_diagonals(in_f, out_f, sparsity)
+    offsets = torch.randperm(num_diag, generator=gen)[:k].sort().values.to(device)
+    values32 = (torch.randn(k, length, generator=gen) / math.sqrt(length)).to(device)
+    x32 = torch.randn(n, in_f, generator=gen).to(device)
+    gy32 = torch.randn(n, out_f, generator=gen).to(device)
+    w32 = (torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)).to(device)
+
+    methods: dict[str, dict] = {}
+    dense_dtypes = [("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)]
+    for label, dtype in dense_dtypes:
+        x, w = x32.to(dtype).requires_grad_(), w32.to(dtype).requires_grad_()
+        methods[label] = _phases(lambda x=x, w=w: F.linear(x, w), [x, w], gy32.to(dtype))
+    if device.type == "cuda":
+        x, w = x32.clone().requires_grad_(), w32.clone().requires_grad_()
+        methods["dense_tf32"] = _phases(lambda x=x, w=w: F.linear(x, w), [x, w], gy32)
+    if csr:
+        methods["csr_fp32"] = _csr_phases(in_f, out_f, k * length, x32, gy32)
+    for name in backends:
+        backend = get_backend(name, device)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, v = x32.to(dtype).requires_grad_(), values32.to(dtype).requires_grad_()
+            fn = lambda b=backend, x=x, v=v: b.diag_linear(x, v, offsets, None, in_f, out_f)  # noqa: E731
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a backend may not support a dtype; record and go on
+                print(f"  skip {name} {dtype}: {type(exc).__name__}: {exc}")
+                continue
+            methods[f"{name}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = _phases(fn, [x, v], gy32.to(dtype))
+
+    timer = Timer(device)
+    best = {m: dict.fromkeys(PHASES, math.inf) for m in methods}
+    for m, phases in methods.items():  # warm-up (JIT builds, oneDNN primitive caches, autotuning)
+        for p in PHASES:
+            tf32 = m == "dense_tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            phases[p]()
+    for _ in range(reps):
+        for m, phases in methods.items():
+            torch.backends.cuda.matmul.allow_tf32 = m == "dense_tf32"
+            for p in PHASES:
+                best[m][p] = min(best[m][p], timer(phases[p]))
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    achieved = 1.0 - k / num_diag
+    records = []
+    for m, times in best.items():
+        records.append(
+            {
+                "in": in_f,
+                "out": out_f,
+                "tokens": n,
+                "sparsity": sparsity,
+                "achieved_sparsity": achieved,
+                "k": k,
+                "method": m,
+                **{f"{p}_ms": times[p] for p in PHASES},
+            }
+        )
+    return records
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Speedups vs dense (same dtype and fp32), vs CSR, and fraction of the ceiling 1/(1-s), in place."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        by_case.setdefault((r["in"], r["out"], r["tokens"], r["sparsity"]), {})[r["method"]] = r
+    for case in by_case.values():
+        for m, r in case.items():
+            if m.startswith("dense"):
+                continue
+            same = "dense_bf16" if m.endswith("bf16") else "dense_fp32"
+            ceiling = 1.0 / (1.0 - r["achieved_sparsity"])
+            for p in PHASES:
+                r[f"{p}_vs_dense"] = case[same][f"{p}_ms"] / r[f"{p}_ms"]
+                r[f"{p}_vs_dense_fp32"] = case["dense_fp32"][f"{p}_ms"] / r[f"{p}_ms"]
+                if "csr_fp32" in case:
+                    r[f"{p}_vs_csr"] = case["csr_fp32"][f"{p}_ms"] / r[f"{p}_ms"]
+                r[f"{p}_of_ceiling"] = r[f"{p}_vs_dense"] / ceiling
+
+
+def summarize(records: list[dict], shapes: dict, tokens: int, sparsities: tuple) -> dict:
+    """Geometric means over the shapes at ``tokens`` and the break-even sparsity per kernel method."""
+    sizes = {v for v in shapes.values()}
+    methods = sorted({r["method"] for r in records if not r["method"].startswith("dense")})
+    out: dict = {}
+    for m in methods:
+        rows = [r for r in records if r["method"] == m and r["tokens"] == tokens and (r["in"], r["out"]) in sizes]
+        entry = {}
+        for s in sparsities:
+            sel = [r for r in rows if r["sparsity"] == s]
+            if len(sel) == len(sizes):
+                entry[str(s)] = {
+                    p: math.exp(sum(math.log(r[f"{p}_vs_dense"]) for r in sel) / len(sel)) for p in PHASES
+                }
+        for p in PHASES:  # lowest sparsity from which the geomean speedup stays >= 1 (linear interpolation)
+            pts = [(float(s), v[p]) for s, v in entry.items() if isinstance(v, dict)]
+            pts.sort()
+            be = None
+            for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+                if v0 < 1.0 <= v1:
+                    be = s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0)
+            if pts and pts[0][1] >= 1.0:
+                be = f"<= {pts[0][0]}"
+            entry[f"break_even_{p}"] = be
+        out[m] = entry
+    return out
+
+
+def print_table(records: list[dict]) -> None:
+    head = f"{'shape':>11} {'N':>5} {'s':>5} {'method':>14} | {'fwd ms':>8} {'bwd ms':>8} {'fb ms':>8} |"
+    head += f" {'fwd/dn':>6} {'fb/dn':>6} {'fwd/csr':>7} {'fb/csr':>6} {'ceil%':>5}"
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        line = f"{r['in']:>5}x{r['out']:<5} {r['tokens']:>5} {r['sparsity']:>5} {r['method']:>14} |"
+        line += f" {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['fb_ms']:8.2f} |"
+        if "fwd_vs_dense" in r:
+            csr = f" {r.get('fwd_vs_csr', math.nan):7.2f} {r.get('fb_vs_csr', math.nan):6.2f}"
+            line += f" {r['fwd_vs_dense']:6.2f} {r['fb_vs_dense']:6.2f}{csr} {100 * r['fwd_of_ceiling']:5.0f}"
+        print(line)
+
+
+def plot(records: list[dict], path: Path, tokens: tuple, backends: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(tokens), figsize=(6 * len(tokens), 8), squeeze=False)
+    for col, n in enumerate(tokens):
+        for row, p in enumerate(("fwd", "fb")):
+            ax = axes[row][col]
+            shown = [f"{b}_fp32" for b in backends] + [f"{b}_bf16" for b in backends] + ["csr_fp32"]
+            for m in shown:
+                for (in_f, out_f), color in zip(sorted({(r["in"], r["out"]) for r in records}), "bgrcmyk"):
+                    pts = sorted(
+                        (r["achieved_sparsity"], r[f"{p}_vs_dense"])
+                        for r in records
+                        if r["method"] == m and r["tokens"] == n and (r["in"], r["out"]) == (in_f, out_f)
+                    )
+                    if not pts:
+                        continue
+                    style = "-o" if m.endswith("fp32") and not m.startswith("csr") else ("--s" if "bf16" in m else ":x")
+                    ax.plot(*zip(*pts), style, color=color, label=f"{m} {in_f}->{out_f}", markersize=3)
+            s = [0.5 + 0.005 * i for i in range(97)]
+            ax.plot(s, [1 / (1 - v) for v in s], "k-", lw=0.8, label="ceiling 1/(1-s)")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(f"{p} speedup vs dense (same dtype)")
+            ax.set_title(f"{p}, {n} tokens")
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--reps", type=int, default=5, help="repeats per method (min is kept)")
+    parser.add_argument("--quick", action="store_true", help="subset: 1,576 tokens, sparsities 0.7 0.9 0.95")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="*", type=int, default=None)
+    parser.add_argument("--sparsities", nargs="*", type=float, default=None)
+    parser.add_argument("--no-csr", action="store_true", help="skip torch.sparse CSR")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference backend")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks/<device>)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens = tuple(args.tokens or ((1576,) if args.quick else TOKENS))
+    sparsities = tuple(args.sparsities or ((0.7, 0.9, 0.95) if args.quick else SPARSITIES))
+    shapes = {name: SHAPES[name] for name in args.shapes}
+    backends = [b for b in available_backends(device) if b != "reference"]
+    if not args.no_reference:
+        backends.append("reference")
+    out = args.out or Path("docs/benchmarks") / device.type
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"device={device} threads={torch.get_num_threads()} backends={backends} torch={torch.__version__}")
+
+    records: list[dict] = []
+    for name, (in_f, out_f) in shapes.items():
+        for n in tokens:
+            for s in sparsities:
+                t0 = time.perf_counter()
+                records += bench_case(in_f, out_f, n, s, device, backends, args.reps, csr=not args.no_csr)
+                print(f"  {name} {in_f}->{out_f} N={n} s={s}: {time.perf_counter() - t0:.1f}s", flush=True)
+    add_ratios(records)
+    print_table(records)
+    summary = {n: summarize(records, shapes, n, sparsities) for n in tokens}
+    for n, per_method in summary.items():
+        print(f"\ngeometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype):")
+        for m, entry in per_method.items():
+            cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
+            print(f"  {m:>14}: " + "; ".join(cells))
+            print(f"  {'':>14}  break-even fwd {entry['break_even_fwd']}, fb {entry['break_even_fb']}")
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "reps": args.reps,
+        "shapes": shapes,
+        "backends": backends,
+    }
+    (out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))
+    plot(records, out / "bench_kernels.png", tokens, [b for b in backends if b != "reference"])
+    print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
+
+
+if __name__ == "__main__":
+    main()
