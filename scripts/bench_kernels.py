@@ -134,7 +134,7 @@ def bench_case(
             fn = lambda b=backend, x=x, v=v: b.diag_linear(x, v, offsets, None, in_f, out_f)  # noqa: E731
             try:
                 fn()
-            except Exception as exc:  # noqa: BLE001 - a backend may not support a dtype; record and go on
+            except Exception as exc:
                 print(f"  skip {name} {dtype}: {type(exc).__name__}: {exc}")
                 continue
             methods[f"{name}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = _phases(fn, [x, v], gy32.to(dtype))
@@ -201,9 +201,7 @@ def summarize(records: list[dict], shapes: dict, tokens: int, sparsities: tuple)
         for s in sparsities:
             sel = [r for r in rows if r["sparsity"] == s]
             if len(sel) == len(sizes):
-                entry[str(s)] = {
-                    p: math.exp(sum(math.log(r[f"{p}_vs_dense"]) for r in sel) / len(sel)) for p in PHASES
-                }
+                entry[str(s)] = {p: math.exp(sum(math.log(r[f"{p}_vs_dense"]) for r in sel) / len(sel)) for p in PHASES}
         for p in PHASES:  # lowest sparsity from which the geomean speedup stays >= 1 (linear interpolation)
             pts = [(float(s), v[p]) for s, v in entry.items() if isinstance(v, dict)]
             pts.sort()
@@ -318,7 +316,9 @@ def main() -> None:
         "shapes": shapes,
         "backends": backends,
     }
-    (out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))
+    (out / "bench_kernels.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1)
+    )
     plot(records, out / "bench_kernels.png", tokens, [b for b in backends if b != "reference"])
     print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
 
