@@ -24,6 +24,16 @@ def tiny_vit(**kwargs):
 
 def run_steps(model, method, optimizer, steps, start=0, after_step=None, batch=4, clip=1.0):
     """A manual training loop calling the method's hooks in the trainer's order (see methods/base.py)."""
+    # One intra-op thread: on the shared 2-core machines OpenMP spin-waiting makes tiny ops ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_steps(model, method, optimizer, steps, start, after_step, batch, clip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_steps(model, method, optimizer, steps, start, after_step, batch, clip):
     for step in range(start, start + steps):
         method.on_step_start(step, model)
         x = torch.randn(batch, 3, IMG, IMG)

@@ -36,6 +36,7 @@ __all__ = [
     "MaskReport",
     "MaskedMethod",
     "all_reduce_mean",
+    "first_and_head",
     "masked_layers",
     "reset_optimizer_state_",
     "select_layers",
@@ -55,7 +56,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _first_and_head(model: nn.Module) -> tuple[str | None, str | None]:
+def first_and_head(model: nn.Module) -> tuple[str | None, str | None]:
     """Names of the model's first weight layer (stem / patch embedding) and its classifier head."""
     named = [(n, m) for n, m in model.named_modules() if n and isinstance(m, _LAYER_TYPES)]
     first = named[0][0] if named else None
@@ -103,7 +104,7 @@ def select_layers(
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
                 kinds = "nn.Linear/nn.Conv2d" if convs else "nn.Linear"
                 raise ValueError(f"pattern '{pattern}' matches no {kinds} layer of {type(model).__name__}")
-    first, last = _first_and_head(model)
+    first, last = first_and_head(model)
     chosen = {n for n, _ in named if _matches(n, patterns) and not _matches(n, exclude)}
     for name, option in ((first, first_layer), (last, head)):
         if name is not None and option == "sparse":

@@ -1,0 +1,189 @@
+"""DiagHeur: RigL's drop/grow heuristic on whole diagonals of frozen :class:`~dynadiag.DiagLinear` layers.
+
+The baseline of the DynaDiag paper: every layer holds exactly ``K`` wrapped diagonals (a random set at the start)
+and, on RigL's schedule (:class:`~dynadiag.methods.regrow.RegrowSchedule`), drops the ``K_drop`` diagonals with
+the smallest L2 norm and grows the ``K_drop`` inactive diagonals whose dense gradient has the largest L2 norm.
+Grown diagonals start at zero and their optimizer state is reset; kept ones keep theirs.
+
+**Where the dense gradient comes from.** A frozen layer stores only its ``K`` diagonals, so autograd gives the
+gradient of those alone. The gradient of every candidate diagonal is the matching diagonal of the dense
+``dL/dW = sum_n g_n^T x_n`` (``g = dL/dy``, ``x`` the layer input). On update steps only, a forward hook keeps the
+layer input and hooks the output's gradient, which adds ``g^T x`` (one ``[out, in]`` GEMM per layer, the cost
+of a dense weight gradient) into an accumulator; between updates nothing is captured and the layer runs its
+sparse kernels. This needs no change to :class:`~dynadiag.DiagLinear` and no dense weight kept around, and
+micro-batches (gradient accumulation) simply add up. Under DDP the accumulated gradient is all-reduced (it is
+per-rank data, not a synchronised parameter gradient) before scoring, so every rank picks the same diagonals.
+
+The update edits ``V`` and ``offsets`` in place (same shapes, rows re-sorted by offset), so the optimizer, DDP and
+compiled graphs keep their references; nothing is re-created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynadiag.functional import gather_diagonals
+from dynadiag.layers import DiagLinear
+from dynadiag.methods.base import SparseMethod
+from dynadiag.methods.masks import all_reduce_mean
+from dynadiag.methods.regrow import RegrowSchedule
+from dynadiag.sparsify import DiagSparsifyConfig, SparsifyReport, sparsify_, sparsity_report
+
+__all__ = ["DiagHeurMethod", "swap_diagonals_"]
+
+
+@torch.no_grad()
+def swap_diagonals_(
+    layer: DiagLinear, keep_rows: torch.Tensor, grow: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Replace a frozen layer's dropped diagonals by ``grow`` (zero-initialised), in place.
+
+    Args:
+        layer: a frozen DiagLinear with ``k`` diagonals.
+        keep_rows: rows of ``layer.V`` kept, ``[k - n]``.
+        grow: diagonal ids to add, ``[n]``, disjoint from the kept offsets.
+        optimizer: its per-element state of ``V`` follows the rows; grown rows get zero state.
+    """
+    offsets = torch.cat([layer.offsets[keep_rows], grow.to(layer.offsets)])  # [k]
+    if offsets.numel() != layer.k or offsets.unique().numel() != layer.k:
+        raise ValueError(f"swap_diagonals_: need {layer.k} distinct diagonals, got {offsets.tolist()}")
+    order = torch.argsort(offsets)
+
+    def moved(value: torch.Tensor) -> torch.Tensor:  # [k, D] rows of the new layout
+        fresh = torch.cat([value[keep_rows], value.new_zeros(grow.numel(), *value.shape[1:])])
+        return fresh[order]
+
+    state = optimizer.state.get(layer.V) if optimizer is not None else None
+    for value in (state or {}).values():
+        if torch.is_tensor(value) and value.shape == layer.V.shape:
+            value.copy_(moved(value))
+    layer.V.copy_(moved(layer.V))
+    layer.offsets.copy_(offsets[order])
+
+
+class DiagHeurMethod(SparseMethod):
+    """DiagHeur baseline.
+
+    Args:
+        sparsity: target sparsity of every converted layer (``K`` as in DynaDiag).
+        delta_t: optimizer steps between updates.
+        drop_fraction: initial fraction of each layer's ``K`` diagonals replaced per update.
+        t_end: fraction of the run after which the diagonals stay fixed.
+        decay: ``cosine``, ``linear`` or ``constant`` decay of the drop fraction.
+        include: module-name globs to convert (``None``: the DynaDiag defaults).
+        exclude: module-name globs to leave dense.
+        backend: kernel backend of the (always frozen) diagonal layers.
+        seed: seeds the initial random choice of diagonals (the same on every rank).
+    """
+
+    name = "diag_heur"
+
+    def __init__(
+        self,
+        sparsity: float,
+        delta_t: int = 100,
+        drop_fraction: float = 0.3,
+        t_end: float = 0.75,
+        decay: str = "cosine",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # convs=False: only nn.Linear layers become (frozen) DiagLinear; DiagHeur has no conv variant.
+        self.config = DiagSparsifyConfig(
+            sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=False
+        )
+        self.schedule = RegrowSchedule(delta_t=delta_t, drop_fraction=drop_fraction, t_end=t_end, decay=decay)
+        self.seed = int(seed)
+        self.layers: list[tuple[str, DiagLinear]] = []
+        self._armed = False
+        self._grads: dict[str, torch.Tensor] = {}  # name -> accumulated dense dL/dW, [out, in] fp32
+        self._handles: list[Any] = []
+
+    def bind(self, steps_per_epoch: int, total_steps: int) -> None:
+        super().bind(steps_per_epoch, total_steps)
+        self.schedule.total_steps = self.total_steps
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> SparsifyReport:
+        """Convert the target ``nn.Linear`` layers to DiagLinear, each frozen on ``K`` random diagonals."""
+        params_before = sum(p.numel() for p in model.parameters())
+        sparsify_(model, self.config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
+        generator = torch.Generator().manual_seed(self.seed)
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DiagLinear)]
+        for name, layer in self.layers:
+            # random importance -> freeze keeps K uniformly random diagonals (RigL's random initial topology)
+            layer.alpha.copy_(torch.rand(layer.num_diagonals, generator=generator))
+            layer.freeze_()
+            self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
+        report = sparsity_report(model)
+        return SparsifyReport(report.layers, params_before, report.model_params_after)
+
+    # ------------------------------------------------------------------ dense gradient capture
+    def _capture_hook(self, name: str):
+        def hook(module: DiagLinear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not self._armed or not output.requires_grad:
+                return
+            x = inputs[0].detach().reshape(-1, module.in_features)  # [N, in]
+
+            def accumulate(grad: torch.Tensor) -> None:
+                g = grad.detach().reshape(-1, module.out_features)  # [N, out]
+                dense = g.t().float() @ x.float()  # [out, in]
+                self._grads[name] = dense if name not in self._grads else self._grads[name] + dense
+
+            output.register_hook(accumulate)
+
+        return hook
+
+    def on_step_start(self, step: int, model: nn.Module) -> dict[str, float]:
+        self._armed = self.schedule.is_update_step(step)
+        self._grads = {}
+        return {}
+
+    def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        self._armed = False  # the backward is done; later forwards (eval, next step) capture nothing
+        return {}
+
+    def diagonal_grad_norms(self, name: str, layer: DiagLinear) -> torch.Tensor:  # [P]
+        """L2 norm of the dense gradient along each of the layer's ``P`` candidate diagonals."""
+        dense = all_reduce_mean(self._grads[name])
+        return gather_diagonals(dense).norm(dim=1)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def on_after_optimizer_step(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        grads_ready = bool(self._grads)
+        if not self.schedule.is_update_step(step) or not grads_ready:
+            self._grads = {}
+            return {}
+        fraction = self.schedule.fraction(step)
+        regrown = new = 0
+        lowest = torch.finfo(torch.float32).min
+        for name, layer in self.layers:
+            if name not in self._grads:
+                continue
+            n_drop = int(fraction * layer.k)
+            grow_score = self.diagonal_grad_norms(name, layer).nan_to_num(0.0)  # [P]
+            if n_drop == 0:
+                continue
+            drop_score = all_reduce_mean(layer.V.detach().float().norm(dim=1))  # [K]
+            keep_rows = torch.topk(drop_score, layer.k - n_drop, sorted=False).indices
+            grow_score[layer.offsets[keep_rows]] = lowest  # kept diagonals cannot be grown again
+            grow = torch.topk(grow_score, n_drop, sorted=False).indices
+            new += int((~torch.isin(grow, layer.offsets)).sum())
+            swap_diagonals_(layer, keep_rows, grow, optimizer)
+            regrown += n_drop
+        self._grads = {}
+        return {
+            f"{self.name}/drop_fraction": fraction,
+            f"{self.name}/num_regrown": float(regrown),
+            f"{self.name}/num_new": float(new),
+        }
