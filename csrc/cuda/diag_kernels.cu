@@ -9,8 +9,10 @@
 //   over the K active diagonals. For diagonal k the outputs r0..r0+BRB read the contiguous (wrapped) source
 //   columns r0 -/+ p_k, so with offsets sorted a chunk of diagonals whose offsets span S reads a window of
 //   S + BRB columns. The block stages that window of its BM token rows in shared memory once (all columns,
-//   "full" mode, when the row fits) and every diagonal of the chunk reads it: one shared load per FMA, the
-//   value V[k, .] is loaded once per kTM tokens, and lanes read consecutive columns (no bank conflicts).
+//   "full" mode, when the row fits) and every diagonal of the chunk reads it. Tokens are the fast axis in
+//   shared memory, so per (diagonal, output) a thread does 16-byte loads of its 8 tokens and 8 FMAs with one
+//   value V[k, .]; there is no reuse of activations across diagonals (offsets are random), so the bound is
+//   shared-memory bandwidth: one element per FMA (a quarter of fp32 FMA peak, half for 16-bit inputs).
 // sddmm (grad_V), a reduction over tokens per diagonal:
 //   a block owns KB diagonals x BT positions t and a slice of the tokens; each thread keeps TK x TT partial
 //   sums in registers, with the shared-memory column of every (k, t) precomputed once. Per token chunk the
@@ -74,14 +76,70 @@ constexpr int kTT = 4;       // positions t per thread in sddmm (stride 32)
 constexpr int kTK = 8;       // diagonals per thread in sddmm
 constexpr int kWarpsK = 8;   // warps along the diagonals in sddmm (blockDim.y)
 
+// 8 consecutive elements <-> 16-byte vector accesses (pointers 16-byte aligned). bf16/fp16 are unpacked with
+// bit operations so that nothing is reinterpreted through a register array's address (that forces local memory).
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const double* p, double (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const double2 a = reinterpret_cast<const double2*>(p)[i];
+    v[2 * i] = a.x, v[2 * i + 1] = a.y;
+  }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+    v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
+}
+
+__device__ __forceinline__ unsigned bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ unsigned bits16(__half v) { return __half_as_ushort(v); }
+
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(double* p, const double (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) reinterpret_cast<double2*>(p)[i] = make_double2(v[2 * i], v[2 * i + 1]);
+}
+template <typename H>
+__device__ __forceinline__ void store8(H* p, const H (&v)[8]) {
+  uint4 u;
+  u.x = bits16(v[0]) | (bits16(v[1]) << 16);
+  u.y = bits16(v[2]) | (bits16(v[3]) << 16);
+  u.z = bits16(v[4]) | (bits16(v[5]) << 16);
+  u.w = bits16(v[6]) | (bits16(v[7]) << 16);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // apply: dst [N, B] from src [N, A]; grid (ceil(B / BRB), ceil(N / BM)), block (kLanesR, WM), BM = WM * kTM.
-// wmax: columns of shared memory per token row; the row is staged whole when L = (TALL ? B : A) <= wmax.
+// Shared memory holds the window token-fastest, xs[i * SP + m] (column i, token m), so a thread reads its kTM = 8
+// tokens of one column with 16-byte loads; the row pitch SP = BM + 16 bytes of padding puts the 8 lanes of each
+// quarter-warp on distinct banks. wmax: columns that fit; the row is staged whole when L <= wmax.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T, int TR, bool TALL>
 __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src, const T* __restrict__ V,
-                                                    const int64_t* __restrict__ off, T* __restrict__ dst, int N,
-                                                    int A, int B, int K, int wmax) {
+                                                       const int64_t* __restrict__ off, T* __restrict__ dst, int N,
+                                                       int A, int B, int K, int wmax) {
   using Acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
@@ -90,6 +148,7 @@ __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src
   const int D = TALL ? A : B;
   const int BX = blockDim.x;
   const int BM = blockDim.y * kTM;
+  const int SP = BM + 16 / static_cast<int>(sizeof(T));
   const int BRB = BX * TR;
   const int n0 = blockIdx.y * BM;
   const int r0 = blockIdx.x * BRB;
@@ -123,19 +182,24 @@ __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src
     }
 
     __syncthreads();  // the previous chunk is done reading xs
-    for (int m = 0; m < BM; ++m) {
-      const int n = n0 + m;
-      T* row = xs + m * W;
-      const T* srow = src + static_cast<int64_t>(n < N ? n : 0) * A;
-      for (int i = tid; i < W; i += nthreads) {
-        int c = s0 + i;
-        if (c >= L) c -= L;
-        row[i] = (n < N && c < A) ? srow[c] : zero;
+    // Each thread stages whole columns: 8 tokens at a time, read coalesced across lanes, stored as one vector.
+    for (int i = tid; i < W; i += nthreads) {
+      int c = s0 + i;
+      if (c >= L) c -= L;
+      const bool in_range = c < A;
+      for (int mb = 0; mb < BM; mb += kTM) {
+        T v[kTM];
+#pragma unroll
+        for (int u = 0; u < kTM; ++u) {
+          const int n = n0 + mb + u;
+          v[u] = (in_range && n < N) ? src[static_cast<int64_t>(n) * A + c] : zero;
+        }
+        store8(xs + i * SP + mb, v);
       }
     }
     __syncthreads();
 
-    const T* xrow = xs + m0 * W;
+    const T* xcol = xs + m0;
 #pragma unroll(sizeof(T) == 2 ? 1 : 2)
     for (int k = kb; k < ke; ++k) {
       const int p = static_cast<int>(__ldg(off + k));
@@ -159,8 +223,10 @@ __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src
         if (TALL) ok = ok && static_cast<unsigned>(c) < static_cast<unsigned>(A);
         const Acc v = ok ? to_acc(__ldg(vrow + vi)) : Acc(0);
         if (!ok) idx = 0;
+        Acc xv[kTM];
+        load8(xcol + idx * SP, xv);
 #pragma unroll
-        for (int m = 0; m < kTM; ++m) acc[m][j] += v * to_acc(xrow[m * W + idx]);
+        for (int m = 0; m < kTM; ++m) acc[m][j] += v * xv[m];
       }
     }
     kb = ke;
@@ -299,13 +365,14 @@ cudaError_t launch_apply(const T* src, const T* V, const int64_t* off, T* dst, i
   const int L = TALL ? B : A;
   // 24 KiB of staging per warp row: 96 KiB for the 256-thread block, two blocks per SM.
   const int budget = std::min(24 * 1024 * WM, max_smem);
-  int wmax = budget / (BM * static_cast<int>(sizeof(T)));
+  const int pitch = (BM + 16 / static_cast<int>(sizeof(T))) * static_cast<int>(sizeof(T));  // bytes per column
+  int wmax = budget / pitch;
   if (wmax >= L) {
     wmax = L;
   } else if (wmax < BRB + 1) {
     return cudaErrorInvalidConfiguration;  // cannot happen with the configurations chosen below
   }
-  const size_t smem = static_cast<size_t>(BM) * wmax * sizeof(T);
+  const size_t smem = static_cast<size_t>(pitch) * wmax;
   cudaError_t err = allow_smem(apply_kernel<T, TR, TALL>, smem);
   if (err != cudaSuccess) return err;
   const dim3 block(kLanesR, WM);
@@ -326,7 +393,8 @@ cudaError_t apply_typed(const void* src, const void* values, const int64_t* off,
                         int64_t B, int64_t K, bool tall, int num_sms, int max_smem, cudaStream_t stream) {
   // Largest tiles that still give about two blocks per SM: small token counts (batch-1 inference) need
   // narrower tiles to fill the GPU.
-  int TR = 4, WM = 4;
+  // fp64 (gradcheck only) keeps at most 2 outputs per thread: 4 x 8 double accumulators would spill.
+  int TR = sizeof(T) == 8 ? 2 : 4, WM = 4;
   auto blocks = [&](int tr, int wm) { return static_cast<int64_t>(ceil_div(B, kLanesR * tr)) * ceil_div(N, kTM * wm); };
   while (TR > 1 && blocks(TR, WM) < 2 * num_sms) TR /= 2;
   while (WM > 1 && blocks(TR, WM) < 2 * num_sms) WM /= 2;
@@ -334,16 +402,15 @@ cudaError_t apply_typed(const void* src, const void* values, const int64_t* off,
   const T* v = static_cast<const T*>(values);
   T* d = static_cast<T*>(dst);
   const int a = static_cast<int>(A), b = static_cast<int>(B), k = static_cast<int>(K);
-#define DYNADIAG_APPLY(TR_)                                                                       \
-  case TR_:                                                                                       \
-    return tall ? launch_apply<T, TR_, true>(s, v, off, d, N, a, b, k, WM, max_smem, stream)     \
-                : launch_apply<T, TR_, false>(s, v, off, d, N, a, b, k, WM, max_smem, stream);
-  switch (TR) {
-    DYNADIAG_APPLY(1)
+#define DYNADIAG_APPLY(TR_)                                                                   \
+  return tall ? launch_apply<T, TR_, true>(s, v, off, d, N, a, b, k, WM, max_smem, stream) \
+              : launch_apply<T, TR_, false>(s, v, off, d, N, a, b, k, WM, max_smem, stream);
+  if (TR == 1) DYNADIAG_APPLY(1)
+  if constexpr (sizeof(T) == 8) {
     DYNADIAG_APPLY(2)
+  } else {
+    if (TR == 2) DYNADIAG_APPLY(2)
     DYNADIAG_APPLY(4)
-    default:
-      return cudaErrorInvalidValue;
   }
 #undef DYNADIAG_APPLY
 }
