@@ -49,6 +49,8 @@ class DataConfig:
     num_workers: int = 0
     val_fraction: float = 0.2  # digits/synthetic: held-out share (stratified for digits)
     split_seed: int = 0  # the split never changes with the training seed, so seeds are comparable
+    num_folds: int = 0  # digits: > 1 = stratified k-fold cross-validation (val_fraction is then unused)
+    fold: int = 0  # digits: which of the num_folds folds is the validation set
     # augmentation
     random_crop_padding: int = 0  # tensor datasets: random translation by up to this many pixels
     hflip: float = 0.0
@@ -71,6 +73,10 @@ class DataConfig:
                 raise ValueError(f"data.{field} must be >= 1, got {getattr(self, field)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_folds == 1 or self.num_folds < 0:
+            raise ValueError(f"data.num_folds must be 0 (one held-out split) or >= 2, got {self.num_folds}")
+        if self.num_folds and not 0 <= self.fold < self.num_folds:
+            raise ValueError(f"data.fold must be in [0, {self.num_folds}), got {self.fold}")
 
 
 @dataclass
@@ -147,9 +153,16 @@ def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         x = x.expand(-1, cfg.in_chans, -1, -1).contiguous()
     mean, std = x.mean().item(), x.std().item()
     x = (x - mean) / std
-    idx_train, idx_val = train_test_split(
-        np.arange(len(y)), test_size=cfg.val_fraction, stratify=y.numpy(), random_state=cfg.split_seed
-    )
+    if cfg.num_folds:
+        # Stratified k-fold: over the folds every image is validated exactly once, so k runs see all the data.
+        from sklearn.model_selection import StratifiedKFold
+
+        folds = StratifiedKFold(n_splits=cfg.num_folds, shuffle=True, random_state=cfg.split_seed)
+        idx_train, idx_val = list(folds.split(np.zeros(len(y)), y.numpy()))[cfg.fold]
+    else:
+        idx_train, idx_val = train_test_split(
+            np.arange(len(y)), test_size=cfg.val_fraction, stratify=y.numpy(), random_state=cfg.split_seed
+        )
     train = TensorImageDataset(x[idx_train], y[idx_train], cfg.random_crop_padding, cfg.hflip)
     val = TensorImageDataset(x[idx_val], y[idx_val])
     return train, val
