@@ -359,12 +359,13 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 
 template <typename T, int TR, bool TALL>
 cudaError_t launch_apply(const T* src, const T* V, const int64_t* off, T* dst, int64_t N, int A, int B, int K, int WM,
-                         int max_smem, cudaStream_t stream) {
+                         const DeviceLimits& lim, cudaStream_t stream) {
   const int BM = WM * kTM;
   const int BRB = kLanesR * TR;
   const int L = TALL ? B : A;
-  // 24 KiB of staging per warp row: 96 KiB for the 256-thread block, two blocks per SM.
-  const int budget = std::min(24 * 1024 * WM, max_smem);
+  // 28 KiB of staging per warp row (112 KiB for the 256-thread block on an H100), capped so that two blocks fit
+  // on an SM (1 KiB per block is reserved by the system).
+  const int budget = std::min({28 * 1024 * WM, lim.smem_per_sm / 2 - 1024, lim.smem_per_block_optin});
   const int pitch = (BM + 16 / static_cast<int>(sizeof(T))) * static_cast<int>(sizeof(T));  // bytes per column
   int wmax = budget / pitch;
   if (wmax >= L) {
@@ -390,7 +391,8 @@ cudaError_t launch_apply(const T* src, const T* V, const int64_t* off, T* dst, i
 
 template <typename T>
 cudaError_t apply_typed(const void* src, const void* values, const int64_t* off, void* dst, int64_t N, int64_t A,
-                        int64_t B, int64_t K, bool tall, int num_sms, int max_smem, cudaStream_t stream) {
+                        int64_t B, int64_t K, bool tall, const DeviceLimits& lim, cudaStream_t stream) {
+  const int num_sms = lim.num_sms;
   // Largest tiles that still give about two blocks per SM: small token counts (batch-1 inference) need
   // narrower tiles to fill the GPU.
   // fp64 (gradcheck only) keeps at most 2 outputs per thread: 4 x 8 double accumulators would spill.
@@ -403,8 +405,8 @@ cudaError_t apply_typed(const void* src, const void* values, const int64_t* off,
   T* d = static_cast<T*>(dst);
   const int a = static_cast<int>(A), b = static_cast<int>(B), k = static_cast<int>(K);
 #define DYNADIAG_APPLY(TR_)                                                                   \
-  return tall ? launch_apply<T, TR_, true>(s, v, off, d, N, a, b, k, WM, max_smem, stream) \
-              : launch_apply<T, TR_, false>(s, v, off, d, N, a, b, k, WM, max_smem, stream);
+  return tall ? launch_apply<T, TR_, true>(s, v, off, d, N, a, b, k, WM, lim, stream) \
+              : launch_apply<T, TR_, false>(s, v, off, d, N, a, b, k, WM, lim, stream);
   if (TR == 1) DYNADIAG_APPLY(1)
   if constexpr (sizeof(T) == 8) {
     DYNADIAG_APPLY(2)
@@ -417,14 +419,16 @@ cudaError_t apply_typed(const void* src, const void* values, const int64_t* off,
 
 template <typename T>
 cudaError_t sddmm_typed(const void* S, const void* Q, const int64_t* off, void* out, int64_t N, int64_t D, int64_t M,
-                        int64_t K, int num_sms, int max_smem, cudaStream_t stream) {
+                        int64_t K, const DeviceLimits& lim, cudaStream_t stream) {
+  const int num_sms = lim.num_sms;
   using Acc = typename AccOf<T>::type;
   constexpr int BT = 32 * kTT;
   const int KB = kWarpsK * kTK;
-  // The window can be the whole Q row plus the S tile; 96 KiB covers ViT-sized rows, larger rows take more.
+  // Two blocks per SM; a block must hold at least one token's S tile and whole Q row (the widest window).
   const size_t need = static_cast<size_t>(M + BT) * sizeof(T);
-  const size_t smem = std::max<size_t>(96 * 1024, need);
-  if (smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;
+  const size_t two_per_sm = static_cast<size_t>(std::min(lim.smem_per_sm / 2 - 1024, lim.smem_per_block_optin));
+  const size_t smem = std::max(two_per_sm, need);
+  if (smem > static_cast<size_t>(lim.smem_per_block_optin)) return cudaErrorInvalidConfiguration;
   cudaError_t err = allow_smem(sddmm_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   const int gx = ceil_div(D, BT), gy = ceil_div(K, KB);
@@ -444,37 +448,35 @@ cudaError_t sddmm_typed(const void* S, const void* Q, const int64_t* off, void* 
 }  // namespace
 
 cudaError_t diag_apply(const void* src, const void* values, const int64_t* offsets, void* dst, int64_t N, int64_t A,
-                       int64_t B, int64_t K, bool tall, DType dtype, int num_sms, int max_smem_bytes,
-                       cudaStream_t stream) {
+                       int64_t B, int64_t K, bool tall, DType dtype, DeviceLimits limits, cudaStream_t stream) {
   if (N == 0 || B == 0) return cudaSuccess;
   if (A <= 0 || K < 0 || A > INT32_MAX || B > INT32_MAX || (tall ? B < A : B > A)) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return apply_typed<float>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+      return apply_typed<float>(src, values, offsets, dst, N, A, B, K, tall, limits, stream);
     case DType::kBFloat16:
-      return apply_typed<__nv_bfloat16>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes,
-                                        stream);
+      return apply_typed<__nv_bfloat16>(src, values, offsets, dst, N, A, B, K, tall, limits, stream);
     case DType::kFloat16:
-      return apply_typed<__half>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+      return apply_typed<__half>(src, values, offsets, dst, N, A, B, K, tall, limits, stream);
     case DType::kFloat64:
-      return apply_typed<double>(src, values, offsets, dst, N, A, B, K, tall, num_sms, max_smem_bytes, stream);
+      return apply_typed<double>(src, values, offsets, dst, N, A, B, K, tall, limits, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
-                       int64_t M, int64_t K, DType dtype, int num_sms, int max_smem_bytes, cudaStream_t stream) {
+                       int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream) {
   if (N == 0 || K == 0 || D == 0) return cudaSuccess;
   if (M < D || M > INT32_MAX || N > INT32_MAX) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return sddmm_typed<float>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+      return sddmm_typed<float>(S, Q, offsets, out, N, D, M, K, limits, stream);
     case DType::kBFloat16:
-      return sddmm_typed<__nv_bfloat16>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+      return sddmm_typed<__nv_bfloat16>(S, Q, offsets, out, N, D, M, K, limits, stream);
     case DType::kFloat16:
-      return sddmm_typed<__half>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+      return sddmm_typed<__half>(S, Q, offsets, out, N, D, M, K, limits, stream);
     case DType::kFloat64:
-      return sddmm_typed<double>(S, Q, offsets, out, N, D, M, K, num_sms, max_smem_bytes, stream);
+      return sddmm_typed<double>(S, Q, offsets, out, N, D, M, K, limits, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -27,13 +27,20 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3
 // dst [N, B] = apply(src [N, A]) with the K diagonals values [K, D] at offsets [K] (int64, sorted ascending, in
 // [0, max(A, B))). All pointers are device pointers to contiguous row-major tensors of `dtype` (offsets int64).
 // Unsorted or out-of-range offsets give wrong results but never touch memory outside the tensors.
+// The device limits come from cudaDeviceGetAttribute: multiprocessor count, opt-in shared memory per block and
+// shared memory per multiprocessor (the kernels size their tiles for two blocks per SM).
+struct DeviceLimits {
+  int num_sms;
+  int smem_per_block_optin;
+  int smem_per_sm;
+};
+
 cudaError_t diag_apply(const void* src, const void* values, const int64_t* offsets, void* dst, int64_t N, int64_t A,
-                       int64_t B, int64_t K, bool tall, DType dtype, int num_sms, int max_smem_bytes,
-                       cudaStream_t stream);
+                       int64_t B, int64_t K, bool tall, DType dtype, DeviceLimits limits, cudaStream_t stream);
 
 // out [K, D] (accumulator type: float, or double for kFloat64; zero-initialised by the caller) +=
 // sddmm(S [N, D], Q [N, M]). Offsets as above, in [0, M).
 cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
-                       int64_t M, int64_t K, DType dtype, int num_sms, int max_smem_bytes, cudaStream_t stream);
+                       int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream);
 
 }  // namespace dynadiag_cuda

@@ -50,19 +50,19 @@ void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b, cons
 
 struct Launch {
   cudaStream_t stream;
-  int num_sms;
-  int max_smem;
+  dynadiag_cuda::DeviceLimits limits;
 };
 
-// Current stream and the two device properties the launch heuristics need. cudaDeviceGetAttribute is a cheap
-// query (unlike cudaGetDeviceProperties); ATen/cuda/CUDAContext.h would also work but pulls in cuBLAS and
-// cuSPARSE headers that minimal toolkits (like the CI's) do not ship.
+// Current stream and the device limits the launch heuristics need. cudaDeviceGetAttribute is a cheap query
+// (unlike cudaGetDeviceProperties); ATen/cuda/CUDAContext.h would also work but pulls in cuBLAS and cuSPARSE
+// headers that minimal toolkits (like the CI's) do not ship.
 Launch launch_info(const at::Tensor& t) {
   const int device = t.get_device();
-  int sms = 0, smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return {c10::cuda::getCurrentCUDAStream(device).stream(), sms, smem};
+  dynadiag_cuda::DeviceLimits lim{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.smem_per_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return {c10::cuda::getCurrentCUDAStream(device).stream(), lim};
 }
 
 at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
@@ -79,7 +79,7 @@ at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at
   C10_CUDA_CHECK(dynadiag_cuda::diag_apply(xc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr<int64_t>(),
                                            y.mutable_data_ptr(), x.size(0), in, out_features, vc.size(0),
                                            /*tall=*/out_features >= in, kernel_dtype(x.scalar_type(), "diag_fwd"),
-                                           l.num_sms, l.max_smem, l.stream));
+                                           l.limits, l.stream));
   return y;
 }
 
@@ -98,8 +98,7 @@ at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, c
   C10_CUDA_CHECK(dynadiag_cuda::diag_apply(gc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr<int64_t>(),
                                            grad_x.mutable_data_ptr(), grad_y.size(0), out, in_features, vc.size(0),
                                            /*tall=*/!(out >= in_features),
-                                           kernel_dtype(grad_y.scalar_type(), "diag_bwd_x"), l.num_sms, l.max_smem,
-                                           l.stream));
+                                           kernel_dtype(grad_y.scalar_type(), "diag_bwd_x"), l.limits, l.stream));
   return grad_x;
 }
 
@@ -119,7 +118,7 @@ at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
   C10_CUDA_CHECK(dynadiag_cuda::diag_sddmm(tall ? xc.const_data_ptr() : gc.const_data_ptr(),
                                            tall ? gc.const_data_ptr() : xc.const_data_ptr(),
                                            oc.const_data_ptr<int64_t>(), acc.mutable_data_ptr(), x.size(0), D,
-                                           tall ? out : in, K, dtype, l.num_sms, l.max_smem, l.stream));
+                                           tall ? out : in, K, dtype, l.limits, l.stream));
   return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
 }
 
