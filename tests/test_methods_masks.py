@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import timm
 import torch
 from _methods_common import run_steps, tiny_vit
 from torch import nn
@@ -125,3 +126,25 @@ def test_conv_layers_are_masked_too():
     report = method.apply_(model)
     assert [r.name for r in report.layers] == ["1"] and report.layers[0].kind == "conv3x3"
     assert int(model[1].weight_mask.sum()) == num_kept(math.prod(model[1].weight.shape), 0.25)
+
+
+def test_mixer_and_resnet_targets_match_dynadiag():
+    from timm.models.mlp_mixer import MlpMixer
+
+    from dynadiag import DiagSparsifyConfig, sparsify_
+
+    mixer = MlpMixer(num_classes=5, img_size=16, patch_size=4, num_blocks=2, embed_dim=32)
+    masked = [n for n, _ in select_layers(mixer)]
+    diagonal = [
+        r.name
+        for r in sparsify_(
+            MlpMixer(num_classes=5, img_size=16, patch_size=4, num_blocks=2, embed_dim=32),
+            DiagSparsifyConfig(sparsity=0.9),
+        ).layers
+    ]
+    assert masked == diagonal and len(masked) == 8 and "blocks.0.mlp_tokens.fc1" in masked
+    resnet = timm.create_model("resnet18", num_classes=5)
+    names = [n for n, _ in select_layers(resnet)]
+    assert "layer1.0.conv1" in names and "layer2.0.downsample.0" in names and "conv1" not in names
+    assert "fc" not in names
+    assert [n for n, _ in select_layers(resnet, convs=False, include=["fc"], head="sparse")] == ["fc"]

@@ -81,3 +81,24 @@ def test_no_ablation_keeps_nnz_constant():
     assert len(changed) == 2 and sum(changed) > 0
     with pytest.raises(ValueError, match="gamma_sal"):
         SRigLMethod(0.9, gamma_sal=2.0)
+
+
+def test_conv_fan_in_counts_every_kernel_tap():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4)
+    )
+    method = SRigLMethod(0.75, include=["2"], delta_t=1, t_end=1.0, gamma_sal=None)
+    method.apply_(model)
+    method.bind(steps_per_epoch=3, total_steps=3)
+    conv = model[2]
+    assert _fan_ins(conv.weight_mask).unique().tolist() == [72 // 4]  # fan-in 8 * 3 * 3 = 72, a quarter kept
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 6, 6)).pow(2).mean().backward()
+        method.on_after_backward(step, model, optimizer)
+        optimizer.step()
+        assert method.on_after_optimizer_step(step, model, optimizer)["srigl/num_regrown"] > 0
+        assert _fan_ins(conv.weight_mask).unique().tolist() == [18]
+        assert torch.all(conv.weight[~conv.weight_mask] == 0)
