@@ -4,7 +4,8 @@
 #
 #   scripts/prune_study.sh OUTDIR [override ...]      e.g. scripts/prune_study.sh outputs/prune_study
 #   PY=python3 scripts/prune_study.sh ...             another interpreter (default .venv/bin/python)
-#   FT_EPOCHS=5 (fine-tune epochs), SPARSITIES=0.5,0.8,0.9,0.95, DYNADIAG_SPARSITIES (default: SPARSITIES)
+#   EPOCHS=15 (dense and DynaDiag training), FT_EPOCHS=1 (fine-tune), SPARSITIES=0.5,0.8,0.9,0.95,
+#   DYNADIAG_SPARSITIES (default: SPARSITIES; empty: none)
 #
 # The overrides go to every command. Runs are sequential (the development machines have 2 cores).
 # Then: python scripts/prune_table.py OUTDIR
@@ -12,18 +13,19 @@ set -euo pipefail
 OUTDIR=${1:?usage: scripts/prune_study.sh OUTDIR [override ...]}
 shift
 PY=${PY:-.venv/bin/python}
-FT=${FT_EPOCHS:-5}
+EPOCHS=${EPOCHS:-15}
+FT=${FT_EPOCHS:-1}
 S=${SPARSITIES:-0.5,0.8,0.9,0.95}
-DS=${DYNADIAG_SPARSITIES:-$S}
+DS=${DYNADIAG_SPARSITIES-$S}
 mkdir -p "$OUTDIR"
 common=(logger=local "$@")
 set -x
 if [ ! -f "$OUTDIR/dense/summary.json" ]; then
-  $PY train.py sparsifier=dense "${common[@]}" hydra.run.dir="$OUTDIR/dense" >"$OUTDIR/dense.log" 2>&1
+  $PY train.py sparsifier=dense trainer.epochs="$EPOCHS" "${common[@]}" hydra.run.dir="$OUTDIR/dense" >"$OUTDIR/dense.log" 2>&1
 fi
 $PY prune.py -m ckpt="$OUTDIR/dense" method=magnitude,wanda,dsnot,diag sparsity="$S" finetune.epochs=0,"$FT" \
   "${common[@]}" hydra.sweep.dir="$OUTDIR/prune" >"$OUTDIR/prune.log" 2>&1
 if [ -n "$DS" ]; then
-  $PY train.py -m sparsifier=dynadiag sparsity="$DS" "${common[@]}" hydra.sweep.dir="$OUTDIR/dynadiag" \
+  $PY train.py -m sparsifier=dynadiag sparsity="$DS" trainer.epochs="$EPOCHS" "${common[@]}" hydra.sweep.dir="$OUTDIR/dynadiag" \
     >"$OUTDIR/dynadiag.log" 2>&1
 fi
