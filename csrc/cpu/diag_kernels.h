@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -201,24 +202,23 @@ constexpr int kNC = DD_NC;  // tokens per sddmm chunk (a and b rows of a chunk s
 //   scatter (T): s0 = (o0 - p_k) mod P, vals = V[k, s] for s = (s0 + i) mod P < D else 0, z valid on [0, D);
 //                windows that miss the diagonal entirely are dropped (tall/wide shapes keep ~D/P of them).
 // Packing the windows tile-major once per call turns the values' access into one sequential stream per tile
-// (instead of K scattered rows), which the L2 prefetcher follows, and moves all masking out of the hot loop.
-template <class E>
+// (instead of K scattered rows), which the L2 prefetcher follows. Each thread stages its block of NB token rows
+// once into an fp32 scratch row of length P + W holding the wrap-around copy and zeros outside z's valid range,
+// so the hot loop is plain loads and FMAs only: no masks, no wrap branches, no bf16 conversion.
 struct PackedWindows {
-  using T = typename E::T;
   int64_t n_tiles = 0, K = 0;
-  std::unique_ptr<T[]> vals;       // [n_tiles, K, W]
+  std::unique_ptr<float[]> vals;   // [n_tiles, K, W] fp32
   std::unique_ptr<int64_t[]> s0;   // [n_tiles, K]
   std::unique_ptr<int64_t[]> cnt;  // [n_tiles]
 };
 
 template <class E>
-PackedWindows<E> pack_windows(const typename E::T* V, const int64_t* off, int64_t K, int64_t D, int64_t P,
-                              int64_t n_out, bool scatter) {
-  using T = typename E::T;
-  PackedWindows<E> pw;
+PackedWindows pack_windows(const typename E::T* V, const int64_t* off, int64_t K, int64_t D, int64_t P,
+                           int64_t n_out, bool scatter) {
+  PackedWindows pw;
   pw.n_tiles = (n_out + kW - 1) / kW;
   pw.K = K;
-  pw.vals.reset(new T[pw.n_tiles * K * kW]);
+  pw.vals.reset(new float[pw.n_tiles * K * kW]);
   pw.s0.reset(new int64_t[pw.n_tiles * K]);
   pw.cnt.reset(new int64_t[pw.n_tiles]);
   at::parallel_for(0, pw.n_tiles, 1, [&](int64_t j0, int64_t j1) {
@@ -226,12 +226,12 @@ PackedWindows<E> pack_windows(const typename E::T* V, const int64_t* off, int64_
       const int64_t o0 = j * kW;
       int64_t c = 0;
       for (int64_t k = 0; k < K; ++k) {
-        T* dst = pw.vals.get() + (j * K + c) * kW;
-        const T* vr = V + k * D;
+        float* dst = pw.vals.get() + (j * K + c) * kW;
+        const typename E::T* vr = V + k * D;
         int64_t s0;
         if (!scatter) {
           s0 = (o0 + off[k]) % P;
-          for (int64_t i = 0; i < kW; ++i) dst[i] = o0 + i < D ? vr[o0 + i] : T(0);
+          for (int64_t i = 0; i < kW; ++i) dst[i] = o0 + i < D ? static_cast<float>(vr[o0 + i]) : 0.f;
         } else {
           s0 = ((o0 - off[k]) % P + P) % P;
           bool any = false;
@@ -239,7 +239,7 @@ PackedWindows<E> pack_windows(const typename E::T* V, const int64_t* off, int64_
           for (int64_t i = 0; i < kW; ++i, ++s) {
             while (s >= P) s -= P;  // no integer division in the packing loop
             const bool ok = s < D && o0 + i < n_out;
-            dst[i] = ok ? vr[s] : T(0);
+            dst[i] = ok ? static_cast<float>(vr[s]) : 0.f;
             any = any || ok;
           }
           if (!any) continue;
@@ -253,10 +253,35 @@ PackedWindows<E> pack_windows(const typename E::T* V, const int64_t* off, int64_
   return pw;
 }
 
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using Scratch = std::unique_ptr<float, AlignedFree>;
+
+static inline Scratch alloc_scratch(int64_t n) {
+  const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+  return Scratch(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
+
+// dst[r, j] for j < P + W: z[r, j mod P] if (j mod P) < zvalid else 0, in fp32.
+template <class E>
+static inline void stage_rows(const typename E::T* z, int64_t ldz, int64_t rows, int64_t P, int64_t zvalid,
+                              float* dst, int64_t ld) {
+  const int64_t valid = std::min(P, zvalid);
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename E::T* src = z + r * ldz;
+    float* d = dst + r * ld;
+    int64_t j = 0;
+    for (; j + 16 <= valid; j += 16) _mm512_storeu_ps(d + j, E::load(src + j));
+    if (j < valid) _mm512_mask_storeu_ps(d + j, lane_range(0, valid - j), E::maskz_load(lane_range(0, valid - j), src + j));
+    for (j = valid; j < P; ++j) d[j] = 0.f;
+    for (j = P; j < P + kW; ++j) d[j] = d[j - P];
+  }
+}
+
 template <class E, int NB>
-static inline void window_tile(const typename E::T* z, int64_t ldz, int64_t P, int64_t zvalid,
-                               const typename E::T* vals, const int64_t* s0s, int64_t cnt, typename E::T* out,
-                               int64_t ldo, int64_t o0, int64_t n_out) {
+static inline void window_tile(const float* zs, int64_t ld, const float* vals, const int64_t* s0s, int64_t cnt,
+                               typename E::T* out, int64_t ldo, int64_t o0, int64_t n_out) {
   constexpr int TV = kTV;
   __m512 acc[NB][TV];
 #pragma GCC unroll 16
@@ -264,33 +289,15 @@ static inline void window_tile(const typename E::T* z, int64_t ldz, int64_t P, i
 #pragma GCC unroll 16
     for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_setzero_ps();
   for (int64_t e = 0; e < cnt; ++e) {
-    const typename E::T* vr = vals + e * kW;
-    const int64_t s0 = s0s[e];
+    const float* vr = vals + e * kW;
+    const float* zr = zs + s0s[e];
     __m512 w[TV];
 #pragma GCC unroll 16
-    for (int v = 0; v < TV; ++v) w[v] = E::load(vr + 16 * v);
-    if (s0 + kW <= zvalid) {  // common case: one contiguous window of z
+    for (int v = 0; v < TV; ++v) w[v] = _mm512_loadu_ps(vr + 16 * v);
 #pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n) {
-        const typename E::T* zr = z + n * ldz + s0;
+    for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], E::load(zr + 16 * v), acc[n][v]);
-      }
-    } else {  // the window wraps around P or leaves z's valid range: per vector, plain, masked or nothing
-#pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) {
-        int64_t s = s0 + 16 * v;
-        while (s >= P) s -= P;
-        const Win win = make_win(s, P, zvalid);
-        if (win.ma == 0xFFFF) {
-#pragma GCC unroll 16
-          for (int n = 0; n < NB; ++n) acc[n][v] = _mm512_fmadd_ps(w[v], E::load(z + n * ldz + s), acc[n][v]);
-        } else if ((win.ma | win.mb) != 0) {
-#pragma GCC unroll 16
-          for (int n = 0; n < NB; ++n) acc[n][v] = _mm512_fmadd_ps(w[v], load_win<E>(z + n * ldz, win), acc[n][v]);
-        }
-      }
-    }
+      for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(zr + n * ld + 16 * v), acc[n][v]);
   }
   const bool full = o0 + kW <= n_out;
 #pragma GCC unroll 16
@@ -307,26 +314,32 @@ static inline void window_tile(const typename E::T* z, int64_t ldz, int64_t P, i
     }
 }
 
-// Runs the tile kernel over all (token block, output tile) pairs, token-block-major so that a thread keeps its
-// tokens' activations hot in L1/L2 across output tiles. Remainder tokens use one-token tiles.
+// Runs the tile kernel over all (token block, output tile) pairs, token-block-major: a thread stages a token
+// block once and sweeps every output tile with it. Remainder tokens use one-token tiles.
 template <class E>
-void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const PackedWindows<E>& pw,
+void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const PackedWindows& pw,
                  typename E::T* out, int64_t n_out) {
   const int64_t n_tiles = pw.n_tiles;
   const int64_t n_blocks = N / kNB;
   const int64_t rem = N - n_blocks * kNB;
+  const int64_t ld = ((P + kW + 15) / 16) * 16 + 16;  // +16: rows do not all start on the same 4 KiB alias
   at::parallel_for(0, (n_blocks + rem) * n_tiles, 1, [&](int64_t i0, int64_t i1) {
+    Scratch zs = alloc_scratch(kNB * ld);
+    int64_t staged = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_tiles, j = i % n_tiles;
-      const typename E::T* vals = pw.vals.get() + j * pw.K * kW;
-      const int64_t* s0s = pw.s0.get() + j * pw.K;
-      if (b < n_blocks) {
-        window_tile<E, kNB>(z + b * kNB * ldz, ldz, P, zvalid, vals, s0s, pw.cnt[j], out + b * kNB * n_out, n_out,
-                            j * kW, n_out);
-      } else {
-        const int64_t n = n_blocks * kNB + (b - n_blocks);
-        window_tile<E, 1>(z + n * ldz, ldz, P, zvalid, vals, s0s, pw.cnt[j], out + n * n_out, n_out, j * kW, n_out);
+      const bool full = b < n_blocks;
+      const int64_t n_first = full ? b * kNB : n_blocks * kNB + (b - n_blocks);
+      if (b != staged) {
+        stage_rows<E>(z + n_first * ldz, ldz, full ? kNB : 1, P, zvalid, zs.get(), ld);
+        staged = b;
       }
+      const float* vals = pw.vals.get() + j * pw.K * kW;
+      const int64_t* s0s = pw.s0.get() + j * pw.K;
+      if (full)
+        window_tile<E, kNB>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out);
+      else
+        window_tile<E, 1>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out);
     }
   });
 }
@@ -334,14 +347,14 @@ void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int6
 template <class E>
 void gather_avx512(const typename E::T* z, int64_t N, int64_t P, const typename E::T* V, const int64_t* off,
                    int64_t K, int64_t D, typename E::T* out) {
-  const PackedWindows<E> pw = pack_windows<E>(V, off, K, D, P, D, /*scatter=*/false);
+  const PackedWindows pw = pack_windows<E>(V, off, K, D, P, D, /*scatter=*/false);
   run_windows<E>(z, N, P, P, P, pw, out, D);
 }
 
 template <class E>
 void scatter_avx512(const typename E::T* z, int64_t N, int64_t D, const typename E::T* V, const int64_t* off,
                     int64_t K, int64_t P, typename E::T* out) {
-  const PackedWindows<E> pw = pack_windows<E>(V, off, K, D, P, P, /*scatter=*/true);
+  const PackedWindows pw = pack_windows<E>(V, off, K, D, P, P, /*scatter=*/true);
   run_windows<E>(z, N, D, P, D, pw, out, P);
 }
 
