@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -49,8 +50,11 @@ class Timer:
     method cannot be captured it is timed with eager calls and ``graphed(fn)`` says so.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
         self.cuda = device.type == "cuda"
+        # "process": CPU time of this process. With one thread it excludes the time the thread sat descheduled
+        # behind other processes, which makes comparisons on a shared machine far less noisy.
+        self.clock = time.process_time if clock == "process" else time.perf_counter
         self._graphs: dict = {}
         self._iters: dict = {}
 
@@ -62,9 +66,9 @@ class Timer:
             if fn not in self._iters:
                 self._iters[fn] = max(1, min(50, int(2.0 / max(_cuda_ms(run, 1), 1e-3))))
             return _cuda_ms(run, self._iters[fn])
-        t0 = time.perf_counter()
+        t0 = self.clock()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (self.clock() - t0) * 1e3
 
     def graphed(self, fn: Callable[[], object]) -> bool:
         return self._graphs.get(fn) is not None
@@ -148,7 +152,15 @@ def _csr_phases(in_f: int, out_f: int, nnz: int, x: torch.Tensor, grad_y: torch.
 
 
 def bench_case(
-    in_f: int, out_f: int, n: int, sparsity: float, device: torch.device, backends: list[str], reps: int, csr: bool
+    in_f: int,
+    out_f: int,
+    n: int,
+    sparsity: float,
+    device: torch.device,
+    backends: list[str],
+    reps: int,
+    csr: bool,
+    clock: str = "wall",
 ) -> list[dict]:
     """Time every method on one (shape, tokens, sparsity) case; returns one record per method."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -182,7 +194,7 @@ def bench_case(
                 continue
             methods[f"{name}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = _phases(fn, [x, v], gy32.to(dtype))
 
-    timer = Timer(device)
+    timer = Timer(device, clock)
     best = {m: dict.fromkeys(PHASES, math.inf) for m in methods}
     for m, phases in methods.items():  # warm-up (JIT builds, oneDNN primitive caches, autotuning)
         for p in PHASES:
@@ -319,6 +331,7 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="*", type=float, default=None)
     parser.add_argument("--no-csr", action="store_true", help="skip torch.sparse CSR")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference backend")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"], help="CPU timer (see Timer)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks/<device>)")
     args = parser.parse_args()
 
@@ -340,7 +353,7 @@ def main() -> None:
         for n in tokens:
             for s in sparsities:
                 t0 = time.perf_counter()
-                records += bench_case(in_f, out_f, n, s, device, backends, args.reps, csr=not args.no_csr)
+                records += bench_case(in_f, out_f, n, s, device, backends, args.reps, not args.no_csr, args.clock)
                 print(f"  {name} {in_f}->{out_f} N={n} s={s}: {time.perf_counter() - t0:.1f}s", flush=True)
     add_ratios(records)
     print_table(records)
@@ -357,6 +370,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "reps": args.reps,
+        "clock": args.clock,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "shapes": shapes,
         "backends": backends,
     }

@@ -179,3 +179,15 @@ def test_build_error_carries_compiler_message(tmp_path, monkeypatch):
     bad.write_text("int f() { return undefined_symbol_xyz; }\n")  # no torch headers: fails fast
     with pytest.raises(ExtensionBuildError, match="undefined_symbol_xyz"):
         load_extension("dynadiag_broken_test", [bad], extra_cflags=("-O0",), extra_ldflags=())
+
+
+def test_build_failure_makes_backend_unavailable_with_the_message(monkeypatch):
+    from dynadiag.kernels import cpu, ops
+    from dynadiag.kernels._build import ExtensionBuildError
+
+    def broken():
+        raise ExtensionBuildError("c++: error: something the compiler said")
+
+    monkeypatch.setattr(ops, "load_library", broken)
+    ok, why = cpu.CpuBackend().is_available(torch.device("cpu"))
+    assert not ok and "something the compiler said" in why
