@@ -77,7 +77,11 @@ def test_masked_weights_stay_zero_through_adamw():
         if step == 0:
             assert metrics["sparsity/effective"] == pytest.approx(method.mask_sparsity())
 
-    run_steps(model, method, optimizer, 10, after_step=check)
+    def optimizer_kept_zeros(step):  # before the method re-masks: the optimizer alone kept the zeros
+        for name, module in method.layers:
+            assert torch.all(module.weight[~module.weight_mask] == 0), (name, step)
+
+    run_steps(model, method, optimizer, 10, after_step=check, after_optimizer=optimizer_kept_zeros)
 
 
 def test_masks_round_trip_through_state_dict():

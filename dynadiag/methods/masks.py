@@ -10,8 +10,8 @@ Masked weights stay exactly zero through training because
 1. ``on_after_backward`` zeroes the gradients of masked weights (after a method has read the dense gradient it
    needs, before clipping and the optimizer step), so momentum never accumulates for them;
 2. a method that changes a mask resets the optimizer state of every changed weight (:func:`reset_optimizer_state_`);
-3. ``on_after_optimizer_step`` multiplies the weights by the mask again (decoupled weight decay keeps zeros at zero,
-   but an optimizer with, e.g., a non-zero ``eps``-driven update could not revive them through this either).
+3. ``on_after_optimizer_step`` multiplies the weights by the mask again, so no optimizer (coupled L2 decay, a
+   stale update) can leave a masked weight non-zero.
 
 Under DDP every decision is taken from all-reduced scores (and random choices come from a generator seeded by
 ``(seed, step)``), so all ranks apply the same update without communicating masks.
