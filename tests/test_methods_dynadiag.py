@@ -46,7 +46,7 @@ def test_method_hooks_anneal_and_freeze_with_optimizer_consistency():
             for layer in layers:
                 assert opt.state[layer.V]["exp_avg"].shape == layer.V.shape
     assert temps[0] == pytest.approx(4.0) and temps[9] is not None and temps[10] is None
-    assert all(a >= b for a, b in itertools.pairwise(temps))
+    assert all(a >= b for a, b in itertools.pairwise(temps[:10]))
 
 
 def test_freeze_epoch_beyond_run_is_rejected():
