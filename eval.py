@@ -14,6 +14,8 @@ import copy
 import json
 import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see train.py)
 from typing import Any
 
 import hydra

@@ -276,9 +276,25 @@ def build_loaders(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int
     sampler = ResumableSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     loader_kw: dict[str, Any] = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     # drop_last: every step sees a full batch, so steps per epoch is fixed and a resumed run can skip exactly
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **loader_kw)
+    # Own generators: creating a loader iterator draws a worker base seed, which must not move the global RNG
+    # (it drives augmentation), or a run resumed mid-epoch would diverge from an uninterrupted one.
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kw,
+    )
     val_sampler = DistributedSampler(val_ds, world_size, rank, shuffle=False) if world_size > 1 else None
-    val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False, sampler=val_sampler, **loader_kw)
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        sampler=val_sampler,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kw,
+    )
     mixup_fn = None
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         mixup_fn = Mixup(

@@ -114,7 +114,7 @@ class WandbLogger(Logger):
             self.run.summary[key] = value
 
     def finish(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 class MultiLogger(Logger):

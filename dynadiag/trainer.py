@@ -57,7 +57,9 @@ class TrainerConfig:
         ckpt_every_steps: also write ``last.pt`` every this many steps (0: only at evaluations).
         progress: ``auto`` (bars only on a terminal), ``on`` or ``off``.
         throughput_warmup_steps: untimed steps at the start of each phase (and after a topology change).
-        inference_iters: timed forward passes for inference throughput at each evaluation.
+        inference_iters: timed forward passes for inference throughput at each evaluation (0: skip).
+        final_inference_iters: timed forward passes at the final evaluation (the summary's number; also runs
+            for at least one second).
         nonfinite: what to do on a NaN/inf loss: ``stop`` (raise) or ``skip`` (drop that update).
         eval_max_batches: limit validation batches (smoke runs).
     """
@@ -73,7 +75,8 @@ class TrainerConfig:
     ckpt_every_steps: int = 0
     progress: str = "auto"
     throughput_warmup_steps: int = 5
-    inference_iters: int = 10
+    inference_iters: int = 2
+    final_inference_iters: int = 20
     nonfinite: str = "stop"
     eval_max_batches: int | None = None
 
@@ -235,7 +238,7 @@ class Trainer:
             epoch_done = self.step % self.steps_per_epoch == 0
             finished = self.step >= self.total_steps
             if finished or (epoch_done and (self.step // self.steps_per_epoch) % self.cfg.eval_every_epochs == 0):
-                self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0))
+                self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
         bar.close()
         summary = self._summary(time.perf_counter() - t_start)
         if dist_utils.is_main_process():
@@ -282,14 +285,16 @@ class Trainer:
         return loss.detach(), metrics
 
     # ------------------------------------------------------- eval and files
-    def _evaluate_and_checkpoint(self, epoch: int) -> None:
+    def _evaluate_and_checkpoint(self, epoch: int, final: bool = False) -> None:
         result = evaluate(
             self.forward_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
         )
-        images = next(iter(self.data.val_loader))[0].to(self.device)
-        self.infer_images_per_s = measure_inference_throughput(
-            self.forward_model, images, iters=self.cfg.inference_iters, autocast=self.autocast()
-        )
+        iters = self.cfg.final_inference_iters if final else self.cfg.inference_iters
+        if iters > 0:
+            images = next(iter(self.data.val_loader))[0].to(self.device)
+            self.infer_images_per_s = measure_inference_throughput(
+                self.forward_model, images, iters=iters, min_seconds=1.0 if final else 0.0, autocast=self.autocast()
+            )
         improved = result["top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, result["top1"])
         stats = sparsity_stats(self.model)
@@ -303,7 +308,8 @@ class Trainer:
         self.logger.log(record, self.step)
         self.last_eval = {**result, "epoch": epoch, "step": self.step}
         self._print(
-            f"epoch {epoch:>3}/{self.cfg.epochs} step {self.step:>6} | val loss {result['loss']:.4f} "
+            f"epoch {self.step / self.steps_per_epoch:6.2f}/{self.cfg.epochs} step {self.step:>6} | "
+            f"val loss {result['loss']:.4f} "
             f"top1 {result['top1']:6.2f} (best {self.best_top1:6.2f}) | sparsity {stats['effective']:.3f} | "
             f"train {self.train_timer.images_per_second:8.1f} img/s, infer {self.infer_images_per_s:8.1f} img/s"
         )

@@ -1,0 +1,167 @@
+"""Every option of every config group composes (Hydra compose API) and instantiates into working objects."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import train  # registers the ${mul:...} resolver
+from dynadiag.data import DataConfig
+from dynadiag.lr_schedule import LRSchedule
+from dynadiag.methods.base import SparseMethod
+from dynadiag.trainer import TrainerConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+GROUPS = ("data", "model", "sparsifier", "schedule", "optim", "lr_schedule", "trainer", "logger")
+SMALL_MODELS = ("vit_mini", "vit_nano")
+
+
+def options(group: str) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
+
+
+def _compose(overrides: list[str], name: str = "config", hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+def test_every_group_has_options_and_defaults_compose():
+    for group in GROUPS:
+        assert options(group), group
+    cfg = _compose([])
+    assert cfg.sparsity == 0.9 and cfg.data.name == "digits" and cfg.model.depth == 6
+    assert cfg.sparsifier._target_.endswith("DynaDiagMethod")
+    assert cfg.sparsifier.freeze_epoch == pytest.approx(cfg.trainer.epochs * cfg.schedule.freeze_fraction)
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options(option):
+    cfg = _compose([f"data={option}"])
+    data = instantiate(cfg.data, _convert_="all")
+    assert isinstance(data, DataConfig) and data.name == option
+    assert data.img_size % data.patch_size == 0
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options(option):
+    """Large models are built on the meta device (shapes only, no memory); small ones run a forward pass."""
+    cfg = _compose([f"model={option}"])
+    if option in SMALL_MODELS:
+        model = instantiate(cfg.model, _convert_="all")
+        out = model(torch.randn(2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
+        assert out.shape == (2, cfg.data.num_classes)
+    else:
+        with torch.device("meta"):
+            model = instantiate(cfg.model, _convert_="all")
+            out = model(torch.empty(2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
+        assert out.shape == (2, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("option", options("sparsifier"))
+def test_sparsifier_options_instantiate_and_apply(option):
+    cfg = _compose([f"sparsifier={option}", "model=vit_nano", "data=synthetic"])
+    method = instantiate(cfg.sparsifier, _convert_="all")
+    assert isinstance(method, SparseMethod)
+    model = instantiate(cfg.model, _convert_="all")
+    method.bind(steps_per_epoch=8, total_steps=8 * cfg.trainer.epochs)
+    method.apply_(model)
+    optimizer = instantiate(cfg.optim, _convert_="all")(model)
+    x = torch.randn(4, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
+    method.on_step_start(0, model)
+    model(x).sum().backward()
+    method.on_after_backward(0, model, optimizer)
+    optimizer.step()
+    method.on_after_optimizer_step(0, model, optimizer)
+
+
+@pytest.mark.parametrize("option", options("schedule"))
+def test_schedule_options(option):
+    cfg = _compose([f"schedule={option}", "model=vit_nano"])
+    method = instantiate(cfg.sparsifier, _convert_="all")
+    method.bind(steps_per_epoch=10, total_steps=10 * cfg.trainer.epochs)
+    t0, t_end = method.schedule(0), method.schedule(method.freeze_step)
+    assert t0 == pytest.approx(cfg.schedule.t_max)
+    if option != "constant":  # anneals towards t_min by the freeze (step decays by gamma, clamped at t_min)
+        assert cfg.schedule.t_min - 1e-9 <= t_end < t0
+
+
+@pytest.mark.parametrize("option", options("optim"))
+def test_optim_options(option):
+    cfg = _compose([f"optim={option}"])
+    optimizer = instantiate(cfg.optim, _convert_="all")(torch.nn.Linear(3, 2))
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
+
+
+@pytest.mark.parametrize("option", options("lr_schedule"))
+def test_lr_schedule_options(option):
+    sched = instantiate(_compose([f"lr_schedule={option}"]).lr_schedule, _convert_="all")
+    assert isinstance(sched, LRSchedule)
+    assert sched.factor(10**6, 10, 100) == pytest.approx(sched.min_lr_factor if sched.kind != "constant" else 1.0)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options(option):
+    tc = instantiate(_compose([f"trainer={option}"]).trainer, _convert_="all")
+    assert isinstance(tc, TrainerConfig) and tc.epochs >= 1
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options(option):
+    cfg = _compose([f"logger={option}"])
+    assert "jsonl" in cfg.logger.backends
+    assert cfg.logger.mode in ("offline", "online", "disabled")
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_options(option):
+    cfg = _compose([f"+experiment={option}"], hydra_cfg=True)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    for key in params:  # every swept key must exist in the composed config
+        assert OmegaConf.select(cfg, key, default="__missing__") != "__missing__", key
+    plain = OmegaConf.to_container(_compose([f"+experiment={option}"]), resolve=True)
+    assert isinstance(instantiate(plain["sparsifier"], _convert_="all"), SparseMethod)
+    instantiate(plain["trainer"], _convert_="all")
+
+
+def test_example_experiment_has_sweep_grid():
+    cfg = _compose(["+experiment=digits_sparsity_sweep"], hydra_cfg=True)
+    assert "sparsity" in cfg.hydra.sweeper.params and "seed" in cfg.hydra.sweeper.params
+
+
+def test_eval_config_composes_with_and_without_data():
+    cfg = _compose(["ckpt=x.pt"], name="eval")
+    assert cfg.ckpt == "x.pt" and cfg.get("data") is None
+    assert _compose(["ckpt=x.pt", "data=digits"], name="eval").data.name == "digits"
+
+
+def test_unknown_option_lists_choices():
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
+        _compose(["model=not_a_model"])
+    assert "vit_b" in str(info.value) or "Available options" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sparsity=1.5", "sparsity must be in [0, 1)"),
+        ("sparsity=-0.1", "sparsity must be in [0, 1)"),
+        ("device=tpu", "device must be auto, cpu or cuda"),
+        ("backend=fastest", "unknown backend 'fastest'"),
+    ],
+)
+def test_validate_config_rejects_bad_values(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train.validate_config(_compose([override]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_validate_config_cuda_without_gpu():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        train.validate_config(_compose(["device=cuda"]))

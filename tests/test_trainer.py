@@ -1,0 +1,182 @@
+"""The training loop with real components (synthetic data, a 2-block ViT, DynaDiag): hook order, files, resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import timm.optim
+import torch
+
+from dynadiag.checkpoint import load_checkpoint
+from dynadiag.data import DataConfig, build_loaders
+from dynadiag.layers import DiagLinear
+from dynadiag.loggers import build_logger
+from dynadiag.lr_schedule import LRSchedule
+from dynadiag.methods.base import SparseMethod
+from dynadiag.methods.dynadiag import DynaDiagMethod
+from dynadiag.models import create_model
+from dynadiag.trainer import Trainer, TrainerConfig
+
+DATA = dict(name="synthetic", img_size=8, in_chans=3, num_classes=4, patch_size=4, batch_size=16, num_train=64)
+
+
+def make_trainer(run_dir, method=None, epochs=3, max_steps=None, seed=0, **trainer_kw) -> Trainer:
+    torch.manual_seed(seed)
+    data = build_loaders(DataConfig(**DATA, num_val=32, eval_batch_size=32), seed=seed)  # 4 steps per epoch
+    model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=16, depth=2, num_heads=2)
+    method = method if method is not None else DynaDiagMethod(0.8, freeze_epoch=1)
+    config = TrainerConfig(
+        epochs=epochs,
+        max_steps=max_steps,
+        log_every_steps=2,
+        throughput_warmup_steps=1,
+        inference_iters=1,
+        final_inference_iters=1,
+        progress="off",
+        **trainer_kw,
+    )
+    optimizer = functools.partial(timm.optim.create_optimizer_v2, opt="adamw", lr=3e-3, weight_decay=0.05)
+    logger = build_logger(str(run_dir), ["jsonl"])
+    run_config = {"model": {"name": "vit_nano_test"}, "sparsifier": {"sparsity": 0.8}, "data": dict(DATA)}
+    return Trainer(
+        model,
+        method,
+        optimizer,
+        LRSchedule(warmup_epochs=1),
+        data,
+        config,
+        torch.device("cpu"),
+        str(run_dir),
+        logger=logger,
+        run_config=run_config,
+        info={"run_name": "test"},
+    )
+
+
+class RecordingMethod(SparseMethod):
+    """A real (dense) method that records the hook calls it receives."""
+
+    name = "recording"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def apply_(self, model):
+        self.calls.append(("apply", -1))
+
+    def on_step_start(self, step, model):
+        self.calls.append(("start", step))
+        return {"probe": float(step)}
+
+    def on_after_backward(self, step, model, optimizer):
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads)  # backward has run
+        self.calls.append(("backward", step))
+        return {}
+
+    def on_after_optimizer_step(self, step, model, optimizer):
+        self.calls.append(("optimizer", step))
+        return {}
+
+
+def test_hook_order_and_step_count(tmp_path):
+    method = RecordingMethod()
+    trainer = make_trainer(tmp_path, method, epochs=2)
+    summary = trainer.fit()
+    expected = [("apply", -1)]
+    for step in range(8):
+        expected += [("start", step), ("backward", step), ("optimizer", step)]
+    assert method.calls == expected
+    assert summary["steps"] == 8 and method.steps_per_epoch == 4 and method.total_steps == 8
+
+
+def test_smoke_run_writes_metrics_summary_checkpoints_and_freezes(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    summary = trainer.fit()
+    trainer.logger.finish()
+    layers = [m for m in trainer.model.modules() if isinstance(m, DiagLinear)]
+    assert layers and all(layer.is_frozen for layer in layers)
+    # the optimizer no longer holds alpha and holds the compact [K, D] values
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(layer.V) in held and layer.V.shape[0] == layer.k for layer in layers)
+    assert not any(isinstance(layer.alpha, torch.nn.Parameter) for layer in layers)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_keys = set().union(*(r.keys() for r in records if "train/loss" in r))
+    assert {"train/loss", "train/lr", "train/temperature"} <= train_keys
+    evals = [r for r in records if "val/top1" in r]
+    assert len(evals) == 3
+    for key in ("val/loss", "val/top5", "val/top1_best", "sparsity/effective", "throughput/infer_images_per_s"):
+        assert key in evals[-1]
+    assert any(k.startswith("sparsity/k/blocks.0.attn.qkv") for k in evals[-1])
+    assert evals[-1]["sparsity/effective"] > 0.5  # frozen: diagonal layers hold K of P diagonals
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 12
+    assert on_disk["val_top1_best"] == max(r["val/top1"] for r in evals)
+    assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
+    assert summary["sparsity_target_layers"] == pytest.approx(0.8, abs=0.05)
+    for name in ("last.pt", "best.pt"):
+        assert (tmp_path / "checkpoints" / name).is_file()
+
+
+def test_max_steps_caps_but_schedules_follow_epochs(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=5, max_steps=3)
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and trainer.planned_steps == 20
+    assert trainer.method.freeze_step == 4  # freeze_epoch=1 of the planned run, not of the capped one
+
+
+@pytest.mark.parametrize("stop_at", [2, 6])  # before the freeze (mid-epoch) and after it
+def test_resume_matches_uninterrupted_run(tmp_path, stop_at):
+    full = make_trainer(tmp_path / "full", epochs=3)
+    full_summary = full.fit()
+    first = make_trainer(tmp_path / "part", epochs=3, max_steps=stop_at)
+    first.fit()
+    assert load_checkpoint(tmp_path / "part")["step"] == stop_at
+    resumed = make_trainer(tmp_path / "part", epochs=3)
+    summary = resumed.fit(resume=str(tmp_path / "part" / "checkpoints" / "last.pt"))
+    assert summary["steps"] == full_summary["steps"] == 12
+    assert summary["val_loss_final"] == full_summary["val_loss_final"]  # bitwise on CPU
+    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    for key, value in full_state.items():
+        assert torch.equal(value, resumed_state[key]), key  # same weights, same frozen offsets
+
+
+def test_resume_rejects_incompatible_config(tmp_path):
+    make_trainer(tmp_path, epochs=1, max_steps=2).fit()
+    other = make_trainer(tmp_path / "b", epochs=1)
+    other.run_config = {**other.run_config, "sparsifier": {"sparsity": 0.5}}
+    with pytest.raises(ValueError, match=r"incompatible config: sparsifier\.sparsity"):
+        other.fit(resume=str(tmp_path))
+
+
+class NaNAtStep(SparseMethod):
+    """Corrupts one weight at a chosen step, as a diverging run would."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.bad_step = step
+
+    def on_step_start(self, step, model):
+        if step == self.bad_step:
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+        return {}
+
+
+def test_nonfinite_loss_stops_with_the_step(tmp_path):
+    trainer = make_trainer(tmp_path, NaNAtStep(3), epochs=2)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train/nonfinite_loss") == "nan" and r["step"] == 3 for r in records)
+
+
+def test_nonfinite_skip_keeps_counting(tmp_path):
+    trainer = make_trainer(tmp_path, NaNAtStep(7), epochs=2, nonfinite="skip", save_checkpoints=False)
+    assert trainer.fit()["steps"] == 8
+    assert not os.path.exists(tmp_path / "checkpoints")
