@@ -1,0 +1,391 @@
+"""Turn sweep directories into the paper's tables (Markdown + CSV) and figures (PNG).
+
+Every run directory under the given paths that holds a ``summary.json`` is one run; its ``.hydra/config.yaml``
+gives the fold (``data.fold``) and its ``metrics.jsonl`` the per-epoch validation accuracy. Runs are grouped into
+one table per (model, dataset): rows = methods, columns = sparsities, cells = top-1 mean +- std over seeds and
+folds (``n`` runs). Dense does not depend on the sparsity, so its runs are pooled into one row.
+
+    python scripts/make_tables.py multirun/digits_study/* --out docs/results/digits_study
+    python scripts/make_tables.py multirun/<date>/<time> --out docs/results/speedup \
+        --bench docs/benchmarks/cpu/bench_kernels.json
+
+Writes to ``--out``: ``runs.csv`` (one row per run), ``tables.md`` (accuracy, paired differences, throughput),
+``accuracy.csv``, ``paired.csv``, ``throughput.csv``, ``accuracy.png``, ``throughput.png`` and, with ``--bench``,
+``layer_speedup.png`` (kernel speedup vs sparsity per ViT-B layer shape from ``scripts/bench_kernels.py``).
+
+Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
+(seed, fold) pairs both have (dense pairs at any sparsity), with a 95 % t confidence interval and the two-sided
+paired t-test p-value. A difference is marked significant only when its CI excludes 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRICS = {"final": "val_top1_final", "best": "val_top1_best", "last5": "val_top1_last5"}
+METHOD_ORDER = ("dense", "dynadiag", "diag_heur", "rigl", "srigl", "set", "gmp", "static")
+
+
+def _fold(run_dir: Path) -> int | None:
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    data = cfg.get("data") or {}
+    return int(data["fold"]) if data.get("num_folds") and data.get("fold") is not None else None
+
+
+def _val_history(run_dir: Path) -> list[float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "val/top1" in record:
+                history.append(float(record["val/top1"]))
+    return history
+
+
+def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]]:
+    """One dict per finished run (a directory with ``summary.json``) found under ``paths``."""
+    runs = []
+    for root in paths:
+        for summary_path in sorted(Path(root).rglob("summary.json")):
+            run_dir = summary_path.parent
+            s = json.loads(summary_path.read_text())
+            history = _val_history(run_dir)
+            runs.append(
+                {
+                    "run_dir": str(run_dir),
+                    "model": s.get("model"),
+                    "data": s.get("data"),
+                    "method": s.get("method"),
+                    "sparsity": 0.0 if s.get("method") == "dense" else float(s.get("sparsity", 0.0)),
+                    "seed": int(s.get("seed", 0)),
+                    "fold": _fold(run_dir),
+                    "val_top1_final": s.get("val_top1_final"),
+                    "val_top1_best": s.get("val_top1_best"),
+                    "val_top1_last5": statistics.fmean(history[-last:]) if history else s.get("val_top1_final"),
+                    "sparsity_effective": s.get("sparsity_effective"),
+                    "train_images_per_s": s.get("train_images_per_s"),
+                    "infer_images_per_s": s.get("infer_images_per_s"),
+                    "wall_time_s": s.get("wall_time_s"),
+                    "device": s.get("device"),
+                }
+            )
+    return runs
+
+
+def _method_key(name: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _t_quantile(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def paired_difference(a: dict[tuple, float], b: dict[tuple, float]) -> dict[str, float] | None:
+    """``a - b`` over the keys both have: mean, std, n, 95 % t CI and the paired t-test p-value."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    diffs = [a[k] - b[k] for k in keys]
+    mean, std = _mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        return {"mean": mean, "std": std, "n": n, "lo": math.nan, "hi": math.nan, "p": math.nan}
+    half = _t_quantile(n - 1) * std / math.sqrt(n)
+    if std == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        from scipy.stats import t
+
+        p = float(2 * t.sf(abs(mean / (std / math.sqrt(n))), n - 1))
+    return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half, "p": p}
+
+
+class Table:
+    """The runs of one (model, dataset) pair, indexed by method and sparsity."""
+
+    def __init__(self, runs: list[dict[str, Any]], metric: str) -> None:
+        self.runs, self.metric = runs, METRICS[metric]
+        self.methods = sorted({r["method"] for r in runs}, key=_method_key)
+        self.sparsities = sorted({r["sparsity"] for r in runs if r["method"] != "dense"})
+
+    def cell_runs(self, method: str, sparsity: float) -> list[dict[str, Any]]:
+        if method == "dense":
+            return [r for r in self.runs if r["method"] == "dense"]
+        return [r for r in self.runs if r["method"] == method and r["sparsity"] == sparsity]
+
+    def values(self, method: str, sparsity: float, key: str | None = None) -> dict[tuple, float]:
+        """(seed, fold) -> metric; several dense runs with the same (seed, fold) are averaged."""
+        grouped: dict[tuple, list[float]] = defaultdict(list)
+        for r in self.cell_runs(method, sparsity):
+            value = r[key or self.metric]
+            if value is not None:
+                grouped[(r["seed"], r["fold"])].append(float(value))
+        return {k: statistics.fmean(v) for k, v in grouped.items()}
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({n})" if n > 1 else f"{mean:.{digits}f} (1)"
+
+
+def accuracy_rows(table: Table) -> list[dict[str, Any]]:
+    rows = []
+    for method in table.methods:
+        for s in table.sparsities or [0.0]:
+            vals = list(table.values(method, s).values())
+            if vals:
+                mean, std = _mean_std(vals)
+                rows.append({"method": method, "sparsity": s, "mean": mean, "std": std, "n": len(vals)})
+    return rows
+
+
+def paired_rows(table: Table, reference: str, key: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    if reference not in table.methods:
+        return rows
+    for s in table.sparsities:
+        ref = table.values(reference, s, key)
+        for method in table.methods:
+            if method == reference:
+                continue
+            d = paired_difference(ref, table.values(method, s, key))
+            if d is not None:
+                rows.append({"reference": reference, "method": method, "sparsity": s, **d})
+    return rows
+
+
+def throughput_rows(table: Table) -> list[dict[str, Any]]:
+    rows = []
+    for method in table.methods:
+        for s in table.sparsities or [0.0]:
+            cell = table.cell_runs(method, s)
+            train = [r["train_images_per_s"] for r in cell if r["train_images_per_s"]]
+            infer = [r["infer_images_per_s"] for r in cell if r["infer_images_per_s"]]
+            if train or infer:
+                rows.append(
+                    {
+                        "method": method,
+                        "sparsity": s,
+                        "train_median": statistics.median(train) if train else math.nan,
+                        "infer_median": statistics.median(infer) if infer else math.nan,
+                        "n": len(cell),
+                    }
+                )
+    return rows
+
+
+def markdown_accuracy(table: Table, rows: list[dict[str, Any]], digits: int = 2) -> str:
+    cols = table.sparsities or [0.0]
+    lines = ["| method | " + " | ".join(f"{100 * s:g} %" for s in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    by = {(r["method"], r["sparsity"]): r for r in rows}
+    for method in table.methods:
+        cells = []
+        for s in cols:
+            r = by.get((method, s))
+            cells.append(_fmt(r["mean"], r["std"], r["n"], digits) if r else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_paired(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    ref = rows[0]["reference"]
+    lines = [
+        f"| sparsity | {ref} − method | mean diff (pp) | 95 % CI | paired t p | n pairs | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["n"] < 2 or math.isnan(r["lo"]):
+            verdict = "too few pairs"
+        elif r["lo"] > 0:
+            verdict = f"{ref} better"
+        elif r["hi"] < 0:
+            verdict = f"{r['method']} better"
+        else:
+            verdict = "within noise"
+        ci = "" if math.isnan(r["lo"]) else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]"
+        p = "" if math.isnan(r["p"]) else f"{r['p']:.3f}"
+        lines.append(
+            f"| {100 * r['sparsity']:g} % | {r['method']} | {r['mean']:+.2f} | {ci} | {p} | {r['n']} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_throughput(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | sparsity | train img/s (median) | inference img/s (median) | runs |", "|---|---|---|---|---|"]
+    for r in rows:
+        s = "–" if r["method"] == "dense" else f"{100 * r['sparsity']:g} %"
+        lines.append(f"| {r['method']} | {s} | {r['train_median']:,.0f} | {r['infer_median']:,.0f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    rows = [{**(extra or {}), **r} for r in rows]
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    for ax, (key, table) in zip(axes[0], tables.items()):
+        for method in table.methods:
+            pts = sorted((r["sparsity"], r["mean"], r["std"]) for r in rows[key] if r["method"] == method)
+            if method == "dense":
+                mean, std = pts[0][1], pts[0][2]
+                ax.axhspan(mean - std, mean + std, color="gray", alpha=0.2)
+                ax.axhline(mean, color="gray", lw=1, label="dense (± std)")
+                continue
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel(f"top-1 % ({metric})")
+        ax.set_title(f"{key[0]} on {key[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tables), 2, figsize=(11, 4 * len(tables)), squeeze=False)
+    for row_axes, (key, table) in zip(axes, tables.items()):
+        for ax, field, title in zip(row_axes, ("train_median", "infer_median"), ("training", "inference")):
+            for method in table.methods:
+                pts = sorted((r["sparsity"], r[field]) for r in rows[key] if r["method"] == method)
+                if method == "dense":
+                    ax.axhline(pts[0][1], color="gray", lw=1, label="dense")
+                    continue
+                ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel("images/s (median over runs)")
+            ax.set_title(f"{title}: {key[0]} on {key[1]}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_speedup(bench_json: Path, path: Path) -> None:
+    """Kernel speedup vs dense (fwd and fwd+bwd) vs sparsity, one line per layer shape and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(bench_json.read_text())
+    records = [r for r in data["records"] if "fwd_vs_dense" in r and r["method"].endswith("fp32")]
+    tokens = sorted({r["tokens"] for r in records})
+    fig, axes = plt.subplots(2, len(tokens), figsize=(6 * len(tokens), 8), squeeze=False)
+    for col, n in enumerate(tokens):
+        for row, phase in enumerate(("fwd", "fb")):
+            ax = axes[row][col]
+            for method in sorted({r["method"] for r in records}):
+                for shape in sorted({(r["in"], r["out"]) for r in records}):
+                    pts = sorted(
+                        (r["achieved_sparsity"], r[f"{phase}_vs_dense"])
+                        for r in records
+                        if r["method"] == method and r["tokens"] == n and (r["in"], r["out"]) == shape
+                    )
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{method} {shape[0]}->{shape[1]}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(f"{phase} speedup vs dense fp32")
+            ax.set_title(f"{phase}, {n} tokens ({data['meta'].get('device_name') or data['meta'].get('device')})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="sweep or run directories (searched for summary.json)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--metric", default="final", choices=list(METRICS), help="top-1 of the tables")
+    parser.add_argument("--reference", default="dynadiag", help="method the paired differences start from")
+    parser.add_argument("--last", type=int, default=5, help="evaluations averaged by the last5 metric")
+    parser.add_argument("--bench", type=Path, default=None, help="bench_kernels.json for the layer-speedup plot")
+    args = parser.parse_args(argv)
+
+    runs = load_runs(args.paths, last=args.last)
+    if not runs:
+        raise SystemExit(f"no summary.json under {args.paths}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv"):
+        (args.out / name).unlink(missing_ok=True)
+    write_csv(args.out / "runs.csv", runs)
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["model"], r["data"])].append(r)
+    tables = {key: Table(group, args.metric) for key, group in sorted(groups.items())}
+    acc, thr = {}, {}
+    md = [f"<!-- generated by scripts/make_tables.py from {len(runs)} runs; metric: {args.metric} -->"]
+    for key, table in tables.items():
+        extra = {"model": key[0], "data": key[1]}
+        acc[key], thr[key] = accuracy_rows(table), throughput_rows(table)
+        md += [f"## {key[0]} on {key[1]}", "", f"Top-1 % ({args.metric}), mean ± std (runs):", ""]
+        md += [markdown_accuracy(table, acc[key]), ""]
+        for metric in dict.fromkeys((args.metric, "last5")):
+            paired = paired_rows(table, args.reference, METRICS[metric])
+            if paired:
+                md += [f"Paired differences, top-1 {metric} (per seed and fold):", "", markdown_paired(paired), ""]
+                write_csv(args.out / "paired.csv", paired, {**extra, "metric": metric})
+        md += ["Throughput (measured by the trainer):", "", markdown_throughput(thr[key]), ""]
+        write_csv(args.out / "accuracy.csv", acc[key], {**extra, "metric": args.metric})
+        write_csv(args.out / "throughput.csv", thr[key], extra)
+    (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric)
+    plot_throughput(tables, thr, args.out / "throughput.png")
+    if args.bench:
+        plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
+    print("\n".join(md))
+    print(f"wrote {args.out}/tables.md, *.csv and *.png from {len(runs)} runs")
+
+
+if __name__ == "__main__":
+    main()

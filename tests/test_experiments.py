@@ -1,0 +1,225 @@
+"""Every paper-table experiment composes, its sweep grid is valid, and it trains for two steps on synthetic data.
+
+The experiments' own models (ViT-B/L, Mixer-S, ResNet-50 at 224 px) are shrunk for the runs, so the whole file
+stays fast on 2 CPU cores; what is checked is the wiring of each config (groups, interpolations, sweep axes,
+method construction), which is what rots.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # train.py and scripts/ are not part of the package
+import train  # noqa: E402
+from scripts import make_tables  # noqa: E402
+
+CONFIGS = os.path.join(ROOT, "configs")
+EXPERIMENTS = sorted(f[: -len(".yaml")] for f in os.listdir(os.path.join(CONFIGS, "experiment")) if f.endswith(".yaml"))
+PAPER = {"paper_imagenet_vit", "paper_cifar_vit", "paper_imagenet_mixer", "paper_imagenet_resnet50", "paper_speedup"}
+
+#: two CPU steps on tiny synthetic images; the experiment's recipe (optimizer, schedules, method) stays as is
+SMOKE = [
+    "data=synthetic",
+    "data.img_size=16",
+    "data.patch_size=4",
+    "data.in_chans=3",
+    "data.num_classes=10",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_train=32",
+    "data.num_val=16",
+    "trainer.max_steps=2",
+    "trainer.inference_iters=0",
+    "trainer.final_inference_iters=1",
+    "trainer.save_checkpoints=false",
+    "trainer.progress=off",
+    "logger=local",
+    "backend=reference",  # no JIT kernel build in this test; the kernels have their own tests
+]
+
+
+def _tiny_model(cfg) -> list[str]:
+    """Shrink the experiment's model within its family (ViT, Mixer: width and depth; ResNet: one block per stage)."""
+    name = str(cfg.model.name)
+    if name.startswith(("vit_", "deit_")):
+        return ["++model.embed_dim=32", "++model.depth=1", "++model.num_heads=2"]
+    if name.startswith("mixer_"):
+        return ["++model.embed_dim=32", "++model.num_blocks=1"]
+    if name.startswith("resnet"):
+        return ["++model.layers=[1,1,1,1]"]
+    return []
+
+
+def _compose(overrides, hydra_config: bool = False):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def _grid(name: str) -> dict[str, list[str]]:
+    cfg = _compose([f"+experiment={name}"], hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
+    return {k: [v.strip() for v in str(val).split(",")] for k, val in params.items()}
+
+
+def _run(cfg, run_dir) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: avoid OpenMP spin-waiting
+    try:
+        return train.train(cfg, run_dir=str(run_dir))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_paper_tables_have_an_experiment():
+    assert PAPER | {"digits_study"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER | {"digits_study"}))
+def test_experiment_documents_its_recipe(name):
+    with open(os.path.join(CONFIGS, "experiment", f"{name}.yaml"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert text.startswith("# @package _global_\n")
+    assert "Recipe source" in text
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_sweep_grid_composes(name):
+    """Group axes (sparsifier, model, data) compose option by option; scalar axes are set on the composed config."""
+    base = _compose([f"+experiment={name}"], hydra_config=True)
+    choices = set(base.hydra.runtime.choices)
+    grid = _grid(name)
+    if name in PAPER or name == "digits_study":  # a table: methods x sparsities
+        assert "sparsity" in grid and "sparsifier" in grid
+    for key, values in grid.items():
+        assert values and all(values), f"{name}: empty value in hydra.sweeper.params.{key}"
+        if key not in choices:
+            assert OmegaConf.select(base, key, default="<missing>") != "<missing>", f"{name}: no config key {key}"
+            for value in values:
+                cfg = base.copy()
+                OmegaConf.update(cfg, key, yaml.safe_load(value))
+                if key == "sparsity":
+                    train.validate_sparsity(cfg.sparsity, where="")
+            continue
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            for value in values:
+                cfg = compose("config", overrides=[f"+experiment={name}", f"{key}={value}"])
+                if key == "sparsifier":  # the method is built as train.py builds it (without a model)
+                    assert instantiate(cfg.sparsifier, _convert_="all").name == value
+
+
+#: ResNet-50's soft-phase diagonal convolutions take ~10 s per CPU step even with one block per stage
+SLOW_RUNS = {"paper_imagenet_resnet50"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RUNS else n for n in EXPERIMENTS]
+)
+def test_experiment_trains_two_steps(name, tmp_path):
+    base = _compose([f"+experiment={name}"])
+    cfg = _compose([f"+experiment={name}", *SMOKE, *_tiny_model(base)])
+    assert cfg.trainer.epochs == base.trainer.epochs and cfg.optim == base.optim  # the recipe is untouched
+    summary = _run(cfg, tmp_path)
+    assert summary["steps"] == 2 and summary["method"] == instantiate(base.sparsifier, _convert_="all").name
+    assert summary["infer_images_per_s"] > 0 and summary["val_top1_final"] is not None
+
+
+def test_imagenet_recipe_follows_deit():
+    cfg = _compose(["+experiment=paper_imagenet_vit"])
+    assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300 and cfg.optim.opt == "adamw"
+    assert cfg.optim.lr == pytest.approx(5e-4 * 8 * cfg.data.batch_size / 512)  # 8 ranks
+    assert cfg.optim.weight_decay == 0.05 and cfg.lr_schedule.warmup_epochs == 5
+    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.label_smoothing) == (0.8, 1.0, 0.1)
+    assert cfg.data.auto_augment.startswith("rand-m9") and cfg.model.drop_path_rate == 0.1
+    assert _grid("paper_imagenet_vit")["sparsity"] == ["0.6", "0.7", "0.8", "0.9", "0.95"]
+
+
+def test_digits_folds_partition_the_data():
+    from dynadiag.data import DataConfig, build_datasets
+
+    seen = []
+    for fold in range(5):
+        train_ds, val_ds = build_datasets(DataConfig(name="digits", num_folds=5, fold=fold))
+        assert len(train_ds) + len(val_ds) == 1797
+        counts = torch.bincount(val_ds.labels, minlength=10)
+        assert counts.min() >= 34 and counts.max() <= 37  # stratified: ~180 images per class / 5
+        seen.append(val_ds.images.flatten(1))
+    flat = torch.cat(seen)
+    # every image is validated exactly once: the 5 validation sets together are the whole dataset
+    whole = build_datasets(DataConfig(name="digits", num_folds=5, fold=0))
+    everything = torch.cat([whole[0].images.flatten(1), whole[1].images.flatten(1)])
+    assert flat.shape == everything.shape
+    key = lambda x: np.lexsort(x.numpy().T)  # noqa: E731
+    assert torch.equal(flat[key(flat)], everything[key(everything)])
+    with pytest.raises(ValueError, match="fold"):
+        DataConfig(name="digits", num_folds=5, fold=5)
+
+
+def test_digits_study_methods_and_make_tables(tmp_path):
+    """Two-step digits runs (real data, 2 folds) of every method in the study grid feed make_tables.py."""
+    sweep = tmp_path / "sweep"
+    methods = _grid("digits_study")["sparsifier"]
+    assert {"dense", "dynadiag", "rigl"} <= set(methods)
+    methods = ["dense", "dynadiag", "rigl"]  # the others run in test_sweep_grid_composes / test_methods_train_smoke
+    job = 0
+    for fold in (0, 1):
+        for method in methods:
+            overrides = ["+experiment=digits_study", f"sparsifier={method}", f"data.fold={fold}", "sparsity=0.9"]
+            overrides += ["trainer.max_steps=2", "trainer.final_inference_iters=1", "backend=reference"]
+            overrides += ["++model.depth=1", "data.eval_batch_size=512"]
+            cfg = _compose(overrides)
+            run_dir = sweep / str(job)
+            (run_dir / ".hydra").mkdir(parents=True)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for every job
+            summary = _run(cfg, run_dir)
+            assert summary["method"] == method and summary["data"] == "digits"
+            job += 1
+    out = tmp_path / "tables"
+    make_tables.main([str(sweep), "--out", str(out)])
+    runs = make_tables.load_runs([sweep])
+    assert len(runs) == 2 * len(methods) and {r["fold"] for r in runs} == {0, 1}
+    text = (out / "tables.md").read_text()
+    for method in methods:
+        assert f"| {method} |" in text
+    assert "dynadiag − method" in text and "Throughput" in text
+    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "accuracy.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0
+    paired = [line for line in (out / "paired.csv").read_text().splitlines()[1:] if ",rigl," in line]
+    assert paired and all(",2," in line for line in paired)  # two (seed, fold) pairs per comparison
+
+
+def test_paired_difference_statistics():
+    a = {(0, f): v for f, v in enumerate([90.0, 91.0, 92.0, 93.0])}
+    b = {(0, f): v for f, v in enumerate([89.0, 89.5, 91.0, 91.5])}
+    d = make_tables.paired_difference(a, b)
+    diffs = np.array([1.0, 1.5, 1.0, 1.5])
+    assert d["n"] == 4 and d["mean"] == pytest.approx(diffs.mean()) and d["std"] == pytest.approx(diffs.std(ddof=1))
+    from scipy.stats import ttest_rel
+
+    assert d["p"] == pytest.approx(ttest_rel(list(a.values()), list(b.values())).pvalue)
+    assert d["lo"] > 0  # a consistent +1.25 pp gain: the CI excludes zero
+    assert make_tables.paired_difference(a, {(1, 0): 1.0}) is None  # no common (seed, fold)
+
+
+def test_make_tables_reads_bench_kernels_json(tmp_path):
+    records = []
+    for s in (0.5, 0.9):
+        for method, ms in (("dense_fp32", 1.0), ("cpu_fp32", 1.0 - s + 0.05)):
+            rec = {"in": 768, "out": 768, "tokens": 197, "sparsity": s, "achieved_sparsity": s, "method": method}
+            rec |= {"fwd_ms": ms, "bwd_ms": 2 * ms, "fb_ms": 3 * ms}
+            records.append(rec)
+    from scripts.bench_kernels import add_ratios
+
+    add_ratios(records)
+    path = tmp_path / "bench_kernels.json"
+    path.write_text(json.dumps({"meta": {"device": "cpu"}, "records": records}))
+    make_tables.plot_layer_speedup(path, tmp_path / "layer_speedup.png")
+    assert (tmp_path / "layer_speedup.png").stat().st_size > 0
