@@ -10,7 +10,8 @@ folds (``n`` runs). Dense does not depend on the sparsity, so its runs are poole
         --bench docs/benchmarks/cpu/bench_kernels.json
 
 Writes to ``--out``: ``runs.csv`` (one row per run), ``tables.md`` (accuracy, paired differences, throughput),
-``accuracy.csv``, ``paired.csv``, ``throughput.csv``, ``accuracy.png``, ``throughput.png`` and, with ``--bench``,
+``accuracy.csv``, ``paired.csv``, ``throughput.csv``, ``accuracy.png``, ``throughput.png``, ``paired.png``
+(differences with CIs), ``curves.png`` (validation top-1 per epoch) and, with ``--bench``,
 ``layer_speedup.png`` (kernel speedup vs sparsity per ViT-B layer shape from ``scripts/bench_kernels.py``).
 
 Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
@@ -83,6 +84,7 @@ def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]
                     "infer_images_per_s": s.get("infer_images_per_s"),
                     "wall_time_s": s.get("wall_time_s"),
                     "device": s.get("device"),
+                    "history": history,  # val top-1 per evaluation (not written to runs.csv)
                 }
             )
     return runs
@@ -306,6 +308,64 @@ def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], p
     plt.close(fig)
 
 
+def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> None:
+    """``reference - method`` per sparsity with 95 % CIs; bars crossing 0 are within noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    for ax, (tkey, table) in zip(axes[0], tables.items()):
+        rows = [r for r in paired_rows(table, reference, key) if r["n"] > 1]
+        others = [m for m in table.methods if m != reference]
+        for i, method in enumerate(others):
+            pts = sorted((r["sparsity"], r["mean"], r["lo"], r["hi"]) for r in rows if r["method"] == method)
+            if not pts:
+                continue
+            xs, ys, lo, hi = zip(*pts)
+            shift = 0.004 * (i - (len(others) - 1) / 2)  # side by side at each sparsity
+            err = [[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]]
+            ax.errorbar([x + shift for x in xs], ys, yerr=err, marker="o", capsize=3, ls="none", label=method)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel(f"{reference} − method, top-1 pp (95 % CI)")
+        ax.set_title(f"paired differences: {tkey[0]} on {tkey[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
+    """Mean validation top-1 per evaluation, per method, at each table's most-run sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    for ax, (key, table) in zip(axes[0], tables.items()):
+        counts = {s: len([r for r in table.runs if r["sparsity"] == s]) for s in table.sparsities}
+        s = max(counts, key=counts.get) if counts else 0.0
+        for method in table.methods:
+            histories = [r["history"] for r in table.cell_runs(method, s) if r["history"]]
+            if not histories:
+                continue
+            length = min(len(h) for h in histories)
+            mean = [statistics.fmean(h[i] for h in histories) for i in range(length)]
+            ax.plot(range(1, length + 1), mean, label=f"{method} (n={len(histories)})")
+        ax.set_xlabel("evaluation (epoch)")
+        ax.set_ylabel("val top-1 % (mean over runs)")
+        ax.set_title(f"{key[0]} on {key[1]}, sparsity {s:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_layer_speedup(bench_json: Path, path: Path) -> None:
     """Kernel speedup vs dense (fwd and fwd+bwd) vs sparsity, one line per layer shape and backend."""
     import matplotlib
@@ -357,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv"):
         (args.out / name).unlink(missing_ok=True)
-    write_csv(args.out / "runs.csv", runs)
+    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "history"} for r in runs])
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
@@ -381,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric)
     plot_throughput(tables, thr, args.out / "throughput.png")
+    plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png")
+    plot_curves(tables, args.out / "curves.png")
     if args.bench:
         plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
     print("\n".join(md))

@@ -190,7 +190,16 @@ def test_digits_study_methods_and_make_tables(tmp_path):
     for method in methods:
         assert f"| {method} |" in text
     assert "dynadiag − method" in text and "Throughput" in text
-    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "accuracy.png", "throughput.png"):
+    for name in (
+        "runs.csv",
+        "accuracy.csv",
+        "paired.csv",
+        "throughput.csv",
+        "accuracy.png",
+        "throughput.png",
+        "paired.png",
+        "curves.png",
+    ):
         assert (out / name).stat().st_size > 0
     paired = [line for line in (out / "paired.csv").read_text().splitlines()[1:] if ",rigl," in line]
     assert paired and all(",2," in line for line in paired)  # two (seed, fold) pairs per comparison
