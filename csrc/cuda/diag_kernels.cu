@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace dynadiag_cuda {
 namespace {
@@ -130,12 +131,113 @@ __device__ __forceinline__ void store8(H* p, const H (&v)[8]) {
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// Asynchronous global -> shared copy of one 4- or 8-byte element (sm_80+), and the wait for all of a thread's.
+template <int Bytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem), "n"(Bytes));
+#else  // older GPUs: a plain copy
+  using Word = typename std::conditional<Bytes == 8, unsigned long long, unsigned>::type;
+  *static_cast<Word*>(smem) = *static_cast<const Word*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // apply: dst [N, B] from src [N, A]; grid (ceil(B / BRB), ceil(N / BM)), block (kLanesR, WM), BM = WM * kTM.
 // Shared memory holds the window token-fastest, xs[i * SP + m] (column i, token m), so a thread reads its kTM = 8
 // tokens of one column with 16-byte loads; the row pitch SP = BM + 16 bytes of padding puts the 8 lanes of each
 // quarter-warp on distinct banks. wmax: columns that fit; the row is staged whole when L <= wmax.
 // ---------------------------------------------------------------------------------------------------------------
+// First index k in [0, K) with off[k] >= v (K if none); offsets sorted ascending. Uniform across the block.
+__device__ __forceinline__ int lower_bound(const int64_t* __restrict__ off, int K, long long v) {
+  int lo = 0, hi = K;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (__ldg(off + mid) < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Stage columns [s0, s0 + W) (mod L) of the block's BM token rows into xs (token-fastest, pitch SP). Work items
+// are (column, group of 8 tokens); each thread keeps 2 items = 16 independent loads in flight before storing.
+template <typename T>
+__device__ __forceinline__ void stage_window(const T* __restrict__ src, T* xs, int N, int A, int L, int n0, int BM,
+                                             int SP, int s0, int W, int tid, int nthreads) {
+  const int groups = BM / kTM;  // 1, 2 or 4
+  const int shift = groups == 4 ? 2 : groups - 1;
+  const int items = W * groups;
+  const T zero = zero_of<T>();
+  for (int q0 = tid; q0 < items; q0 += 2 * nthreads) {
+    T v[2][kTM];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int q = q0 + u * nthreads;
+      const int i = q >> shift;
+      const int g = q & (groups - 1);
+      int c = s0 + i;
+      if (c >= L) c -= L;
+      const bool in_range = q < items && c < A;
+#pragma unroll
+      for (int t = 0; t < kTM; ++t) {
+        const int n = n0 + g * kTM + t;
+        v[u][t] = (in_range && n < N) ? src[static_cast<int64_t>(n) * A + c] : zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int q = q0 + u * nthreads;
+      if (q < items) store8(xs + (q >> shift) * SP + (q & (groups - 1)) * kTM, v[u]);
+    }
+  }
+}
+
+// The thread's kTM x TR outputs += diagonals [kb, ke) read from the staged window [s0, s0 + W) (mod L).
+template <typename T, int TR, bool TALL>
+__device__ __forceinline__ void accumulate(typename AccOf<T>::type (&acc)[kTM][TR], const T* __restrict__ V,
+                                           const int64_t* __restrict__ off, const T* xcol, int A, int B, int L,
+                                           int D, int r0, int BX, int SP, int kb, int ke, int s0, int W) {
+  using Acc = typename AccOf<T>::type;
+#pragma unroll(sizeof(T) == 2 ? 1 : 2)
+  for (int k = kb; k < ke; ++k) {
+    const int p = static_cast<int>(__ldg(off + k));
+    const T* vrow = V + static_cast<int64_t>(k) * D;
+#pragma unroll
+    for (int j = 0; j < TR; ++j) {
+      const int r = r0 + threadIdx.x + j * BX;
+      int c, vi;
+      if (TALL) {
+        c = r - p;
+        if (c < 0) c += B;
+        vi = c;
+      } else {
+        c = r + p;
+        if (c >= A) c -= A;
+        vi = r;
+      }
+      int idx = c - s0;
+      if (idx < 0) idx += L;
+      bool ok = r < B && static_cast<unsigned>(idx) < static_cast<unsigned>(W);
+      if (TALL) ok = ok && static_cast<unsigned>(c) < static_cast<unsigned>(A);
+      const Acc v = ok ? to_acc(__ldg(vrow + vi)) : Acc(0);
+      if (!ok) idx = 0;
+      Acc xv[kTM];
+      load8(xcol + idx * SP, xv);
+#pragma unroll
+      for (int m = 0; m < kTM; ++m) acc[m][j] += v * xv[m];
+    }
+  }
+}
+
 template <typename T, int TR, bool TALL>
 __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src, const T* __restrict__ V,
                                                        const int64_t* __restrict__ off, T* __restrict__ dst, int N,
@@ -154,9 +256,26 @@ __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src
   const int r0 = blockIdx.x * BRB;
   const int tid = threadIdx.y * BX + threadIdx.x;
   const int nthreads = BX * blockDim.y;
-  const int m0 = threadIdx.y * kTM;
-  const bool full = L <= wmax;
-  const T zero = zero_of<T>();
+  const T* xcol = xs + threadIdx.y * kTM;
+
+  // Diagonals that reach this block's outputs, as at most two ranges of (sorted) offsets. In the wide form every
+  // diagonal covers every output. In the tall form diagonal p covers rows p .. p + A - 1 (mod B) only, so outputs
+  // [r0, r1] need p in [r0 - A + 1, r1] (mod B): for fc1-like layers (B = 4A) that skips about 2/3 of the work.
+  // (Scalars, not arrays: a run-time index into a register array would put it in local memory.)
+  int b0 = 0, e0 = K, b1 = 0, e1 = 0;
+  if (TALL) {
+    const int r1 = min(r0 + BRB, B) - 1;
+    const long long lo = static_cast<long long>(r0) - A + 1;
+    if (r1 - lo + 1 < B) {
+      e0 = lower_bound(off, K, static_cast<long long>(r1) + 1);
+      if (lo >= 0) {
+        b0 = lower_bound(off, K, lo);
+      } else {
+        b1 = lower_bound(off, K, lo + B);
+        e1 = K;
+      }
+    }
+  }
 
   Acc acc[kTM][TR];
 #pragma unroll
@@ -164,77 +283,39 @@ __global__ void __launch_bounds__(256, 2) apply_kernel(const T* __restrict__ src
 #pragma unroll
     for (int j = 0; j < TR; ++j) acc[m][j] = Acc(0);
 
-  int kb = 0;
-  while (kb < K) {
-    // The chunk [kb, ke) of diagonals and the source window [s0, s0 + W) (mod L) it reads.
-    int ke, s0, W;
-    if (full) {
-      ke = K;
-      s0 = 0;
-      W = L;
-    } else {
-      const int p_first = static_cast<int>(__ldg(off + kb));
-      ke = kb + 1;
-      while (ke < K && static_cast<int>(__ldg(off + ke)) - p_first + BRB <= wmax) ++ke;
-      const int p_last = static_cast<int>(__ldg(off + ke - 1));
-      W = min(max(p_last - p_first + BRB, 1), wmax);  // clamp: unsorted offsets must stay memory-safe
-      s0 = TALL ? wrap_mod(static_cast<long long>(r0) - p_last, L) : wrap_mod(static_cast<long long>(r0) + p_first, L);
-    }
-
-    __syncthreads();  // the previous chunk is done reading xs
-    // Each thread stages whole columns: 8 tokens at a time, read coalesced across lanes, stored as one vector.
-    for (int i = tid; i < W; i += nthreads) {
-      int c = s0 + i;
-      if (c >= L) c -= L;
-      const bool in_range = c < A;
-      for (int mb = 0; mb < BM; mb += kTM) {
-        T v[kTM];
-#pragma unroll
-        for (int u = 0; u < kTM; ++u) {
-          const int n = n0 + mb + u;
-          v[u] = (in_range && n < N) ? src[static_cast<int64_t>(n) * A + c] : zero;
-        }
-        store8(xs + i * SP + mb, v);
-      }
-    }
+  if (L <= wmax) {
+    // "Full" mode: the whole (circular) row fits, so stage it once for every diagonal.
+    stage_window(src, xs, N, A, L, n0, BM, SP, 0, L, tid, nthreads);
     __syncthreads();
-
-    const T* xcol = xs + m0;
-#pragma unroll(sizeof(T) == 2 ? 1 : 2)
-    for (int k = kb; k < ke; ++k) {
-      const int p = static_cast<int>(__ldg(off + k));
-      const T* vrow = V + static_cast<int64_t>(k) * D;
-#pragma unroll
-      for (int j = 0; j < TR; ++j) {
-        const int r = r0 + threadIdx.x + j * BX;
-        int c, vi;
-        if (TALL) {
-          c = r - p;
-          if (c < 0) c += B;
-          vi = c;
-        } else {
-          c = r + p;
-          if (c >= A) c -= A;
-          vi = r;
-        }
-        int idx = c - s0;
-        if (idx < 0) idx += L;
-        bool ok = r < B && static_cast<unsigned>(idx) < static_cast<unsigned>(W);
-        if (TALL) ok = ok && static_cast<unsigned>(c) < static_cast<unsigned>(A);
-        const Acc v = ok ? to_acc(__ldg(vrow + vi)) : Acc(0);
-        if (!ok) idx = 0;
-        Acc xv[kTM];
-        load8(xcol + idx * SP, xv);
-#pragma unroll
-        for (int m = 0; m < kTM; ++m) acc[m][j] += v * xv[m];
+    accumulate<T, TR, TALL>(acc, V, off, xcol, A, B, L, D, r0, BX, SP, b0, e0, 0, L);
+    accumulate<T, TR, TALL>(acc, V, off, xcol, A, B, L, D, r0, BX, SP, b1, e1, 0, L);
+  } else {
+    // Windowed mode: chunks of sorted diagonals whose offsets span at most wmax - BRB read a window of at most
+    // wmax columns.
+#pragma unroll 1
+    for (int seg = 0; seg < 2; ++seg) {
+      int kb = seg == 0 ? b0 : b1;
+      const int kend = seg == 0 ? e0 : e1;
+      while (kb < kend) {
+        const int p_first = static_cast<int>(__ldg(off + kb));
+        int ke = kb + 1;
+        while (ke < kend && static_cast<int>(__ldg(off + ke)) - p_first + BRB <= wmax) ++ke;
+        const int p_last = static_cast<int>(__ldg(off + ke - 1));
+        const int W = min(max(p_last - p_first + BRB, 1), wmax);  // clamp: unsorted offsets stay memory-safe
+        const int s0 = TALL ? wrap_mod(static_cast<long long>(r0) - p_last, L)
+                            : wrap_mod(static_cast<long long>(r0) + p_first, L);
+        __syncthreads();  // the previous chunk is done reading xs
+        stage_window(src, xs, N, A, L, n0, BM, SP, s0, W, tid, nthreads);
+        __syncthreads();
+        accumulate<T, TR, TALL>(acc, V, off, xcol, A, B, L, D, r0, BX, SP, kb, ke, s0, W);
+        kb = ke;
       }
     }
-    kb = ke;
   }
 
 #pragma unroll
   for (int m = 0; m < kTM; ++m) {
-    const int n = n0 + m0 + m;
+    const int n = n0 + threadIdx.y * kTM + m;
     if (n >= N) continue;
 #pragma unroll
     for (int j = 0; j < TR; ++j) {
@@ -282,23 +363,21 @@ __global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, con
   const int rowlen = BT + W;  // per staged token: BT values of S, then W values of Q
   const int BN = min(64, max(1, smem_elems / rowlen));
 
-  int idx[kTK][kTT];
-  bool valid[kTK][kTT];
-#pragma unroll
-  for (int i = 0; i < kTK; ++i) {
+  // Shared-memory position of Q[n, (t + p_k) mod M] for each (k, t) of the thread (-1: not a valid pair).
+  auto position = [&](int i, int j) {
     const int k = k0 + threadIdx.y * kTK + i;
-    const int p = k < k1 ? static_cast<int>(__ldg(off + k)) : 0;
+    const int t = t0 + threadIdx.x + 32 * j;
+    if (k >= k1 || t >= D) return -1;
+    const int c = wrap_mod(static_cast<long long>(t) + __ldg(off + k), M);
+    int id = c - s0;
+    if (id < 0) id += M;
+    return id < W ? BT + id : -1;
+  };
+  int idx[kTK][kTT];
 #pragma unroll
-    for (int j = 0; j < kTT; ++j) {
-      const int t = t0 + threadIdx.x + 32 * j;
-      const int c = wrap_mod(static_cast<long long>(t) + p, M);
-      int id = c - s0;
-      if (id < 0) id += M;
-      const bool ok = k < k1 && t < D && id < W;
-      valid[i][j] = ok;
-      idx[i][j] = BT + (ok ? id : 0);
-    }
-  }
+  for (int i = 0; i < kTK; ++i)
+#pragma unroll
+    for (int j = 0; j < kTT; ++j) idx[i][j] = max(position(i, j), 0);
 
   Acc acc[kTK][kTT];
 #pragma unroll
@@ -310,21 +389,35 @@ __global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, con
   for (int n = nb; n < ne; n += BN) {
     const int nn = min(BN, ne - n);
     __syncthreads();  // the previous chunk is done reading sm
+    // Stage nn tokens x [S tile (BT) | Q window (W)]. 4- and 8-byte types use cp.async: a thread issues all its
+    // copies without waiting on any (a plain load-then-store loop waits one L2 round trip per element, which made
+    // this kernel latency-bound), and the copies need no registers. 16-bit types take the register path.
     for (int m = 0; m < nn; ++m) {
       T* row = sm + m * rowlen;
       const T* srow = S + static_cast<int64_t>(n + m) * D;
       const T* qrow = Q + static_cast<int64_t>(n + m) * M;
       for (int i = tid; i < rowlen; i += nthreads) {
+        const T* from = nullptr;
         if (i < BT) {
           const int t = t0 + i;
-          row[i] = t < D ? srow[t] : zero;
+          if (t < D) from = srow + t;
         } else {
           int c = s0 + (i - BT);
           if (c >= M) c -= M;
-          row[i] = qrow[c];
+          from = qrow + c;
+        }
+        if constexpr (sizeof(T) >= 4) {
+          if (from != nullptr) {
+            cp_async<sizeof(T)>(row + i, from);
+          } else {
+            row[i] = zero;
+          }
+        } else {
+          row[i] = from != nullptr ? *from : zero;
         }
       }
     }
+    if constexpr (sizeof(T) >= 4) cp_async_wait_all();
     __syncthreads();
     for (int m = 0; m < nn; ++m) {
       const T* row = sm + m * rowlen;
@@ -344,7 +437,7 @@ __global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, con
 #pragma unroll
     for (int j = 0; j < kTT; ++j) {
       const int t = t0 + threadIdx.x + 32 * j;
-      if (valid[i][j]) atomicAdd(out + static_cast<int64_t>(k) * D + t, acc[i][j]);
+      if (position(i, j) >= 0) atomicAdd(out + static_cast<int64_t>(k) * D + t, acc[i][j]);
     }
   }
 }

@@ -10,12 +10,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <charconv>
+#include <string>
 
 #include "diag_kernels.cuh"
 
 namespace {
 
 using dynadiag_cuda::DType;
+
+// Numbers in error messages are formatted with std::to_chars, not through an ostream: on the H200 test machine
+// (torch 2.11) every TORCH_CHECK failure whose message streamed an int64_t crashed the process (segfault), while
+// messages made only of strings raised normally. The cause was not established (an iostream/locale problem in
+// that process is the likely one); locale-free formatting keeps the error path out of it.
+std::string num(int64_t v) {
+  char buf[24];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  return std::string(buf, res.ptr);
+}
 
 DType kernel_dtype(at::ScalarType t, const char* op) {
   switch (t) {
@@ -35,7 +47,8 @@ DType kernel_dtype(at::ScalarType t, const char* op) {
 // Checks shared by the three ops: devices, dtypes, ranks and the [K, D] / [K] shapes.
 void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, int64_t in,
                   int64_t out, int64_t values_cols) {
-  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", in, " and ", out);
+  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", num(in), " and ",
+              num(out));
   TORCH_CHECK(a.is_cuda() && b.is_cuda() && offsets.is_cuda(), op, ": all tensors must be CUDA tensors");
   TORCH_CHECK(a.device() == b.device() && a.device() == offsets.device(), op, ": tensors are on different devices");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D inputs");
@@ -43,8 +56,8 @@ void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b, cons
               b.scalar_type(), ")");
   TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
   const int64_t D = std::min(in, out);
-  TORCH_CHECK(values_cols < 0 || values_cols == D, op, ": values must have min(in, out) = ", D, " columns, got ",
-              values_cols);
+  TORCH_CHECK(values_cols < 0 || values_cols == D, op, ": values must have min(in, out) = ", num(D), " columns, got ",
+              num(values_cols));
   TORCH_CHECK(std::max(in, out) <= INT32_MAX, op, ": layers wider than 2^31 - 1 are not supported");
 }
 
@@ -70,8 +83,8 @@ at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at
   TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
   const int64_t in = x.size(1);
   check_inputs("diag_fwd", x, values, offsets, in, out_features, values.size(1));
-  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_fwd: ", values.size(0), " diagonals but ", offsets.size(0),
-              " offsets");
+  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_fwd: ", num(values.size(0)), " diagonals but ",
+              num(offsets.size(0)), " offsets");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
@@ -88,8 +101,8 @@ at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, c
   TORCH_CHECK(grad_y.dim() == 2 && values.dim() == 2, "diag_bwd_x: grad_y must be [N, out] and values [K, D]");
   const int64_t out = grad_y.size(1);
   check_inputs("diag_bwd_x", grad_y, values, offsets, in_features, out, values.size(1));
-  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_bwd_x: ", values.size(0), " diagonals but ",
-              offsets.size(0), " offsets");
+  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_bwd_x: ", num(values.size(0)), " diagonals but ",
+              num(offsets.size(0)), " offsets");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const at::Tensor gc = grad_y.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
   at::Tensor grad_x = at::empty({grad_y.size(0), in_features}, grad_y.options());
