@@ -70,7 +70,32 @@ def validate_config(cfg: DictConfig) -> torch.device:
     batch = int(cfg.data.batch_size)
     if batch < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {batch}")
+    world = dist_utils.env_world_size()  # known from the launcher's environment before any process group exists
+    if batch % world:
+        raise ValueError(
+            f"data.batch_size={batch} (the global batch) is not divisible by the {world} ranks; "
+            f"use a multiple of {world}"
+        )
     return device
+
+
+def check_group_overrides(args: list[str], config_dir: str | None = None) -> str | None:
+    """One line naming an unknown config-group option on the command line (``model=vit_zz``) and listing the
+    choices, or None. Hydra's own error spans many lines; this runs before it."""
+    config_dir = config_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~").split("@")[0]
+        folder = os.path.join(config_dir, group)
+        if group.startswith("hydra") or "." in group or not os.path.isdir(folder) or "(" in value or "[" in value:
+            continue
+        choices = sorted(f[: -len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml"))
+        for option in value.split(","):  # a sweep: model=vit_t,vit_s
+            if option not in choices and option != "null":
+                return f"unknown {group} '{option}'; choose one of {choices}"
+    return None
 
 
 def group_choices() -> dict[str, str]:
@@ -105,8 +130,13 @@ def build_model_and_method(cfg: DictConfig | dict[str, Any]) -> tuple[torch.nn.M
 def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one training job; returns the summary. ``run_dir`` defaults to Hydra's output directory."""
     device = validate_config(cfg)
+    owns_group = not dist_utils.is_dist()
+    device = dist_utils.setup(device)  # torchrun/Slurm ranks join the process group; cuda -> cuda:<local rank>
+    is_main = dist_utils.is_main_process()
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
+    # Every rank uses rank 0's directory, even if the ranks' clocks gave them different ${now:...} run dirs.
+    run_dir = dist_utils.broadcast_object(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     choices = group_choices()
     name = cfg.run_name or default_run_name(cfg, choices)
@@ -114,9 +144,13 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     if resume == "auto":  # continue this run directory's own last checkpoint if there is one
         last = os.path.join(run_dir, "checkpoints", "last.pt")
         resume = last if os.path.isfile(last) else None
+    resume = dist_utils.broadcast_object(resume)  # rank 0's view of the run directory decides for everyone
     seed_everything(int(cfg.seed))
 
     data_cfg = instantiate(cfg.data, _convert_="all")
+    # data.batch_size is the global batch: each rank loads its share, so the steps per epoch, the schedules and
+    # the optimisation do not depend on the number of ranks (validate_config checked the division).
+    data_cfg.batch_size //= dist_utils.world_size()
     from dynadiag.data import build_loaders
 
     data = build_loaders(data_cfg, seed=int(cfg.seed), rank=dist_utils.rank(), world_size=dist_utils.world_size())
@@ -166,7 +200,9 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         summary = trainer.fit(resume=resume)
     finally:
         logger.finish()
-    if dist_utils.is_main_process():
+        if owns_group:
+            dist_utils.cleanup()
+    if is_main:
         print(format_summary(summary))
         print(f"run directory: {run_dir}")
     return summary
@@ -196,4 +232,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if (unknown := check_group_overrides(sys.argv[1:])) is not None:
+        print(f"error: {unknown}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -13,14 +13,18 @@ import torch.distributed as dist
 
 __all__ = [
     "all_reduce_sum",
+    "any_rank",
     "barrier",
     "broadcast_object",
     "cleanup",
+    "env_world_size",
     "init_from_env",
     "is_dist",
     "is_main_process",
     "local_rank",
     "rank",
+    "ranks_agree",
+    "setup",
     "world_size",
 ]
 
@@ -45,6 +49,37 @@ def local_rank() -> int:
 def is_main_process() -> bool:
     """Rank 0 alone logs, prints and writes checkpoints."""
     return rank() == 0
+
+
+def env_world_size() -> int:
+    """The number of ranks the launcher started (``WORLD_SIZE`` from torchrun, ``SLURM_NTASKS`` under Slurm),
+    readable before any process group exists, so configs can be validated up front."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("SLURM_NTASKS", 1)) if _under_submitit() else 1
+
+
+def _under_submitit() -> bool:
+    # Tasks of a Slurm job submitted by submitit (hydra/launcher=slurm) carry SUBMITIT_* variables; a plain
+    # `srun` or an interactive allocation does not, and is left to torchrun.
+    return "SLURM_JOB_ID" in os.environ and any(k.startswith("SUBMITIT_") for k in os.environ)
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group the launcher set up (if any) and return this rank's device.
+
+    On CUDA each rank takes the GPU of its local rank (``cuda:<LOCAL_RANK>``). Under submitit (one Slurm task per
+    GPU) the torchrun-style variables are derived from Slurm's first.
+    """
+    if env_world_size() > 1 and "WORLD_SIZE" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if device.type == "cuda" and env_world_size() > 1:
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    init_from_env(device)
+    return device
 
 
 def init_from_env(device: torch.device) -> bool:
@@ -78,6 +113,34 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True if ``flag`` is true on any rank (every rank must call this, in the same order)."""
+    if not is_dist():
+        return bool(flag)
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def ranks_agree(tensors: list[torch.Tensor]) -> bool:
+    """Whether every rank holds bitwise the same ``tensors`` (e.g. the model's weights after training).
+
+    Compares a fingerprint per tensor (plain and position-weighted float64 sums, so permuted values differ too)
+    with a min and a max all-reduce, instead of gathering whole models.
+    """
+    if not is_dist():
+        return True
+    parts = [torch.zeros(1, dtype=torch.float64)]
+    for t in tensors:
+        flat = t.detach().reshape(-1).to(torch.float64).cpu()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+        parts.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    device = tensors[0].device if tensors else torch.device("cpu")
+    low = torch.cat(parts).to(device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -27,10 +27,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dynadiag import distributed as dist_utils
-from dynadiag.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from dynadiag.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from dynadiag.data import DataBundle
 from dynadiag.evaluate import evaluate, sparsity_stats
 from dynadiag.loggers import Logger, NullLogger
@@ -152,8 +159,21 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """The module the forward pass runs through (``torch.compile``; DDP would wrap here too)."""
-        return torch.compile(model) if self.cfg.compile else model
+        """The module the training forward pass runs through: DDP across ranks, then ``torch.compile``.
+
+        Compiling the DDP wrapper (not the reverse) lets Dynamo split the graph at DDP's gradient buckets, so
+        all-reduces overlap the backward pass. Also sets ``self.eval_model`` (the model without DDP, compiled if
+        asked): evaluation and throughput timing run a rank-local number of forward passes outside autograd,
+        which must not enter DDP's collectives.
+        """
+        self.eval_model = torch.compile(model) if self.cfg.compile else model
+        if not dist_utils.is_dist():
+            return self.eval_model
+        # broadcast_buffers=False: buffers (diagonal offsets, masks) are kept identical by the methods themselves;
+        # re-broadcasting them every forward would cost a collective per step for nothing.
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return torch.compile(ddp) if self.cfg.compile else ddp
 
     def setup(self, resume: str | None = None) -> None:
         """Bind schedules to the run length, sparsify, move to device, build the optimizer, maybe resume."""
@@ -222,7 +242,9 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
-                    avg = (loss_sum / max(1, loss_count)).item()
+                    # mean over every rank's steps since the last log (a collective: all ranks log together)
+                    totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(loss_count)]))
+                    avg = (totals[0] / totals[1].clamp_min(1)).item()
                     loss_sum.zero_()
                     loss_count = 0
                     record = {"train/loss": avg, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
@@ -241,6 +263,17 @@ class Trainer:
                 self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
         bar.close()
         summary = self._summary(time.perf_counter() - t_start)
+        if dist_utils.is_dist():
+            # Every rank must end with the weights and topology rank 0 saved; anything else is a bug worth seeing.
+            summary["world_size"] = dist_utils.world_size()
+            # BatchNorm running statistics are rank-local (buffers are not broadcast); everything else must agree.
+            state = self.model.state_dict()
+            kept = [
+                v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            ]
+            summary["ranks_in_sync"] = dist_utils.ranks_agree(kept)
+            if not summary["ranks_in_sync"]:
+                self._print("warning: the ranks ended with different weights or sparsity patterns")
         if dist_utils.is_main_process():
             with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
                 json.dump(summary, fh, indent=2)
@@ -260,10 +293,14 @@ class Trainer:
             logits = self.forward_model(images)  # [B, num_classes]
             loss = self.data.train_loss(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss).item():
-            self.logger.log({"train/nonfinite_loss": float(loss.item())}, step)
+        # Every rank takes the same decision (a NaN on one rank would otherwise leave the others waiting in backward)
+        local_bad = not torch.isfinite(loss).item()
+        if dist_utils.any_rank(local_bad, self.device):
+            value = loss.item() if local_bad else float("nan")
+            self.logger.log({"train/nonfinite_loss": value}, step)
             if self.cfg.nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; stopping")
+                where = f"({value})" if local_bad else "on another rank"
+                raise FloatingPointError(f"non-finite loss {where} at step {step}; stopping")
             self.lr_scheduler.step()  # skip the update but keep every schedule on the global step
             return None, metrics
         self.scaler.scale(loss).backward()
@@ -276,7 +313,7 @@ class Trainer:
         self.lr_scheduler.step()
         metrics |= self.method.on_after_optimizer_step(step, self.model, self.optimizer)
         for timer in (self.train_timer, self.overall_timer):
-            timer.stop(images.shape[0])
+            timer.stop(images.shape[0] * dist_utils.world_size())  # ranks step in lockstep: global images/s
         if self.method.topology_changed:
             # New parameters (e.g. frozen compact V): rebuild wrappers, time the new compute path afresh.
             self.method.topology_changed = False
@@ -287,13 +324,13 @@ class Trainer:
     # ------------------------------------------------------- eval and files
     def _evaluate_and_checkpoint(self, epoch: int, final: bool = False) -> None:
         result = evaluate(
-            self.forward_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+            self.eval_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
         )
         iters = self.cfg.final_inference_iters if final else self.cfg.inference_iters
         if iters > 0:
             images = next(iter(self.data.val_loader))[0].to(self.device)
             self.infer_images_per_s = measure_inference_throughput(
-                self.forward_model, images, iters=iters, min_seconds=1.0 if final else 0.0, autocast=self.autocast()
+                self.eval_model, images, iters=iters, min_seconds=1.0 if final else 0.0, autocast=self.autocast()
             )
         improved = result["top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, result["top1"])
@@ -336,10 +373,20 @@ class Trainer:
         }
 
     def save(self, name: str) -> str | None:
-        """Write ``checkpoints/<name>`` atomically (rank 0 only)."""
+        """Write ``checkpoints/<name>`` atomically (rank 0 only).
+
+        Raises:
+            CheckpointError: the write failed (e.g. disk full); the previous file at that path is intact.
+        """
         if not dist_utils.is_main_process():
             return None
-        return save_checkpoint(os.path.join(self.run_dir, "checkpoints", name), self.checkpoint_state())
+        path = os.path.join(self.run_dir, "checkpoints", name)
+        try:
+            return save_checkpoint(path, self.checkpoint_state())
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write checkpoint {path} ({exc.strerror or exc}); the previous one there is intact"
+            ) from exc
 
     def _summary(self, wall_seconds: float) -> dict[str, Any]:
         stats = sparsity_stats(self.model)

@@ -1,0 +1,120 @@
+"""Exact resume: a ``train.py`` process killed with SIGKILL mid-epoch, resumed from its last checkpoint, ends
+bit for bit where an uninterrupted run ends (CPU, fixed seed); re-running in the same directory auto-resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from dynadiag.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 256 images / batch 16 = 16 steps per epoch, 3 epochs; DynaDiag freezes after epoch 1 (a topology change).
+# Checkpoints every 3 steps: 3, 6, ..., 45 are all mid-epoch; only the final evaluation writes one at an epoch end.
+STEPS_PER_EPOCH, TOTAL = 16, 48
+OVERRIDES = [
+    "data=synthetic",
+    "data.img_size=8",
+    "data.num_train=256",
+    "data.num_val=64",
+    "data.batch_size=16",
+    "model=vit_nano",
+    "trainer=smoke",
+    "trainer.max_steps=null",
+    "trainer.epochs=3",
+    "trainer.eval_every_epochs=100",
+    "trainer.ckpt_every_steps=3",
+    "sparsifier.freeze_epoch=1",
+    "trainer.inference_iters=0",
+    "trainer.final_inference_iters=0",
+    "backend=reference",
+    "logger=local",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread here and in the child (OMP_NUM_THREADS=1): identical CPU reductions in every process, and on a
+    # busy shared machine 2-thread OpenMP barriers made each tiny step ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def kill_after_first_checkpoint(run_dir, timeout: float = 240.0) -> int:
+    """Start ``train.py`` in ``run_dir``, SIGKILL it once a checkpoint exists; return the checkpoint's step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *OVERRIDES, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + timeout
+    try:
+        while not last.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"train.py exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint within the timeout")
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return int(load_checkpoint(last)["step"])
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    killed_at = kill_after_first_checkpoint(tmp_path / "killed")
+    assert 0 < killed_at < TOTAL and killed_at % STEPS_PER_EPOCH != 0  # mid-epoch
+    # Re-running the same command in the same directory: resume=auto (the default) picks up last.pt.
+    cfg = compose_cfg(OVERRIDES)
+    assert cfg.resume == "auto"
+    resumed = train.train(cfg, run_dir=str(tmp_path / "killed"))
+    reference = train.train(compose_cfg(OVERRIDES), run_dir=str(tmp_path / "reference"))
+    assert resumed["steps"] == reference["steps"] == TOTAL
+    for key in ("val_loss_final", "val_top1_final", "val_top5_final", "val_top1_best", "sparsity_effective"):
+        assert resumed[key] == reference[key], key  # bitwise, not approximately
+    a, b = final_weights(tmp_path / "killed"), final_weights(tmp_path / "reference")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the killed run's metrics file continues after the restart; its last evaluation equals the reference's
+    evals = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
+        for run in ("killed", "reference")
+    ]
+    assert evals[0][-1]["val/loss"] == evals[1][-1]["val/loss"] and evals[0][-1]["step"] == TOTAL
+
+
+def test_rerun_of_a_finished_run_resumes_at_its_end(tmp_path):
+    overrides = [*OVERRIDES, "trainer.epochs=1", "sparsifier.freeze_epoch=0.5", "trainer.ckpt_every_steps=0"]
+    first = train.train(compose_cfg(overrides), run_dir=str(tmp_path))
+    again = train.train(compose_cfg(overrides), run_dir=str(tmp_path))  # auto-resume: no step is trained twice
+    assert first["steps"] == again["steps"] == STEPS_PER_EPOCH
+    assert again["val_loss_final"] == first["val_loss_final"]
+    fresh = train.train(compose_cfg([*overrides, "resume=null"]), run_dir=str(tmp_path / "fresh"))
+    assert fresh["val_loss_final"] == first["val_loss_final"]  # same seed, same result
