@@ -1,0 +1,113 @@
+"""Multi-process training: ``scripts/train_ddp.sh`` (torchrun, 2 CPU ranks, gloo) end to end, and the
+process-group helpers the trainer relies on (agreement checks, all-reduced decisions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dynadiag import distributed as dist_utils
+from dynadiag.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# global batch 32 = 2 ranks x 16; 128 images -> 4 steps per epoch whatever the number of ranks
+OVERRIDES = [
+    "data=synthetic",
+    "data.img_size=8",
+    "data.num_train=128",
+    "data.num_val=64",
+    "data.batch_size=32",
+    "model=vit_nano",
+    "trainer=smoke",
+    "trainer.max_steps=null",
+    "trainer.epochs=2",
+    "trainer.inference_iters=0",
+    "trainer.final_inference_iters=0",
+    "sparsifier.freeze_epoch=1",  # a freeze (new parameters, DDP rebuilt) half-way through
+    "backend=reference",
+    "logger=local",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_rank0_writes_ranks_agree(tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [os.path.join(ROOT, "scripts", "train_ddp.sh"), "2", *OVERRIDES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # only rank 0 prints the summary
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True  # bitwise-equal weights and offsets
+    assert summary["steps"] == 8 and summary["sparsity_target_layers"] > 0.8  # frozen on both ranks
+    # rank 0 alone logged: every step once (two writers appending would duplicate them)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == list(range(1, 9))
+    assert len([r for r in records if "val/loss" in r]) == 2
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.pt", "last.pt"]
+    state = load_checkpoint(run_dir)
+    assert state["step"] == 8 and state["steps_per_epoch"] == 4  # the global batch, split over the ranks
+
+
+def _helpers_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        same = [torch.arange(6.0).reshape(2, 3), torch.tensor([3, 1, 2])]
+        permuted = [torch.arange(6.0).reshape(2, 3), torch.tensor([3, 1, 2] if rank == 0 else [1, 3, 2])]
+        nudged = [torch.arange(6.0) + (1e-6 if rank == 1 else 0.0)]
+        results = {
+            "same": dist_utils.ranks_agree(same),
+            "permuted": dist_utils.ranks_agree(permuted),  # same sum, different order
+            "nudged": dist_utils.ranks_agree(nudged),
+            "any_one": dist_utils.any_rank(rank == 1),
+            "any_none": dist_utils.any_rank(False),
+            "sum": dist_utils.all_reduce_sum(torch.tensor([1.0 + rank, 1.0])).tolist(),
+            "broadcast": dist_utils.broadcast_object(f"dir-of-rank-{rank}"),
+        }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(results, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_helpers_on_two_gloo_ranks(tmp_path):
+    mp.spawn(_helpers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["same"] is True and r["permuted"] is False and r["nudged"] is False
+        assert r["any_one"] is True and r["any_none"] is False
+        assert r["sum"] == [3.0, 2.0] and r["broadcast"] == "dir-of-rank-0"
+
+
+def test_single_process_helpers_are_no_ops():
+    assert not dist_utils.is_dist() and dist_utils.world_size() == 1 and dist_utils.is_main_process()
+    assert dist_utils.ranks_agree([torch.ones(2)]) and dist_utils.any_rank(True) and not dist_utils.any_rank(False)
+    assert dist_utils.broadcast_object("x") == "x"
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, 1), ({"WORLD_SIZE": "4"}, 4)])
+def test_env_world_size(monkeypatch, env, expected):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist_utils.env_world_size() == expected
