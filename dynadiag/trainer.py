@@ -64,7 +64,8 @@ class TrainerConfig:
         ckpt_every_steps: also write ``last.pt`` every this many steps (0: only at evaluations).
         progress: ``auto`` (bars only on a terminal), ``on`` or ``off``.
         throughput_warmup_steps: untimed steps at the start of each phase (and after a topology change).
-        inference_iters: timed forward passes for inference throughput at each evaluation (0: skip).
+        inference_iters: timed forward passes for inference throughput at each evaluation (0: use the timing of
+            the evaluation's own forward passes, which costs nothing extra).
         final_inference_iters: timed forward passes at the final evaluation (the summary's number; also runs
             for at least one second).
         nonfinite: what to do on a NaN/inf loss: ``stop`` (raise) or ``skip`` (drop that update).
@@ -82,7 +83,7 @@ class TrainerConfig:
     ckpt_every_steps: int = 0
     progress: str = "auto"
     throughput_warmup_steps: int = 5
-    inference_iters: int = 2
+    inference_iters: int = 0
     final_inference_iters: int = 20
     nonfinite: str = "stop"
     eval_max_batches: int | None = None
@@ -185,7 +186,11 @@ class Trainer:
             state = load_checkpoint(resume, map_location=self.device)
             self._check_compatible(state, resume)
             # Load the model before building the optimizer: a frozen checkpoint changes the parameter shapes.
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise CheckpointError(f"checkpoint {resume} does not fit this run's model: {detail}") from None
             self.model.to(self.device)
         self.optimizer = self.optimizer_factory(self.model)
         self.lr_scheduler = build_lr_scheduler(
@@ -232,6 +237,7 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
             self.data.train_sampler.set_epoch(epoch)
+            bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
             self.data.train_sampler.skip(done_in_epoch * self.data.train_loader.batch_size)
             self.model.train()
             for images, labels in self.data.train_loader:
@@ -327,11 +333,13 @@ class Trainer:
             self.eval_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
         )
         iters = self.cfg.final_inference_iters if final else self.cfg.inference_iters
-        if iters > 0:
+        if iters > 0:  # a dedicated measurement on one validation batch, after warm-up
             images = next(iter(self.data.val_loader))[0].to(self.device)
             self.infer_images_per_s = measure_inference_throughput(
                 self.eval_model, images, iters=iters, min_seconds=1.0 if final else 0.0, autocast=self.autocast()
             )
+        else:  # free: the timed forward passes of the evaluation itself
+            self.infer_images_per_s = result["images_per_s"]
         improved = result["top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, result["top1"])
         stats = sparsity_stats(self.model)

@@ -10,7 +10,7 @@ import pytest
 import timm.optim
 import torch
 
-from dynadiag.checkpoint import load_checkpoint
+from dynadiag.checkpoint import CheckpointError, load_checkpoint
 from dynadiag.data import DataConfig, build_loaders
 from dynadiag.layers import DiagLinear
 from dynadiag.loggers import build_logger
@@ -23,10 +23,10 @@ from dynadiag.trainer import Trainer, TrainerConfig
 DATA = dict(name="synthetic", img_size=8, in_chans=3, num_classes=4, patch_size=4, batch_size=16, num_train=64)
 
 
-def make_trainer(run_dir, method=None, epochs=3, max_steps=None, seed=0, **trainer_kw) -> Trainer:
+def make_trainer(run_dir, method=None, epochs=3, max_steps=None, seed=0, embed_dim=16, **trainer_kw) -> Trainer:
     torch.manual_seed(seed)
     data = build_loaders(DataConfig(**DATA, num_val=32, eval_batch_size=32), seed=seed)  # 4 steps per epoch
-    model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=16, depth=2, num_heads=2)
+    model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=embed_dim, depth=2, num_heads=2)
     method = method if method is not None else DynaDiagMethod(0.8, freeze_epoch=1)
     config = TrainerConfig(
         epochs=epochs,
@@ -152,6 +152,9 @@ def test_resume_rejects_incompatible_config(tmp_path):
     other.run_config = {**other.run_config, "sparsifier": {"sparsity": 0.5}}
     with pytest.raises(ValueError, match=r"incompatible config: sparsifier\.sparsity"):
         other.fit(resume=str(tmp_path))
+    wider = make_trainer(tmp_path / "c", epochs=1, embed_dim=24)
+    with pytest.raises(CheckpointError, match="does not fit this run's model"):
+        wider.fit(resume=str(tmp_path))
 
 
 class NaNAtStep(SparseMethod):
