@@ -241,7 +241,7 @@ def add_ratios(records: list[dict]) -> None:
             for p in PHASES:
                 r[f"{p}_vs_dense"] = case[same][f"{p}_ms"] / r[f"{p}_ms"]
                 r[f"{p}_vs_dense_fp32"] = case["dense_fp32"][f"{p}_ms"] / r[f"{p}_ms"]
-                if "csr_fp32" in case:
+                if "csr_fp32" in case and m != "csr_fp32":
                     r[f"{p}_vs_csr"] = case["csr_fp32"][f"{p}_ms"] / r[f"{p}_ms"]
                 r[f"{p}_of_ceiling"] = r[f"{p}_vs_dense"] / ceiling
 
@@ -270,6 +270,16 @@ def summarize(records: list[dict], shapes: dict, tokens: int, sparsities: tuple)
             entry[f"break_even_{p}"] = be
         out[m] = entry
     return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def print_table(records: list[dict]) -> None:
@@ -366,7 +376,7 @@ def main() -> None:
             print(f"  {'':>14}  break-even fwd {entry['break_even_fwd']}, fb {entry['break_even_fb']}")
     meta = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "reps": args.reps,
