@@ -122,6 +122,7 @@ def prune_config(cfg: DictConfig) -> PruneConfig:
         include=None if cfg.include is None else list(cfg.include),
         exclude=tuple(cfg.exclude),
         sequential=bool(cfg.calibration.sequential),
+        wanda_group=str(cfg.wanda.group),
         dsnot_init=str(cfg.dsnot.init),
         dsnot_max_cycles=int(cfg.dsnot.max_cycles),
         dsnot_update_threshold=float(cfg.dsnot.update_threshold),

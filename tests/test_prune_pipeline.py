@@ -43,6 +43,15 @@ def test_unstructured_methods(method):
         assert "swaps" in str(report)
 
 
+def test_wanda_layer_group():
+    model, report, _ = _pruned("wanda", 0.8, wanda_group="layer")
+    assert abs(report.sparsity - 0.8) < 1e-3  # exact per layer, not per row
+    rows = model.blocks[0].mlp.fc1.weight_mask.sum(1)
+    assert rows.min() < rows.max()  # rows keep different numbers of weights
+    with pytest.raises(ValueError, match="wanda_group"):
+        PruneConfig(method="wanda", sparsity=0.5, wanda_group="column")
+
+
 def test_methods_differ():
     masks = {m: _pruned(m)[0].blocks[1].mlp.fc1.weight_mask for m in ("magnitude", "wanda", "dsnot")}
     assert not torch.equal(masks["magnitude"], masks["wanda"])

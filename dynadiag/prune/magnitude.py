@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["magnitude_mask", "num_pruned"]
+__all__ = ["layer_mask", "magnitude_mask", "num_pruned"]
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -14,14 +14,19 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return min(numel - 1, round(sparsity * numel))
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:  # [out, in] bool
-    """Keep mask (``True`` = kept) that removes the ``round(sparsity * numel)`` smallest ``|w|`` of the layer.
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:  # [out, in] bool
+    """Keep mask (``True`` = kept) that removes the ``round(sparsity * numel)`` lowest ``scores`` of the layer.
 
     Exactly that many entries are pruned, ties broken by position (stable sort), so the achieved sparsity is exact.
     """
-    scores = weight.detach().abs().flatten()
-    pruned = num_pruned(scores.numel(), sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    order = torch.sort(scores, stable=True).indices
+    flat = scores.detach().flatten()
+    pruned = num_pruned(flat.numel(), sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    order = torch.sort(flat, stable=True).indices
     mask[order[:pruned]] = False
-    return mask.view_as(weight)
+    return mask.view_as(scores)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:  # [out, in] bool
+    """Layer-wise magnitude pruning: remove the ``round(sparsity * numel)`` smallest ``|w|`` of the layer."""
+    return layer_mask(weight.detach().abs(), sparsity)

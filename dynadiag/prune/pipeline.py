@@ -18,9 +18,9 @@ from torch import nn
 from dynadiag.prune.calibration import InputStats, prune_layerwise_
 from dynadiag.prune.diag import DIAG_SCORES, linear_to_diag
 from dynadiag.prune.dsnot import dsnot_mask
-from dynadiag.prune.magnitude import magnitude_mask
+from dynadiag.prune.magnitude import layer_mask, magnitude_mask
 from dynadiag.prune.masking import apply_mask_, target_linears
-from dynadiag.prune.wanda import per_row_mask, wanda_mask
+from dynadiag.prune.wanda import per_row_mask, wanda_mask, wanda_scores
 
 __all__ = ["PRUNE_METHODS", "LayerPruneReport", "PruneConfig", "PruneReport", "prune_model_"]
 
@@ -39,6 +39,8 @@ class PruneConfig:
         exclude: globs removed from the matches.
         sequential: calibrate each block on the outputs of the already pruned earlier blocks (Wanda/DSnoT);
             ``False`` calibrates every layer on the dense model in one pass.
+        wanda_group: Wanda's comparison group: ``row`` (per output row, the paper's choice) or ``layer`` (one
+            threshold per layer, like ``magnitude``).
         dsnot_init: DSnoT's initial mask, ``wanda`` or ``magnitude`` (per row, as in the official code).
         dsnot_max_cycles: DSnoT's maximum swaps per row (T).
         dsnot_update_threshold: DSnoT stops a row once its ``|expected error|`` is at or below this.
@@ -53,6 +55,7 @@ class PruneConfig:
     include: Sequence[str] | None = None
     exclude: Sequence[str] = field(default_factory=tuple)
     sequential: bool = True
+    wanda_group: str = "row"
     dsnot_init: str = "wanda"
     dsnot_max_cycles: int = 50
     dsnot_update_threshold: float = 0.0
@@ -66,6 +69,8 @@ class PruneConfig:
             raise ValueError(f"unknown pruning method '{self.method}'; choose one of {list(PRUNE_METHODS)}")
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.wanda_group not in ("row", "layer"):
+            raise ValueError(f"wanda_group must be 'row' or 'layer', got {self.wanda_group!r}")
         if self.dsnot_init not in ("wanda", "magnitude"):
             raise ValueError(f"dsnot_init must be 'wanda' or 'magnitude', got {self.dsnot_init!r}")
         if self.diag_score not in DIAG_SCORES:
@@ -150,6 +155,8 @@ def prune_model_(model: nn.Module, config: PruneConfig, batches: Sequence[torch.
         else:
             if config.method == "magnitude":
                 mask = magnitude_mask(layer.weight, config.sparsity)
+            elif config.method == "wanda" and config.wanda_group == "layer":
+                mask = layer_mask(wanda_scores(layer.weight, stats), config.sparsity)
             elif config.method == "wanda":
                 mask = wanda_mask(layer.weight, stats, config.sparsity)
             else:
