@@ -213,6 +213,7 @@ def prune(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "backend": str(cfg.backend),
         "prune_method": config.method,
+        "prune_variant": f"{config.method}_{config.wanda_group}" if config.method == "wanda" else config.method,
         "source_ckpt": str(cfg.ckpt),
         "finetune_epochs": epochs,
         "dense_top1": dense_eval["top1"],

@@ -14,8 +14,14 @@ import json
 import os
 from collections import defaultdict
 
-METHODS = ("magnitude", "wanda", "dsnot", "diag")
-LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "dsnot": "DSnoT (Wanda init)", "diag": "dense-to-diagonal"}
+METHODS = ("magnitude", "wanda", "wanda_layer", "dsnot", "diag")
+LABELS = {
+    "magnitude": "magnitude",
+    "wanda": "Wanda (per row)",
+    "wanda_layer": "Wanda (per layer)",
+    "dsnot": "DSnoT (Wanda init)",
+    "diag": "dense-to-diagonal",
+}
 
 
 def load(study: str) -> tuple[dict, dict, dict]:
@@ -29,7 +35,8 @@ def load(study: str) -> tuple[dict, dict, dict]:
         elif rel.startswith("dynadiag"):
             dynadiag[float(s["sparsity"])] = s
         elif "prune_method" in s:
-            pruned[(s["prune_method"], float(s["sparsity"]))][int(s["finetune_epochs"])] = s
+            method = "wanda_layer" if s.get("prune_variant") == "wanda_layer" else s["prune_method"]
+            pruned[(method, float(s["sparsity"]))][int(s["finetune_epochs"])] = s
     return dense, dynadiag, pruned
 
 
@@ -45,7 +52,7 @@ def table(dense: dict, dynadiag: dict, pruned: dict) -> str:
             + " | ".join(f"{dense['val_top1_final']:.2f}" for _ in sparsities)
             + " |"
         )
-    for method in METHODS:
+    for method in (m for m in METHODS if any(k[0] == m for k in pruned)):
         for e, tag in ((0, "one-shot"), (ft, f"+ {ft}-epoch fine-tune")):
             if e is None:
                 continue
@@ -59,7 +66,7 @@ def table(dense: dict, dynadiag: dict, pruned: dict) -> str:
         n = next(iter(dynadiag.values()))["epochs"]
         rows.append(f"| DynaDiag from scratch ({n} epochs) | " + " | ".join(cells) + " |")
     achieved = []
-    for method in METHODS:
+    for method in (m for m in METHODS if any(k[0] == m for k in pruned)):
         vals = [pruned.get((method, s), {}).get(0, {}).get("pruned_layers_sparsity") for s in sparsities]
         achieved.append(f"| {LABELS[method]} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
     if dynadiag:
@@ -77,7 +84,7 @@ def plot(dense: dict, dynadiag: dict, pruned: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:green", "tab:orange")))
+    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:purple", "tab:green", "tab:orange")))
     for method in METHODS:
         sp = sorted(s for (m, s) in pruned if m == method)
         for e, style in ((0, "--"), (None, "-")):
