@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["trainer=smoke", "data=synthetic", "model=vit_nano", "logger=local"]
 
@@ -23,6 +25,7 @@ def run_train(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # two subprocess runs; the in-process resume tests (test_trainer.py) cover the logic
 def test_smoke_run_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     first = run_train(*SMOKE, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
@@ -42,6 +45,9 @@ def test_sweep_gives_distinct_jobs_and_a_collected_table(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train("-m", "sparsity=0.5,0.9", *SMOKE, "trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
+    assert "val_top1_best" in result.stdout and "infer_images_per_s" in result.stdout  # the summary tables
+    for name in ("metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", ".hydra/overrides.yaml"):
+        assert (sweep / "0" / name).exists(), name
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
     names = {s["run_name"] for s in summaries}
     assert len(names) == 2 and {s["sparsity"] for s in summaries} == {0.5, 0.9}

@@ -129,10 +129,15 @@ def test_max_steps_caps_but_schedules_follow_epochs(tmp_path):
     assert trainer.method.freeze_step == 4  # freeze_epoch=1 of the planned run, not of the capped one
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    full = make_trainer(tmp_path_factory.mktemp("full"), epochs=3)
+    return full, full.fit()
+
+
 @pytest.mark.parametrize("stop_at", [2, 6])  # before the freeze (mid-epoch) and after it
-def test_resume_matches_uninterrupted_run(tmp_path, stop_at):
-    full = make_trainer(tmp_path / "full", epochs=3)
-    full_summary = full.fit()
+def test_resume_matches_uninterrupted_run(tmp_path, stop_at, uninterrupted):
+    full, full_summary = uninterrupted
     first = make_trainer(tmp_path / "part", epochs=3, max_steps=stop_at)
     first.fit()
     assert load_checkpoint(tmp_path / "part")["step"] == stop_at
