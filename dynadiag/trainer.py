@@ -60,6 +60,8 @@ class TrainerConfig:
         grad_clip: max global gradient norm (``None`` or 0: no clipping).
         amp: ``off``, ``bf16`` or ``fp16`` (the latter with a gradient scaler).
         compile: wrap the model in ``torch.compile`` (rebuilt when the topology changes).
+        compile_backend: ``torch.compile`` backend: ``inductor`` (generated kernels), or e.g. ``aot_eager`` to
+            check that the model traces without graph breaks at no compile cost.
         save_checkpoints: write ``checkpoints/last.pt`` and ``best.pt``.
         ckpt_every_steps: also write ``last.pt`` every this many steps (0: only at evaluations).
         progress: ``auto`` (bars only on a terminal), ``on`` or ``off``.
@@ -79,6 +81,7 @@ class TrainerConfig:
     grad_clip: float | None = None
     amp: str = "off"
     compile: bool = False
+    compile_backend: str = "inductor"
     save_checkpoints: bool = True
     ckpt_every_steps: int = 0
     progress: str = "auto"
@@ -167,14 +170,18 @@ class Trainer:
         asked): evaluation and throughput timing run a rank-local number of forward passes outside autograd,
         which must not enter DDP's collectives.
         """
-        self.eval_model = torch.compile(model) if self.cfg.compile else model
+
+        def compile_(module: nn.Module) -> nn.Module:
+            return torch.compile(module, backend=self.cfg.compile_backend)
+
+        self.eval_model = compile_(model) if self.cfg.compile else model
         if not dist_utils.is_dist():
             return self.eval_model
         # broadcast_buffers=False: buffers (diagonal offsets, masks) are kept identical by the methods themselves;
         # re-broadcasting them every forward would cost a collective per step for nothing.
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        return torch.compile(ddp) if self.cfg.compile else ddp
+        return compile_(ddp) if self.cfg.compile else ddp
 
     def setup(self, resume: str | None = None) -> None:
         """Bind schedules to the run length, sparsify, move to device, build the optimizer, maybe resume."""
