@@ -18,6 +18,7 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "env_world_size",
+    "export_slurm_env",
     "init_from_env",
     "is_dist",
     "is_main_process",
@@ -65,16 +66,28 @@ def _under_submitit() -> bool:
     return "SLURM_JOB_ID" in os.environ and any(k.startswith("SUBMITIT_") for k in os.environ)
 
 
+def export_slurm_env() -> bool:
+    """In a multi-task submitit job, set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` (first node, a port derived from the job id) from Slurm's variables, as torchrun would.
+
+    Returns:
+        Whether anything was exported (never when torchrun's variables are already there).
+    """
+    if "WORLD_SIZE" in os.environ or env_world_size() <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every task sees all its node's GPUs
+    return True
+
+
 def setup(device: torch.device) -> torch.device:
     """Join the process group the launcher set up (if any) and return this rank's device.
 
     On CUDA each rank takes the GPU of its local rank (``cuda:<LOCAL_RANK>``). Under submitit (one Slurm task per
     GPU) the torchrun-style variables are derived from Slurm's first.
     """
-    if env_world_size() > 1 and "WORLD_SIZE" not in os.environ:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    export_slurm_env()
     if device.type == "cuda" and env_world_size() > 1:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)

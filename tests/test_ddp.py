@@ -111,3 +111,30 @@ def test_env_world_size(monkeypatch, env, expected):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert dist_utils.env_world_size() == expected
+
+
+def test_slurm_task_gets_torchrun_variables():
+    """Task 1 of a 4-task, 2-node job submitted by submitit (hydra/launcher=slurm): the variables Slurm and
+    submitit set become the ones ``init_process_group(init_method="env://")`` reads."""
+    saved = dict(os.environ)
+    try:
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        os.environ.update(
+            SUBMITIT_EXECUTOR="slurm",
+            SLURM_JOB_ID="4242",
+            SLURM_NTASKS="4",
+            SLURM_JOB_NUM_NODES="2",
+            SLURM_NODEID="0",
+            SLURM_JOB_NODELIST="gpu[07-08]",
+            SLURM_PROCID="1",
+            SLURM_LOCALID="1",
+        )
+        assert dist_utils.env_world_size() == 4  # known before any process group, for config validation
+        assert dist_utils.export_slurm_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "4", "1")
+        assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+        assert dist_utils.local_rank() == 1 and not dist_utils.export_slurm_env()  # torchrun variables win
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
