@@ -157,3 +157,36 @@ def test_slurm_task_gets_torchrun_variables():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _launch(run_dir, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [os.path.join(ROOT, "scripts", "train_ddp.sh"), "2", *OVERRIDES, *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_resume_matches_uninterrupted_two_rank_run(tmp_path):
+    """Two ranks stopped mid-epoch (step 3 of 8) and re-launched with the same command in the same directory end
+    bit for bit where an uninterrupted two-rank run ends."""
+    reference = _launch(tmp_path / "reference")
+    first = _launch(tmp_path / "resumed", "trainer.max_steps=3")
+    for proc in (reference, first):
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+    second = _launch(tmp_path / "resumed")  # resume=auto picks up checkpoints/last.pt at step 3
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "at step 3" in out
+    a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("resumed", "reference"))
+    assert a["steps"] == b["steps"] == 8 and a["ranks_in_sync"] and b["ranks_in_sync"]
+    assert a["val_loss_final"] == b["val_loss_final"]
+    wa, wb = (load_checkpoint(tmp_path / run)["model"] for run in ("resumed", "reference"))
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), key
