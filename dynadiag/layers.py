@@ -12,6 +12,7 @@ Life cycle:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -218,6 +219,26 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    def freeze_(self):  # -> Self
+        super().freeze_()
+        self.resolve_backend()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.is_frozen:
+            self.resolve_backend()
+
+    def resolve_backend(self) -> None:
+        """Import (and build, if needed) the frozen layer's backend now, outside ``forward``.
+
+        ``forward`` looks the backend up by name; doing the first, importing lookup here keeps that lookup a plain
+        cache hit, so ``torch.compile`` traces a frozen model without a graph break even on its first call.
+        Errors are left for ``forward`` to raise, where the user sees them in context.
+        """
+        with contextlib.suppress(ValueError):
+            get_backend(self.backend, self.V.device)
 
     def extra_repr(self) -> str:
         return (

@@ -176,3 +176,13 @@ def test_diag_conv2d_matches_dense_conv():
     fresh = DiagConv2d(6, 10, (3, 3), padding=(1, 1), sparsity=0.7)
     fresh.load_state_dict(sparse.state_dict())
     assert torch.equal(fresh(x), sparse(x))
+
+
+def test_first_call_compiles_without_graph_break():
+    # freeze_() resolves the backend, so even a model's very first (compiled) call needs no import in forward.
+    model = nn.Sequential(DiagLinear(32, 48, sparsity=0.9), nn.GELU(), DiagLinear(48, 32, sparsity=0.9))
+    for layer in model:
+        if isinstance(layer, DiagLinear):
+            layer.freeze_()
+    explained = torch._dynamo.explain(model)(torch.randn(3, 32))
+    assert explained.graph_break_count == 0, explained.break_reasons
