@@ -83,7 +83,7 @@ def plot(dense: dict, dynadiag: dict, pruned: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:purple", "tab:green", "tab:orange")))
     for method in METHODS:
         sp = sorted(s for (m, s) in pruned if m == method)
@@ -115,7 +115,7 @@ def plot(dense: dict, dynadiag: dict, pruned: dict, path: str) -> None:
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("digits, ViT (vit_mini): post-training sparsification vs DynaDiag")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
