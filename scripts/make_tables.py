@@ -16,7 +16,7 @@ Writes to ``--out``: ``runs.csv`` (one row per run), ``tables.md`` (accuracy, pa
 
 Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
 (seed, fold) pairs both have (dense pairs at any sparsity), with a 95 % t confidence interval and the two-sided
-paired t-test p-value. A difference is marked significant only when its CI excludes 0.
+paired t-test p-value. A difference is called real only when its CI excludes 0 and there are at least 3 pairs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 
 METRICS = {"final": "val_top1_final", "best": "val_top1_best", "last5": "val_top1_last5"}
+#: fewer pairs than this give no verdict (with 2 pairs a t interval hinges on one difference of differences)
+MIN_PAIRS = 3
 METHOD_ORDER = ("dense", "dynadiag", "diag_heur", "rigl", "srigl", "set", "gmp", "static")
 
 
@@ -180,7 +182,7 @@ def paired_rows(table: Table, reference: str, key: str | None = None) -> list[di
 def throughput_rows(table: Table) -> list[dict[str, Any]]:
     rows = []
     for method in table.methods:
-        for s in table.sparsities or [0.0]:
+        for s in [0.0] if method == "dense" else table.sparsities:
             cell = table.cell_runs(method, s)
             train = [r["train_images_per_s"] for r in cell if r["train_images_per_s"]]
             infer = [r["infer_images_per_s"] for r in cell if r["infer_images_per_s"]]
@@ -191,10 +193,20 @@ def throughput_rows(table: Table) -> list[dict[str, Any]]:
                         "sparsity": s,
                         "train_median": statistics.median(train) if train else math.nan,
                         "infer_median": statistics.median(infer) if infer else math.nan,
+                        "train_vs_dense": _ratio_to_dense(table, cell, "train_images_per_s"),
+                        "infer_vs_dense": _ratio_to_dense(table, cell, "infer_images_per_s"),
                         "n": len(cell),
                     }
                 )
     return rows
+
+
+def _ratio_to_dense(table: Table, cell: list[dict[str, Any]], key: str) -> float:
+    """Median over (seed, fold) of ``run / dense run with the same (seed, fold)``: jobs of one seed and fold run
+    back to back in a sweep, so the ratio cancels slow drifts of machine load that absolute numbers carry."""
+    dense = {(r["seed"], r["fold"]): r[key] for r in table.cell_runs("dense", 0.0) if r[key]}
+    ratios = [r[key] / dense[(r["seed"], r["fold"])] for r in cell if r[key] and (r["seed"], r["fold"]) in dense]
+    return statistics.median(ratios) if ratios else math.nan
 
 
 def markdown_accuracy(table: Table, rows: list[dict[str, Any]], digits: int = 2) -> str:
@@ -219,7 +231,7 @@ def markdown_paired(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["n"] < 2 or math.isnan(r["lo"]):
+        if r["n"] < MIN_PAIRS or math.isnan(r["lo"]):
             verdict = "too few pairs"
         elif r["lo"] > 0:
             verdict = f"{ref} better"
@@ -236,10 +248,17 @@ def markdown_paired(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown_throughput(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | sparsity | train img/s (median) | inference img/s (median) | runs |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | sparsity | train img/s (median) | inference img/s (median) | train / dense | inference / dense "
+        "| runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         s = "–" if r["method"] == "dense" else f"{100 * r['sparsity']:g} %"
-        lines.append(f"| {r['method']} | {s} | {r['train_median']:,.0f} | {r['infer_median']:,.0f} | {r['n']} |")
+        lines.append(
+            f"| {r['method']} | {s} | {r['train_median']:,.0f} | {r['infer_median']:,.0f} | "
+            f"{r['train_vs_dense']:.2f} | {r['infer_vs_dense']:.2f} | {r['n']} |"
+        )
     return "\n".join(lines)
 
 
@@ -317,7 +336,7 @@ def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path
 
     fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
     for ax, (tkey, table) in zip(axes[0], tables.items()):
-        rows = [r for r in paired_rows(table, reference, key) if r["n"] > 1]
+        rows = [r for r in paired_rows(table, reference, key) if r["n"] >= MIN_PAIRS]
         others = [m for m in table.methods if m != reference]
         for i, method in enumerate(others):
             pts = sorted((r["sparsity"], r["mean"], r["lo"], r["hi"]) for r in rows if r["method"] == method)
@@ -435,7 +454,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if paired:
                 md += [f"Paired differences, top-1 {metric} (per seed and fold):", "", markdown_paired(paired), ""]
                 write_csv(args.out / "paired.csv", paired, {**extra, "metric": metric})
-        md += ["Throughput (measured by the trainer):", "", markdown_throughput(thr[key]), ""]
+        md += [
+            "Throughput (measured by the trainer; '/ dense': median ratio to the dense run of the same seed and fold):"
+        ]
+        md += ["", markdown_throughput(thr[key]), ""]
         write_csv(args.out / "accuracy.csv", acc[key], {**extra, "metric": args.metric})
         write_csv(args.out / "throughput.csv", thr[key], extra)
     (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
