@@ -85,8 +85,9 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
     mask-based methods (zeros kept in a dense weight) are measured the same way.
 
     Returns:
-        ``effective`` (1 - nnz / dense size over all linear/conv weights), ``target`` (the diagonal layers'
-        sparsity once frozen), ``nnz``, ``dense``, ``params`` and ``layers``: ``{name: k}`` per diagonal layer.
+        ``effective`` (1 - nnz / dense size over all linear/conv weights), ``target`` (the sparsity of the
+        diagonal layers once frozen, or of the masked layers of a mask-based method), ``nnz``, ``dense``,
+        ``params`` and ``layers``: ``{name: k}`` per diagonal layer.
     """
     nnz = dense = diag_nnz = diag_dense = 0
     layers: dict[str, int] = {}
@@ -104,6 +105,9 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
         elif isinstance(module, nn.Linear | nn.Conv2d):
             nnz += int(torch.count_nonzero(module.weight.detach()).item())
             dense += module.weight.numel()
+            mask = getattr(module, "weight_mask", None)  # mask-based methods: their targets are the masked layers
+            if mask is not None:
+                diag_nnz, diag_dense = diag_nnz + int(mask.sum().item()), diag_dense + mask.numel()
     return {
         "effective": 1.0 - nnz / max(1, dense),
         "target": (1.0 - diag_nnz / diag_dense) if diag_dense else 0.0,
