@@ -351,7 +351,10 @@ def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path
         ax.set_ylabel(f"{reference} − method, top-1 pp (95 % CI)")
         ax.set_title(f"paired differences: {tkey[0]} on {tkey[1]}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"fewer than {MIN_PAIRS} pairs", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
