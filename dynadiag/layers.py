@@ -57,16 +57,24 @@ class DiagonalSparseMixin:
         return DF.soft_topk_weights(self.alpha, self.k, self.temperature)
 
     @torch.no_grad()
-    def freeze_(self):  # -> Self
+    def freeze_(self, fold_soft_weights: bool = False):  # -> Self
         """Keep exactly the ``k`` diagonals with the largest ``alpha``, with weight 1, in compact storage.
 
         Replaces ``V`` by a new ``[k, D]`` parameter and turns ``alpha`` into a buffer: an optimizer holding
-        the old tensors must be updated (:func:`dynadiag.optim.replace_parameters_` does that).
+        the old tensors must be updated (:func:`dynadiag.optim.replace_parameter_` does that).
+
+        Args:
+            fold_soft_weights: multiply each kept diagonal by its current soft weight before the weight becomes
+                1, so the kept diagonals compute exactly what they did just before the freeze (only the dropped
+                diagonals' contribution changes). The paper's freeze (``False``) sets the weights to 1.
         """
         if self.is_frozen:
             return self
         keep = torch.topk(self.alpha.detach().float(), self.k).indices.sort().values  # [K] ascending
         values = self.V.detach()[keep].clone()
+        if fold_soft_weights:
+            scale = self.soft_weights().detach()[keep]
+            values *= scale.reshape(-1, *([1] * (values.dim() - 1)))
         alpha = self.alpha.detach().clone()
         del self.V, self.alpha
         self.V = nn.Parameter(values)  # [K, D]
@@ -220,8 +228,8 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
-    def freeze_(self):  # -> Self
-        super().freeze_()
+    def freeze_(self, fold_soft_weights: bool = False):  # -> Self
+        super().freeze_(fold_soft_weights)
         self.resolve_backend()
         return self
 

@@ -186,3 +186,19 @@ def test_first_call_compiles_without_graph_break():
             layer.freeze_()
     explained = torch._dynamo.explain(model)(torch.randn(3, 32))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("in_f,out_f", [(12, 5), (5, 12), (8, 8)])
+def test_freeze_folding_soft_weights_keeps_kept_diagonals_exact(in_f, out_f):
+    layer = DiagLinear(in_f, out_f, sparsity=0.5).double()
+    with torch.no_grad():
+        layer.alpha.normal_()
+    layer.temperature = 0.7
+    before = layer.dense_weight().detach()
+    keep = torch.topk(layer.alpha.detach(), layer.k).indices.sort().values
+    layer.freeze_(fold_soft_weights=True)
+    rows, cols = DF.diag_index(in_f, out_f, keep)
+    expected = torch.zeros_like(before)
+    expected[rows, cols] = before[rows, cols]
+    assert torch.allclose(layer.dense_weight(), expected)
+    assert (layer.soft_weights() == 1).all()

@@ -22,18 +22,20 @@ def diagonal_layers(model: nn.Module) -> list[DiagLinear | DiagConv2d]:
     return [m for m in model.modules() if isinstance(m, DiagLinear | DiagConv2d)]
 
 
-def freeze_all_(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def freeze_all_(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, fold_soft_weights: bool = False
+) -> int:
     """Freeze every diagonal layer of ``model``; keep ``optimizer`` in step. Returns how many were frozen.
 
     Each layer's ``V`` shrinks to its ``k`` kept rows: the optimizer's state (e.g. Adam moments) for those rows
-    is carried over, and ``alpha`` leaves the optimizer.
+    is carried over, and ``alpha`` leaves the optimizer. ``fold_soft_weights``: see ``DiagLinear.freeze_``.
     """
     count = 0
     for layer in diagonal_layers(model):
         if layer.is_frozen:
             continue
         old_v, old_alpha = layer.V, layer.alpha
-        layer.freeze_()
+        layer.freeze_(fold_soft_weights)
         if optimizer is not None:
             replace_parameter_(optimizer, old_v, layer.V, rows=layer.offsets)
             remove_parameter_(optimizer, old_alpha)
@@ -56,6 +58,8 @@ class DynaDiagMethod(SparseMethod):
         backend: kernel backend for frozen layers.
         init: ``"kaiming"`` (from scratch) or ``"copy"`` (from the dense weights).
         convs: convert matching ``nn.Conv2d`` layers too.
+        fold_soft_weights: at the freeze, scale each kept diagonal by its soft weight instead of jumping to weight
+            1 (keeps the function continuous across the freeze; the paper's freeze is ``False``).
     """
 
     name = "dynadiag"
@@ -73,9 +77,11 @@ class DynaDiagMethod(SparseMethod):
         backend: str = "auto",
         init: str = "kaiming",
         convs: bool = True,
+        fold_soft_weights: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.fold_soft_weights = bool(fold_soft_weights)
         self.config = DiagSparsifyConfig(
             sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=convs, init=init
         )
@@ -115,7 +121,7 @@ class DynaDiagMethod(SparseMethod):
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
         # ``step`` is the 0-based index of the step just taken, so ``step + 1`` steps are done.
-        if step + 1 >= self.freeze_step and freeze_all_(model, optimizer):
+        if step + 1 >= self.freeze_step and freeze_all_(model, optimizer, self.fold_soft_weights):
             self.topology_changed = True
             return {"frozen": 1.0}
         return {}
