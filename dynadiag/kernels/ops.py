@@ -115,3 +115,33 @@ def _register_python_side() -> None:
         return grad_x, grad_v, None, None
 
     torch.library.register_autograd("dynadiag::diag_fwd", backward, setup_context=setup_context)
+
+
+def diag_linear(
+    backend: str,
+    device_type: str,
+    dtypes: tuple[torch.dtype, ...],
+    x: torch.Tensor,  # [..., in]
+    values: torch.Tensor,  # [K, D]
+    offsets: torch.Tensor,  # [K] int64, sorted ascending
+    bias: torch.Tensor | None,  # [out]
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:  # [..., out]
+    """Check inputs, then ``y = x W^T + b`` through ``torch.ops.dynadiag.diag_fwd`` (the cpu and cuda backends).
+
+    The op library must already be loaded for ``x``'s device; the caller does that with a cheap check.
+    """
+    if x.device.type != device_type:
+        raise ValueError(f"{backend} backend got a tensor on {x.device}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{backend} backend supports {dtypes}, got {x.dtype}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
+    # values may be fp32 master weights under bf16 activations: the cast is differentiable.
+    y = torch.ops.dynadiag.diag_fwd(x2, values.to(x.dtype).contiguous(), offsets, out_features)  # [N, out]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, out_features)
