@@ -15,6 +15,7 @@ Ops (``W`` is ``[out, in]``, ``P = max(in, out)``, ``D = min(in, out)``, ``K`` k
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -119,7 +120,7 @@ def _register_python_side() -> None:
 
 def diag_linear(
     backend: str,
-    device_type: str,
+    device_type: str | None,
     dtypes: tuple[torch.dtype, ...],
     x: torch.Tensor,  # [..., in]
     values: torch.Tensor,  # [K, D]
@@ -127,12 +128,14 @@ def diag_linear(
     bias: torch.Tensor | None,  # [out]
     in_features: int,
     out_features: int,
+    fwd: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [..., out]
-    """Check inputs, then ``y = x W^T + b`` through ``torch.ops.dynadiag.diag_fwd`` (the cpu and cuda backends).
+    """Check inputs, flatten to ``[N, in]``, run ``fwd`` (default ``torch.ops.dynadiag.diag_fwd``), add the bias.
 
-    The op library must already be loaded for ``x``'s device; the caller does that with a cheap check.
+    Shared by every compiled backend. ``device_type=None`` accepts any device. With the default ``fwd`` the op
+    library must already be loaded for ``x``'s device; the caller does that with a cheap check.
     """
-    if x.device.type != device_type:
+    if device_type is not None and x.device.type != device_type:
         raise ValueError(f"{backend} backend got a tensor on {x.device}")
     if x.dtype not in dtypes:
         raise TypeError(f"{backend} backend supports {dtypes}, got {x.dtype}")
@@ -141,7 +144,8 @@ def diag_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
     # values may be fp32 master weights under bf16 activations: the cast is differentiable.
-    y = torch.ops.dynadiag.diag_fwd(x2, values.to(x.dtype).contiguous(), offsets, out_features)  # [N, out]
+    fwd = torch.ops.dynadiag.diag_fwd if fwd is None else fwd
+    y = fwd(x2, values.to(x.dtype).contiguous(), offsets, out_features)  # [N, out]
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, out_features)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from dynadiag.kernels import ops
+
 try:
     import triton.language as tl
 except ImportError:  # the backend reports itself unavailable; the kernels below are never decorated
@@ -248,17 +250,18 @@ class TritonBackend:
         out_features: int,
     ) -> torch.Tensor:  # [..., out]
         """``y = x W^T + b`` with ``W`` given by ``K`` wrapped diagonals; differentiable in x, values, bias."""
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"triton backend supports {_DTYPES}, got {x.dtype}")
-        if x.shape[-1] != in_features:
-            raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
-        v = values.to(x.dtype).contiguous()  # differentiable cast (fp32 master weights under bf16 activations)
-        y = _DiagLinearFn.apply(x2, v, offsets.contiguous(), out_features)  # [N, out]
-        if bias is not None:
-            y = y + bias.to(x.dtype)
-        return y.reshape(*lead, out_features)
+        return ops.diag_linear(
+            "triton",
+            None,
+            _DTYPES,
+            x,
+            values,
+            offsets.contiguous(),
+            bias,
+            in_features,
+            out_features,
+            _DiagLinearFn.apply,
+        )
 
 
 BACKEND = TritonBackend()
