@@ -43,6 +43,7 @@ from dynadiag.evaluate import evaluate, sparsity_stats
 from dynadiag.loggers import Logger, NullLogger
 from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
+from dynadiag.selection_stats import SelectionMonitor
 from dynadiag.throughput import StepTimer, measure_inference_throughput
 
 __all__ = ["Trainer", "TrainerConfig", "format_summary"]
@@ -155,6 +156,8 @@ class Trainer:
         self.train_timer = StepTimer(device, config.throughput_warmup_steps)  # current topology only
         self.overall_timer = StepTimer(device, config.throughput_warmup_steps)  # whole run
         self.infer_images_per_s = 0.0
+        #: selection quality of the diagonal layers (top-K share, live diagonals, churn, freeze drop)
+        self.selection = SelectionMonitor()
 
     # ----------------------------------------------------------------- setup
     def autocast(self):
@@ -208,6 +211,7 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.scaler.load_state_dict(state.get("scaler") or {})
             self.method.load_state_dict(state.get("method") or {})
+            self.selection.load_state_dict(state.get("selection") or {})
             self.step, self.best_top1 = int(state["step"]), float(state.get("best_metric", -math.inf))
             self.last_eval = dict(state.get("last_eval") or {})
             restore_rng_state(state["rng"])
@@ -296,6 +300,9 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         step = self.step
         metrics = dict(self.method.on_step_start(step, self.model))
+        # Measured outside the timers: the accuracy and selection just before the freeze (this step ends with it).
+        freezing = self.method.will_freeze(step, self.model)
+        before = self._freeze_probe() if freezing else None
         images = images.to(self.device, non_blocking=True)  # [B, C, H, W]
         labels = labels.to(self.device, non_blocking=True)  # [B]
         if self.data.mixup_fn is not None:
@@ -332,7 +339,26 @@ class Trainer:
             self.method.topology_changed = False
             self.forward_model = self.wrap_model(self.model)
             self.train_timer.reset()
+        if before is not None:
+            after = self._freeze_probe()
+            freeze = self.selection.record_freeze(before[0], after[0], before[1], step + 1)
+            metrics |= freeze
+            self.logger.log(freeze, step + 1)
+            self._print(
+                f"freeze after step {step + 1}: top1 {before[0]:.2f} -> {after[0]:.2f} "
+                f"(drop {freeze['selection/freeze_drop']:+.2f} pp), top-K share before "
+                f"{before[1].get('selection/topk_share', float('nan')):.3f}"
+            )
         return loss.detach(), metrics
+
+    def _freeze_probe(self) -> tuple[float, dict[str, float]]:
+        """Validation top-1 and selection numbers now, without touching the RNG streams training uses."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate(
+                self.eval_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+            )
+        return result["top1"], self.selection.observe(self.model, update_previous=False)
 
     # ------------------------------------------------------- eval and files
     def _evaluate_and_checkpoint(self, epoch: int, final: bool = False) -> None:
@@ -355,6 +381,8 @@ class Trainer:
         record |= {"sparsity/effective": stats["effective"], "sparsity/target_layers": stats["target"]}
         record |= {f"sparsity/k/{name}": k for name, k in stats["layers"].items()}
         record["throughput/infer_images_per_s"] = self.infer_images_per_s
+        selection = self.selection.observe(self.model)
+        record |= selection
         if self.train_timer.images:
             record["throughput/train_images_per_s"] = self.train_timer.images_per_second
         self.logger.log(record, self.step)
@@ -364,11 +392,22 @@ class Trainer:
             f"val loss {result['loss']:.4f} "
             f"top1 {result['top1']:6.2f} (best {self.best_top1:6.2f}) | sparsity {stats['effective']:.3f} | "
             f"train {self.train_timer.images_per_second:8.1f} img/s, infer {self.infer_images_per_s:8.1f} img/s"
+            + self._selection_text(selection)
         )
         if self.cfg.save_checkpoints:
             self.save("last.pt")
             if improved:
                 self.save("best.pt")
+
+    @staticmethod
+    def _selection_text(record: dict[str, float]) -> str:
+        """`` | top-K share 0.153, live/K 8.4, churn 0.12`` while some diagonal layer is still soft, else ``""``."""
+        if record.get("selection/frozen_fraction", 1.0) >= 1.0:
+            return ""
+        text = f" | top-K share {record['selection/topk_share']:.3f}, live/K {record['selection/live_over_k']:.2f}"
+        if "selection/churn" in record:
+            text += f", churn {record['selection/churn']:.3f}"
+        return text
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume exactly (see :mod:`dynadiag.checkpoint`)."""
@@ -378,6 +417,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
+            "selection": self.selection.state_dict(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
@@ -422,6 +462,7 @@ class Trainer:
             "sparsity_target_layers": stats["target"],
             "train_images_per_s": train_ips,
             "train_images_per_s_overall": self.overall_timer.images_per_second,
+            **self.selection.summary(),
             "infer_images_per_s": self.infer_images_per_s,
             "wall_time_s": wall_seconds,
             "device": str(self.device),

@@ -58,6 +58,14 @@ class SparseMethod:
     ) -> dict[str, float]:
         return {}
 
+    def will_freeze(self, step: int, model: nn.Module) -> bool:
+        """Whether the step with 0-based index ``step`` ends with the hard freeze of the selection.
+
+        The trainer asks before the step runs, so it can measure the accuracy just before and just after the
+        freeze (the "freeze drop"). Methods without a freeze keep the default ``False``.
+        """
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -117,6 +117,9 @@ class DynaDiagMethod(SparseMethod):
             layer.temperature = temperature
         return {"temperature": temperature}
 
+    def will_freeze(self, step: int, model: nn.Module) -> bool:
+        return step + 1 >= self.freeze_step and any(not layer.is_frozen for layer in diagonal_layers(model))
+
     def on_after_optimizer_step(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
