@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynadiag import functional as DF
+from dynadiag import groups as DG
 from dynadiag.kernels import get_backend
 
 __all__ = ["DiagLinear", "DiagonalSparseMixin"]
@@ -40,7 +41,16 @@ def all_diagonals_weight(values: torch.Tensor, in_features: int, out_features: i
 
 
 class DiagonalSparseMixin:
-    """State shared by diagonal layers: ``V`` (``[P, D, ...]``), ``alpha`` (``[P]``), ``k`` and ``offsets``."""
+    """State shared by diagonal layers: ``V`` (``[P, D, ...]``), ``alpha`` (``[P]``, or ``[G]`` for groups), ``k``
+    and ``offsets``.
+
+    Grouped layers (``group > 1``, see :mod:`dynadiag.groups`) hold one logit per group of ``group`` consecutive
+    offsets and select ``k_groups`` groups; ``k`` is then the number of diagonals those groups hold (an upper bound
+    before the freeze when the short last group could be chosen, exact after it).
+    """
+
+    #: group size ``g``; 1 is the ungrouped method.
+    group: int = 1
 
     @property
     def is_frozen(self) -> bool:
@@ -54,7 +64,10 @@ class DiagonalSparseMixin:
         """Current per-diagonal weights ``clamp(k * softmax(alpha / T), 0, 1)`` (ones on kept rows once frozen)."""
         if self.is_frozen:
             return torch.ones(self.k, device=self.V.device, dtype=self.V.dtype)
-        return DF.soft_topk_weights(self.alpha, self.k, self.temperature)
+        if self.group == 1:
+            return DF.soft_topk_weights(self.alpha, self.k, self.temperature)
+        weights = DF.soft_topk_weights(self.alpha, self.k_groups, self.temperature)  # [G]
+        return DG.expand_group_weights(weights, self.num_diagonals, self.group)
 
     @torch.no_grad()
     def freeze_(self, fold_soft_weights: bool = False):  # -> Self
@@ -70,7 +83,11 @@ class DiagonalSparseMixin:
         """
         if self.is_frozen:
             return self
-        keep = torch.topk(self.alpha.detach().float(), self.k).indices.sort().values  # [K] ascending
+        if self.group == 1:
+            keep = torch.topk(self.alpha.detach().float(), self.k).indices.sort().values  # [K] ascending
+        else:
+            kept_groups = torch.topk(self.alpha.detach().float(), self.k_groups).indices  # [Gk]
+            keep = DG.group_offsets(kept_groups, self.num_diagonals, self.group)  # [K] ascending
         values = self.V.detach()[keep].clone()
         if fold_soft_weights:
             scale = self.soft_weights().detach()[keep]
@@ -80,16 +97,21 @@ class DiagonalSparseMixin:
         self.V = nn.Parameter(values)  # [K, D]
         self.register_buffer("alpha", alpha)
         self.offsets = keep.to(torch.long)
+        self.k = int(keep.numel())
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
         # A frozen checkpoint loads into a fresh (soft) layer: adopt the frozen layout first.
         offsets = state_dict.get(prefix + "offsets")
+        perm = state_dict.get(prefix + "perm")
+        if perm is not None and getattr(self, "perm", None) is None and hasattr(self, "set_permutation_"):
+            self.set_permutation_(torch.empty_like(perm, device=self.V.device))  # filled by the load below
         if offsets is not None and not self.is_frozen:
             device, dtype, trailing = self.V.device, self.V.dtype, self.V.shape[1:]
+            alpha_shape = self.alpha.shape  # [P], or [G] for a grouped layer
             del self.V, self.alpha
             self.V = nn.Parameter(torch.empty(offsets.numel(), *trailing, device=device, dtype=dtype))
-            self.register_buffer("alpha", torch.empty(self.num_diagonals, device=device, dtype=dtype))
+            self.register_buffer("alpha", torch.empty(alpha_shape, device=device, dtype=dtype))
             self.offsets = torch.empty_like(offsets, device=device)
             self.k = offsets.numel()
         elif offsets is None and self.is_frozen and prefix + "V" in state_dict:
@@ -107,6 +129,13 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         bias: learn an additive bias.
         sparsity: target fraction of zero weights, in ``[0, 1)``; sets ``k`` (active diagonals).
         backend: kernel backend for the frozen phase (``"auto"``, ``"reference"``, ``"cpu"``, ...).
+        group: select groups of ``group`` consecutive diagonal offsets instead of single diagonals
+            (:mod:`dynadiag.groups`); ``alpha`` is then ``[G]`` and the freeze keeps ``k_groups = ceil(K / group)``
+            whole groups. 1 is the paper's layer.
+        permute: apply a fixed random permutation to the inputs (``y = W_diag x[perm] + b``), drawn from
+            ``permute_seed``; stored in the ``perm`` buffer (and checkpoints). :func:`dynadiag.sparsify_` draws one
+            per layer from the seed and the layer's name instead.
+        permute_seed: seed of that permutation.
         device: parameter device.
         dtype: parameter dtype.
 
@@ -122,6 +151,9 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         *,
         sparsity: float,
         backend: str = "auto",
+        group: int = 1,
+        permute: bool = False,
+        permute_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -132,22 +164,42 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.sparsity = DF.validate_sparsity(sparsity, where=f"DiagLinear({in_features}->{out_features}): ")
         self.num_diagonals, self.diag_length = DF.diag_dims(in_features, out_features)
-        self.k = DF.num_active_diagonals(in_features, out_features, self.sparsity)
+        self.group = DG.validate_group(group, where=f"DiagLinear({in_features}->{out_features}): ")
+        self.num_groups = DG.num_groups(self.num_diagonals, self.group)
+        self.k_groups = DG.num_active_groups(in_features, out_features, self.sparsity, self.group)
+        if self.group == 1:
+            self.k = DF.num_active_diagonals(in_features, out_features, self.sparsity)
+        else:  # upper bound until the freeze (exact unless the short last group is kept)
+            self.k = DG.kept_diagonals(self.num_diagonals, self.group, self.k_groups)
         self.backend = backend
         self.temperature = 1.0
         #: module name inside the model, set by :func:`dynadiag.sparsify_`; used in error messages.
         self.layer_name = ""
         self.V = nn.Parameter(torch.empty(self.num_diagonals, self.diag_length, **factory))  # [P, D]
-        self.alpha = nn.Parameter(torch.empty(self.num_diagonals, **factory))  # [P]
+        self.alpha = nn.Parameter(torch.empty(self.num_groups, **factory))  # [P] (g = 1) or [G]
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("offsets", None)  # [K] int64 once frozen
+        self.register_buffer("perm", None)  # [in] int64 when the inputs are permuted
+        if permute:
+            self.set_permutation_(DG.input_permutation(in_features, permute_seed).to(self.V.device))
         self.reset_parameters()
 
+    def set_permutation_(self, perm: torch.Tensor | None) -> None:
+        """Use ``perm`` (``[in]`` int64, a permutation of the inputs) from now on; ``None`` removes it.
+
+        The diagonal values are not moved: call it before training (or before ``from_linear`` copies weights).
+        """
+        if perm is not None:
+            perm = perm.to(device=self.V.device, dtype=torch.long)
+            if perm.shape != (self.in_features,):
+                raise ValueError(f"permutation must have shape [{self.in_features}], got {tuple(perm.shape)}")
+        self.perm = perm
+
     def reset_parameters(self) -> None:
-        """Kaiming-uniform ``V`` (a=sqrt(5), fan-in ``D``), ``alpha = 1/P``, zero bias."""
+        """Kaiming-uniform ``V`` (a=sqrt(5), fan-in ``D``), ``alpha = 1/P`` (``1/G`` for groups), zero bias."""
         nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
         with torch.no_grad():
-            self.alpha.fill_(1.0 / self.num_diagonals)
+            self.alpha.fill_(1.0 / self.alpha.numel())
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -157,7 +209,11 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         return self.k * self.diag_length
 
     def dense_weight(self) -> torch.Tensor:  # [out, in]
-        """The ``[out, in]`` matrix the layer currently computes with (differentiable)."""
+        """The diagonal ``[out, in]`` matrix the layer currently computes with (differentiable).
+
+        It acts on the permuted inputs ``x[..., perm]`` when the layer has a permutation; :meth:`to_linear` gives
+        the matrix that acts on ``x`` itself.
+        """
         if self.is_frozen:
             return DF.place_diagonals(self.V, self.offsets, self.in_features, self.out_features)
         scaled = self.V * self.soft_weights()[:, None]
@@ -170,6 +226,8 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
                 f"DiagLinear{name} ({self.in_features}->{self.out_features}): input last dimension is "
                 f"{x.shape[-1]}, expected {self.in_features}"
             )
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)  # a gather; the diagonal pattern applies to the permuted features
         if not self.is_frozen:
             return F.linear(x, self.dense_weight(), self.bias)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -188,6 +246,8 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         backend: str = "auto",
         scores: torch.Tensor | None = None,
         freeze: bool = False,
+        group: int = 1,
+        perm: torch.Tensor | None = None,
     ) -> DiagLinear:
         """Build a DiagLinear holding a dense layer's diagonals.
 
@@ -195,8 +255,12 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
             linear: the dense layer; its weight is read, not modified.
             sparsity: target sparsity of the new layer.
             backend: kernel backend for the frozen phase.
-            scores: per-diagonal importance ``[P]`` used as ``alpha``; default: each diagonal's L2 norm.
-            freeze: keep only the top-``k`` diagonals right away.
+            scores: per-diagonal importance ``[P]`` (or per-group ``[G]``) used as ``alpha``; default: each
+                diagonal's L2 norm (each group's L2 norm for ``group > 1``).
+            freeze: keep only the top-``k`` diagonals (groups) right away.
+            group: group size of the new layer.
+            perm: input permutation ``[in]`` of the new layer; the diagonals are read from ``W[:, perm]`` so the
+                layer still computes ``x W^T`` (exactly at sparsity 0).
         """
         weight = linear.weight.detach()
         layer = cls(
@@ -205,13 +269,22 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
             bias=linear.bias is not None,
             sparsity=sparsity,
             backend=backend,
+            group=group,
             device=weight.device,
             dtype=weight.dtype,
         )
+        if perm is not None:
+            layer.set_permutation_(perm)
+            weight = weight[:, layer.perm]  # y = W x = W[:, perm] x[perm]
         with torch.no_grad():
             layer.V.copy_(DF.gather_diagonals(weight))
-            alpha = layer.V.norm(dim=1) if scores is None else scores.to(layer.alpha)
-            layer.alpha.copy_(alpha.reshape(layer.num_diagonals))
+            if scores is None:
+                alpha = DG.group_scores(layer.V.norm(dim=1), layer.group)
+            else:
+                alpha = scores.to(layer.alpha)
+                if alpha.numel() == layer.num_diagonals and layer.group > 1:
+                    alpha = DG.group_scores(alpha, layer.group, reduce="sum")
+            layer.alpha.copy_(alpha.reshape(layer.num_groups))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         return layer.freeze_() if freeze else layer
@@ -220,6 +293,8 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
     def to_linear(self) -> nn.Linear:
         """The exact dense equivalent of what the layer computes now."""
         weight = self.dense_weight()
+        if self.perm is not None:  # W_diag acts on x[perm]: column j of W_diag belongs to input perm[j]
+            weight = weight[:, torch.argsort(self.perm)]
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )
@@ -253,4 +328,6 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"k={self.k}/{self.num_diagonals}, sparsity={self.achieved_sparsity:.4f}, frozen={self.is_frozen}, "
             f"backend={self.backend}"
+            + (f", group={self.group} (k_groups={self.k_groups}/{self.num_groups})" if self.group > 1 else "")
+            + (", permuted" if self.perm is not None else "")
         )

@@ -15,6 +15,7 @@ from torch import nn
 
 from dynadiag.conv import DiagConv2d
 from dynadiag.functional import validate_sparsity
+from dynadiag.groups import input_permutation, validate_group
 from dynadiag.layers import DiagLinear
 
 __all__ = ["DEFAULT_TARGETS", "DiagSparsifyConfig", "LayerReport", "SparsifyReport", "densify_", "sparsify_"]
@@ -47,6 +48,11 @@ class DiagSparsifyConfig:
         convs: also convert matching ``nn.Conv2d`` layers to :class:`DiagConv2d`.
         init: ``"kaiming"`` re-initialises ``V`` as the paper does (training from scratch); ``"copy"`` takes
             ``V`` from the dense layer's diagonals (starting from a trained model).
+        group: select groups of this many consecutive diagonal offsets (:mod:`dynadiag.groups`); 1 = single
+            diagonals (the paper). Linear layers only.
+        permute: give every converted linear layer a fixed random input permutation, drawn from ``permute_seed``
+            and the layer's name.
+        permute_seed: seed of those permutations.
     """
 
     sparsity: float
@@ -55,9 +61,13 @@ class DiagSparsifyConfig:
     backend: str = "auto"
     convs: bool = True
     init: str = "kaiming"
+    group: int = 1
+    permute: bool = False
+    permute_seed: int = 0
 
     def __post_init__(self) -> None:
         self.sparsity = validate_sparsity(self.sparsity, where="DiagSparsifyConfig: ")
+        self.group = validate_group(self.group, where="DiagSparsifyConfig: ")
         if self.init not in ("kaiming", "copy"):
             raise ValueError(f"DiagSparsifyConfig: init must be 'kaiming' or 'copy', got {self.init!r}")
 
@@ -73,6 +83,7 @@ class LayerReport:
     nnz: int
     params_before: int
     sparsity: float
+    group: int = 1
 
 
 @dataclass
@@ -134,8 +145,14 @@ def _frozen_param_count(model: nn.Module) -> int:
 
 def _convert(name: str, module: nn.Module, config: DiagSparsifyConfig) -> nn.Module:
     if isinstance(module, nn.Linear):
-        return DiagLinear.from_linear(module, config.sparsity, backend=config.backend)
+        perm = input_permutation(module.in_features, config.permute_seed, name) if config.permute else None
+        return DiagLinear.from_linear(module, config.sparsity, backend=config.backend, group=config.group, perm=perm)
     if isinstance(module, nn.Conv2d) and config.convs:
+        if config.group > 1 or config.permute:
+            raise ValueError(
+                f"sparsify_: cannot convert '{name}': grouped/permuted diagonals are implemented for linear layers "
+                "only (set convs=false or exclude the convolutions)"
+            )
         if module.groups != 1:
             raise ValueError(f"sparsify_: cannot convert '{name}': grouped convolution (groups={module.groups})")
         return DiagConv2d.from_conv(module, config.sparsity)
@@ -195,8 +212,8 @@ def sparsify_(
 
 
 def reset_alpha_(layer: DiagLinear | DiagConv2d) -> None:
-    """Reset ``alpha`` to the method's neutral ``1/P`` start."""
-    layer.alpha.data.fill_(1.0 / layer.num_diagonals)
+    """Reset ``alpha`` to the method's neutral ``1/P`` start (``1/G`` for grouped layers)."""
+    layer.alpha.data.fill_(1.0 / layer.alpha.numel())
 
 
 def _layer_report(name: str, layer: DiagLinear | DiagConv2d) -> LayerReport:
@@ -216,6 +233,7 @@ def _layer_report(name: str, layer: DiagLinear | DiagConv2d) -> LayerReport:
         nnz=layer.nnz,
         params_before=fan_in * fan_out * taps,
         sparsity=layer.achieved_sparsity,
+        group=layer.group,
     )
 
 

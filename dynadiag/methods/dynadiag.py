@@ -60,6 +60,9 @@ class DynaDiagMethod(SparseMethod):
         convs: convert matching ``nn.Conv2d`` layers too.
         fold_soft_weights: at the freeze, scale each kept diagonal by its soft weight instead of jumping to weight
             1 (keeps the function continuous across the freeze; the paper's freeze is ``False``).
+        group: select groups of this many consecutive diagonal offsets (:mod:`dynadiag.groups`); 1 = the paper.
+        permute: fixed random input permutation per layer (seeded by ``permute_seed`` and the layer name).
+        permute_seed: seed of the permutations.
     """
 
     name = "dynadiag"
@@ -78,12 +81,23 @@ class DynaDiagMethod(SparseMethod):
         init: str = "kaiming",
         convs: bool = True,
         fold_soft_weights: bool = False,
+        group: int = 1,
+        permute: bool = False,
+        permute_seed: int = 0,
         **schedule_kwargs: Any,
     ) -> None:
         super().__init__()
         self.fold_soft_weights = bool(fold_soft_weights)
         self.config = DiagSparsifyConfig(
-            sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=convs, init=init
+            sparsity=sparsity,
+            include=include,
+            exclude=tuple(exclude),
+            backend=backend,
+            convs=convs,
+            init=init,
+            group=group,
+            permute=permute,
+            permute_seed=permute_seed,
         )
         if float(freeze_epoch) < 0:
             raise ValueError(f"freeze_epoch must be >= 0, got {freeze_epoch}")
