@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynadiag.checkpoint import CheckpointError, load_checkpoint
 from dynadiag.data import build_loaders
-from dynadiag.evaluate import evaluate, sparsity_stats
+from dynadiag.evaluate import evaluate
 from dynadiag.kernels import backend_names, get_backend
+from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import measure_inference_throughput
 from dynadiag.trainer import format_summary
 from train import build_model_and_method, error_message, resolve_device

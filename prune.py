@@ -34,9 +34,10 @@ from torch import nn
 
 import train as train_app
 from dynadiag.checkpoint import load_checkpoint, save_checkpoint
-from dynadiag.evaluate import evaluate, sparsity_stats
+from dynadiag.evaluate import evaluate
 from dynadiag.loggers import build_logger
 from dynadiag.prune import PruneConfig, calibration_batches, prune_model_
+from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import measure_inference_throughput
 
 TIMM_PREFIX = "timm:"

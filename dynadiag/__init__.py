@@ -3,7 +3,8 @@
 from dynadiag.conv import DiagConv2d
 from dynadiag.functional import num_active_diagonals, soft_topk_weights
 from dynadiag.layers import DiagLinear
-from dynadiag.sparsify import DiagSparsifyConfig, SparsifyReport, densify_, sparsify_, sparsity_report
+from dynadiag.sparsify import DiagSparsifyConfig, densify_, sparsify_
+from dynadiag.sparsity import SparsifyReport, sparsity_report
 
 __version__ = "0.1.0"
 

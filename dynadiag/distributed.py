@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_reduce_mean",
     "all_reduce_sum",
     "any_rank",
     "barrier",
@@ -126,6 +127,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over ranks (unchanged in one process), so every rank decides from the same scores."""
+    if not is_dist():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.div_(world_size())
 
 
 def any_rank(flag: bool, device: torch.device | None = None) -> bool:

@@ -1,4 +1,4 @@
-"""Evaluation: top-1/top-5 accuracy and loss over a loader, and the model's sparsity statistics.
+"""Evaluation: top-1/top-5 accuracy and loss over a loader (sparsity is counted in :mod:`dynadiag.sparsity`).
 
 Counts are summed across ranks (:func:`dynadiag.distributed.all_reduce_sum`), so the numbers are the same
 whichever process prints them.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dynadiag import distributed as dist_utils
-from dynadiag.conv import DiagConv2d
-from dynadiag.layers import DiagLinear
 from dynadiag.throughput import synchronize
 
-__all__ = ["evaluate", "sparsity_stats"]
+__all__ = ["evaluate"]
 
 
 @torch.no_grad()
@@ -74,45 +71,4 @@ def evaluate(
         "top1": 100.0 * totals[1].item() / count,
         "top5": 100.0 * totals[2].item() / count,
         "count": int(totals[3].item()),
-    }
-
-
-def sparsity_stats(model: nn.Module) -> dict[str, Any]:
-    """Non-zeros the model computes with, over its linear/convolution weights.
-
-    Diagonal layers count ``k * D`` (per kernel tap) once frozen, and all of ``P * D`` during the soft phase
-    (every diagonal is live then). Other ``nn.Linear``/``nn.Conv2d`` layers count their exact non-zeros, so
-    mask-based methods (zeros kept in a dense weight) are measured the same way.
-
-    Returns:
-        ``effective`` (1 - nnz / dense size over all linear/conv weights), ``target`` (the sparsity of the
-        diagonal layers once frozen, or of the masked layers of a mask-based method), ``nnz``, ``dense``,
-        ``params`` and ``layers``: ``{name: k}`` per diagonal layer.
-    """
-    nnz = dense = diag_nnz = diag_dense = 0
-    layers: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DiagLinear | DiagConv2d):
-            if isinstance(module, DiagLinear):
-                size, taps = module.in_features * module.out_features, 1
-            else:
-                taps = module.kernel_size[0] * module.kernel_size[1]
-                size = module.in_channels * module.out_channels * taps
-            kept = module.nnz if module.is_frozen else size
-            nnz, dense = nnz + kept, dense + size
-            diag_nnz, diag_dense = diag_nnz + module.nnz, diag_dense + size
-            layers[name] = int(module.k)
-        elif isinstance(module, nn.Linear | nn.Conv2d):
-            nnz += int(torch.count_nonzero(module.weight.detach()).item())
-            dense += module.weight.numel()
-            mask = getattr(module, "weight_mask", None)  # mask-based methods: their targets are the masked layers
-            if mask is not None:
-                diag_nnz, diag_dense = diag_nnz + int(mask.sum().item()), diag_dense + mask.numel()
-    return {
-        "effective": 1.0 - nnz / max(1, dense),
-        "target": (1.0 - diag_nnz / diag_dense) if diag_dense else 0.0,
-        "nnz": nnz,
-        "dense": dense,
-        "params": sum(p.numel() for p in model.parameters()),
-        "layers": layers,
     }

@@ -39,11 +39,12 @@ from dynadiag.checkpoint import (
     save_checkpoint,
 )
 from dynadiag.data import DataBundle
-from dynadiag.evaluate import evaluate, sparsity_stats
+from dynadiag.evaluate import evaluate
 from dynadiag.loggers import Logger, NullLogger
 from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
 from dynadiag.selection_stats import SelectionMonitor
+from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import StepTimer, measure_inference_throughput
 
 __all__ = ["Trainer", "TrainerConfig", "format_summary"]

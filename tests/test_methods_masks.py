@@ -7,8 +7,10 @@ from _methods_common import run_steps, tiny_vit
 from torch import nn
 
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import MASK_BUFFER, MaskReport, masked_layers, reset_optimizer_state_, select_layers
+from dynadiag.methods.masks import reset_optimizer_state_
 from dynadiag.methods.static import StaticMethod
+from dynadiag.sparsity import MASK_BUFFER, MaskReport, masked_layers
+from dynadiag.targets import select_layers
 
 
 def _assert_layer_targets(method):
@@ -33,7 +35,7 @@ def test_select_layers_defaults_match_dynadiag_targets():
     ]
     # an explicit pattern that matches the head is overridden by head="dense"
     assert [n for n, _ in select_layers(model, include=["head", "blocks.0.mlp.fc1"])] == ["blocks.0.mlp.fc1"]
-    assert "patch_embed.proj" not in [n for n, _ in select_layers(model, include=["*"], convs=True)]
+    assert "patch_embed.proj" not in [n for n, _ in select_layers(model, include=["*"])]
     with pytest.raises(ValueError, match="matches no"):
         select_layers(model, include=["blocks.*.nothing"])
     with pytest.raises(ValueError, match="first_layer"):
@@ -151,4 +153,4 @@ def test_mixer_and_resnet_targets_match_dynadiag():
     names = [n for n, _ in select_layers(resnet)]
     assert "layer1.0.conv1" in names and "layer2.0.downsample.0" in names and "conv1" not in names
     assert "fc" not in names
-    assert [n for n, _ in select_layers(resnet, convs=False, include=["fc"], head="sparse")] == ["fc"]
+    assert [n for n, _ in select_layers(resnet, include=["fc"], types=(nn.Linear,), head="sparse")] == ["fc"]

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynadiag.distributed import all_reduce_mean
 from dynadiag.functional import gather_diagonals
 from dynadiag.layers import DiagLinear
 from dynadiag.methods.base import SparseMethod
-from dynadiag.methods.masks import all_reduce_mean
 from dynadiag.methods.regrow import RegrowSchedule
-from dynadiag.sparsify import DiagSparsifyConfig, SparsifyReport, sparsify_, sparsity_report
+from dynadiag.sparsify import DiagSparsifyConfig, sparsify_
+from dynadiag.sparsity import SparsifyReport, sparsity_report
 
 __all__ = ["DiagHeurMethod", "swap_diagonals_"]
 

@@ -13,7 +13,8 @@ from dynadiag.layers import DiagLinear
 from dynadiag.methods.base import SparseMethod
 from dynadiag.optim import remove_parameter_, replace_parameter_
 from dynadiag.schedules import TemperatureSchedule
-from dynadiag.sparsify import DiagSparsifyConfig, SparsifyReport, sparsify_
+from dynadiag.sparsify import DiagSparsifyConfig, sparsify_
+from dynadiag.sparsity import SparsifyReport
 
 __all__ = ["DynaDiagMethod", "diagonal_layers", "freeze_all_"]
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import MaskedMethod, all_reduce_mean, reset_optimizer_state_
+from dynadiag.methods.masks import MaskedMethod, reset_optimizer_state_
 
 __all__ = ["GMPMethod", "cubic_sparsity"]
 

@@ -19,114 +19,26 @@ Under DDP every decision is taken from all-reduced scores (and random choices co
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from dynadiag.distributed import is_dist, world_size
 from dynadiag.methods.base import SparseMethod
 from dynadiag.methods.density import layer_densities, num_kept
-from dynadiag.sparsify import DEFAULT_TARGETS, LayerReport, SparsifyReport
+from dynadiag.sparsity import (
+    MASK_BUFFER,
+    MaskReport,
+    apply_mask_,
+    layer_report,
+    mask_sparsity,
+    zero_fraction,
+    zero_masked_grads_,
+    zero_masked_weights_,
+)
+from dynadiag.targets import select_layers
 
-__all__ = [
-    "MASK_BUFFER",
-    "MaskReport",
-    "MaskedMethod",
-    "all_reduce_mean",
-    "first_and_head",
-    "masked_layers",
-    "reset_optimizer_state_",
-    "select_layers",
-]
-
-#: name of the boolean mask buffer registered on every masked layer
-MASK_BUFFER = "weight_mask"
-_LAYER_TYPES = (nn.Linear, nn.Conv2d)
-
-
-def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every layer of ``model`` that carries a ``weight_mask``."""
-    return [(n, m) for n, m in model.named_modules() if getattr(m, MASK_BUFFER, None) is not None]
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def first_and_head(model: nn.Module) -> tuple[str | None, str | None]:
-    """Names of the model's first weight layer (stem / patch embedding) and its classifier head."""
-    named = [(n, m) for n, m in model.named_modules() if n and isinstance(m, _LAYER_TYPES)]
-    first = named[0][0] if named else None
-    head = None
-    get_classifier = getattr(model, "get_classifier", None)  # timm models name their head
-    if callable(get_classifier):
-        classifier = get_classifier()
-        head = next((n for n, m in named if m is classifier), None)
-    if head is None:
-        head = next((n for n, m in reversed(named) if isinstance(m, nn.Linear)), None)
-    return first, head
-
-
-def select_layers(
-    model: nn.Module,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    *,
-    convs: bool = True,
-    first_layer: str = "dense",
-    head: str = "dense",
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-) -> list[tuple[str, nn.Module]]:
-    """The layers a masked method sparsifies, with the same target rules as :func:`dynadiag.sparsify_`.
-
-    Args:
-        model: the model.
-        include: module-name globs (``None``: :data:`dynadiag.sparsify.DEFAULT_TARGETS`, ViT/Mixer/ResNet blocks).
-            Each explicit pattern must match at least one ``nn.Linear`` (or ``nn.Conv2d``) layer.
-        exclude: globs removed from the matches.
-        convs: sparsify matching ``nn.Conv2d`` layers too.
-        first_layer: ``"dense"`` keeps the model's first weight layer (patch embedding / stem) out of the
-            sparsified set even if a pattern matches it; ``"sparse"`` adds it.
-        head: the same for the classifier head (``model.get_classifier()``, else the last ``nn.Linear``).
-        filter_fn: optional extra predicate ``(module, name) -> bool``.
-    """
-    for option, value in (("first_layer", first_layer), ("head", head)):
-        if value not in ("dense", "sparse"):
-            raise ValueError(f"{option} must be 'dense' or 'sparse', got {value!r}")
-    types = _LAYER_TYPES if convs else (nn.Linear,)
-    patterns = tuple(include) if include is not None else DEFAULT_TARGETS
-    named = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
-    if include is not None:
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                kinds = "nn.Linear/nn.Conv2d" if convs else "nn.Linear"
-                raise ValueError(f"pattern '{pattern}' matches no {kinds} layer of {type(model).__name__}")
-    first, last = first_and_head(model)
-    chosen = {n for n, _ in named if _matches(n, patterns) and not _matches(n, exclude)}
-    for name, option in ((first, first_layer), (last, head)):
-        if name is not None and option == "sparse":
-            chosen.add(name)
-        elif name is not None:
-            chosen.discard(name)
-    targets = [(n, m) for n, m in named if n in chosen and (filter_fn is None or filter_fn(m, n))]
-    if not targets:
-        raise ValueError(
-            f"no layer of {type(model).__name__} matches {list(patterns)} (exclude={list(exclude)}; the first "
-            f"layer '{first}' is {first_layer} and the head '{last}' is {head} by the first_layer/head options)"
-        )
-    return targets
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over ranks (unchanged in one process), so every rank decides from the same scores."""
-    if not is_dist():
-        return tensor
-    tensor = tensor.clone()
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor.div_(world_size())
+__all__ = ["MaskedMethod", "reset_optimizer_state_"]
 
 
 @torch.no_grad()
@@ -143,34 +55,6 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(where.to(value.device), 0)
-
-
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
-        return f"conv{module.kernel_size[0]}x{module.kernel_size[1]}"
-    return "linear"
-
-
-@dataclass
-class MaskReport(SparsifyReport):
-    """:class:`~dynadiag.sparsify.SparsifyReport` for masked (dense-storage) layers; ``str()`` is a table."""
-
-    method: str = "masked"
-
-    def __str__(self) -> str:
-        head = f"{'layer':<28} {'kind':<10} {'out':>6} {'in':>6} {'weights':>10} {'nnz':>10} {'sparsity':>8}"
-        rows = [head, "-" * len(head)]
-        for r in self.layers:
-            rows.append(
-                f"{r.name:<28} {r.kind:<10} {r.out_features:>6} {r.in_features:>6} {r.params_before:>10,} "
-                f"{r.nnz:>10,} {r.sparsity:>8.4f}"
-            )
-        rows.append("-" * len(head))
-        rows.append(
-            f"{self.method}: {len(self.layers)} masked layers, {self.dense_weights:,} weights -> {self.nnz:,} "
-            f"non-zeros (sparsity {self.sparsity:.4f}); stored dense, {self.model_params_after:,} model parameters"
-        )
-        return "\n".join(rows)
 
 
 class MaskedMethod(SparseMethod):
@@ -239,8 +123,9 @@ class MaskedMethod(SparseMethod):
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> MaskReport:
         """Register a ``weight_mask`` buffer on every target layer and zero the masked weights."""
+        types = (nn.Linear, nn.Conv2d) if self.convs else (nn.Linear,)
         self.layers = select_layers(
-            model, self.include, self.exclude, convs=self.convs, first_layer=self.first_layer, head=self.head
+            model, self.include, self.exclude, types=types, first_layer=self.first_layer, head=self.head
         )
         shapes = {name: tuple(module.weight.shape) for name, module in self.layers}
         self.densities = layer_densities(
@@ -250,8 +135,7 @@ class MaskedMethod(SparseMethod):
         for name, module in self.layers:
             if getattr(module, MASK_BUFFER, None) is not None:
                 raise ValueError(f"layer '{name}' already has a {MASK_BUFFER}; apply_ a masked method only once")
-            module.register_buffer(MASK_BUFFER, self.initial_mask(module, self.densities[name], generator))
-            module.weight.mul_(module.weight_mask)
+            apply_mask_(module, self.initial_mask(module, self.densities[name], generator))
         return self.report(model)
 
     # ----------------------------------------------------------------------------------------------- hooks
@@ -265,9 +149,7 @@ class MaskedMethod(SparseMethod):
     @torch.no_grad()
     def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         self.capture(step)
-        for _, module in self.layers:
-            if module.weight.grad is not None:
-                module.weight.grad.mul_(module.weight_mask)
+        zero_masked_grads_(self.layers)
         return {}
 
     @torch.no_grad()
@@ -275,8 +157,7 @@ class MaskedMethod(SparseMethod):
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
         metrics = self.update(step, optimizer)
-        for _, module in self.layers:
-            module.weight.mul_(module.weight_mask)
+        zero_masked_weights_(self.layers)
         if metrics or step == 0:
             # "mask" is what the method keeps; "effective" counts exact zeros (grown weights start at zero).
             metrics["sparsity/mask"] = self.mask_sparsity()
@@ -286,33 +167,13 @@ class MaskedMethod(SparseMethod):
     # ----------------------------------------------------------------------------------------------- reporting
     def mask_sparsity(self) -> float:
         """Fraction of masked-out weights over the masked layers."""
-        kept = sum(int(module.weight_mask.sum()) for _, module in self.layers)
-        return 1.0 - kept / max(1, sum(module.weight.numel() for _, module in self.layers))
+        return mask_sparsity(self.layers)
 
-    @torch.no_grad()
     def effective_sparsity(self) -> float:
         """Fraction of exactly-zero weights over the masked layers (measured, not read from the masks)."""
-        zeros = sum(int((module.weight == 0).sum()) for _, module in self.layers)
-        return zeros / max(1, sum(module.weight.numel() for _, module in self.layers))
+        return zero_fraction(self.layers)
 
     def report(self, model: nn.Module) -> MaskReport:
         """Per-layer table of the masks as they are now."""
-        layers = []
-        for name, module in self.layers:
-            weight, mask = module.weight, module.weight_mask
-            nnz = int(mask.sum())
-            layers.append(
-                LayerReport(
-                    name=name,
-                    kind=_kind(module),
-                    in_features=weight.shape[1],
-                    out_features=weight.shape[0],
-                    num_diagonals=0,
-                    k=0,
-                    nnz=nnz,
-                    params_before=weight.numel(),
-                    sparsity=1.0 - nnz / weight.numel(),
-                )
-            )
         total = sum(p.numel() for p in model.parameters())
-        return MaskReport(layers, total, total, method=self.name)
+        return MaskReport([layer_report(n, m) for n, m in self.layers], total, total, method=self.name)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from dynadiag.methods.masks import MaskedMethod, all_reduce_mean, reset_optimizer_state_
+from dynadiag.distributed import all_reduce_mean
+from dynadiag.methods.masks import MaskedMethod, reset_optimizer_state_
 
 __all__ = ["DECAYS", "DropGrowMethod", "RegrowSchedule", "drop_and_grow"]
 

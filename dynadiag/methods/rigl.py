@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynadiag.methods.masks import all_reduce_mean
+from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.regrow import DropGrowMethod
 
 __all__ = ["RigLMethod"]

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import all_reduce_mean, first_and_head
 from dynadiag.methods.regrow import DropGrowMethod, drop_and_grow
+from dynadiag.targets import first_and_head
 
 __all__ = ["SRigLMethod", "constant_fan_in_update"]
 

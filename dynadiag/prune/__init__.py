@@ -5,7 +5,7 @@ from dynadiag.prune.calibration import InputStats, calibration_batches, collect_
 from dynadiag.prune.diag import diag_scores, linear_to_diag
 from dynadiag.prune.dsnot import DSnoTResult, dsnot_mask, expected_error
 from dynadiag.prune.magnitude import magnitude_mask
-from dynadiag.prune.masking import FixedDiagMethod, FixedMaskMethod, apply_mask_, mask_sparsity, target_linears
+from dynadiag.prune.masking import FixedDiagMethod, FixedMaskMethod, target_linears
 from dynadiag.prune.pipeline import PRUNE_METHODS, PruneConfig, PruneReport, prune_model_
 from dynadiag.prune.wanda import wanda_mask, wanda_scores
 
@@ -17,7 +17,6 @@ __all__ = [
     "InputStats",
     "PruneConfig",
     "PruneReport",
-    "apply_mask_",
     "calibration_batches",
     "collect_input_stats",
     "diag_scores",
@@ -25,7 +24,6 @@ __all__ = [
     "expected_error",
     "linear_to_diag",
     "magnitude_mask",
-    "mask_sparsity",
     "prune_layerwise_",
     "prune_model_",
     "target_linears",

@@ -11,7 +11,6 @@ fine-tunes with them, and their ``apply_`` builds the matching empty structure o
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 import torch
@@ -19,69 +18,29 @@ from torch import nn
 
 from dynadiag.layers import DiagLinear
 from dynadiag.methods.base import SparseMethod
-from dynadiag.sparsify import DEFAULT_TARGETS, DiagSparsifyConfig, sparsify_
+from dynadiag.sparsify import DiagSparsifyConfig, sparsify_
+from dynadiag.sparsity import (
+    MASK_BUFFER,
+    apply_mask_,
+    mask_sparsity,
+    masked_layers,
+    zero_masked_grads_,
+    zero_masked_weights_,
+)
+from dynadiag.targets import select_layers
 
-__all__ = [
-    "MASK_BUFFER",
-    "FixedDiagMethod",
-    "FixedMaskMethod",
-    "apply_mask_",
-    "mask_sparsity",
-    "masked_layers",
-    "target_linears",
-]
-
-MASK_BUFFER = "weight_mask"
+__all__ = ["FixedDiagMethod", "FixedMaskMethod", "target_linears"]
 
 
 def target_linears(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[str]:
-    """Names of the ``nn.Linear`` layers matching ``include`` globs (default :data:`DEFAULT_TARGETS`), in order.
+    """Names of the ``nn.Linear`` layers post-training pruning works on (:func:`~dynadiag.targets.select_layers`
+    with ``include`` globs, default :data:`~dynadiag.targets.DEFAULT_TARGETS`), in model order.
 
     Raises:
         ValueError: nothing matches, or an explicit ``include`` pattern matches no ``nn.Linear``.
     """
-    patterns = tuple(include) if include is not None else DEFAULT_TARGETS
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if include is not None:
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in linears):
-                raise ValueError(f"pattern '{pattern}' matches no nn.Linear of {type(model).__name__}")
-    names = [
-        n
-        for n in linears
-        if any(fnmatch.fnmatchcase(n, p) for p in patterns) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
-    ]
-    if not names:
-        raise ValueError(f"no nn.Linear of {type(model).__name__} matches {list(patterns)} (exclude={list(exclude)})")
-    return names
-
-
-@torch.no_grad()
-def apply_mask_(layer: nn.Linear, mask: torch.Tensor) -> None:
-    """Store ``mask`` (``[out, in]`` bool, ``True`` = kept) as the layer's ``weight_mask`` buffer and zero the rest."""
-    if mask.shape != layer.weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(layer.weight.shape)}")
-    mask = mask.to(device=layer.weight.device, dtype=torch.bool)
-    if hasattr(layer, MASK_BUFFER):
-        getattr(layer, MASK_BUFFER).copy_(mask)
-    else:
-        layer.register_buffer(MASK_BUFFER, mask.clone())
-    layer.weight.mul_(mask)
-
-
-def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module that holds a ``weight_mask`` buffer."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, MASK_BUFFER, None), torch.Tensor)]
-
-
-def mask_sparsity(model: nn.Module) -> float:
-    """Fraction of pruned weights over all masked layers."""
-    total = kept = 0
-    for _, module in masked_layers(model):
-        mask = getattr(module, MASK_BUFFER)
-        total += mask.numel()
-        kept += int(mask.sum())
-    return 1.0 - kept / max(1, total)
+    layers = select_layers(model, include, exclude, types=(nn.Linear,), first_layer=None, head=None)
+    return [name for name, _ in layers]
 
 
 class FixedMaskMethod(SparseMethod):
@@ -89,7 +48,7 @@ class FixedMaskMethod(SparseMethod):
 
     Args:
         sparsity: the sparsity the masks were pruned to (recorded for reports; the masks themselves decide).
-        include: module-name globs of the masked ``nn.Linear`` layers (``None``: :data:`DEFAULT_TARGETS`).
+        include: module-name globs of the masked ``nn.Linear`` layers (``None``: the default targets).
         exclude: globs removed from the matches.
         pruner: which pruning method made the masks (recorded for reports).
     """
@@ -108,13 +67,11 @@ class FixedMaskMethod(SparseMethod):
         for name in names:
             layer = model.get_submodule(name)
             if not hasattr(layer, MASK_BUFFER):
-                layer.register_buffer(MASK_BUFFER, torch.ones_like(layer.weight, dtype=torch.bool))
-        return f"fixed masks on {len(names)} layers (mask sparsity now {mask_sparsity(model):.4f})"
+                apply_mask_(layer, torch.ones_like(layer.weight, dtype=torch.bool))
+        return f"fixed masks on {len(names)} layers (mask sparsity now {mask_sparsity(masked_layers(model)):.4f})"
 
     def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        for _, module in masked_layers(model):
-            if module.weight.grad is not None:
-                module.weight.grad.mul_(getattr(module, MASK_BUFFER))
+        zero_masked_grads_(masked_layers(model))
         return {}
 
     @torch.no_grad()
@@ -122,8 +79,7 @@ class FixedMaskMethod(SparseMethod):
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
         # Weight decay and momentum can still move pruned weights: re-mask so the model stays exactly sparse.
-        for _, module in masked_layers(model):
-            module.weight.mul_(getattr(module, MASK_BUFFER))
+        zero_masked_weights_(masked_layers(model))
         return {}
 
 
@@ -132,7 +88,7 @@ class FixedDiagMethod(SparseMethod):
 
     Args:
         sparsity: target sparsity of the converted layers.
-        include: module-name globs of the converted layers (``None``: :data:`DEFAULT_TARGETS`).
+        include: module-name globs of the converted layers (``None``: :data:`~dynadiag.targets.DEFAULT_TARGETS`).
         exclude: globs removed from the matches.
         backend: kernel backend of the diagonal layers.
         score: which diagonal score chose the diagonals (recorded for reports).

@@ -19,8 +19,10 @@ from dynadiag.prune.calibration import InputStats, prune_layerwise_
 from dynadiag.prune.diag import DIAG_SCORES, linear_to_diag
 from dynadiag.prune.dsnot import dsnot_mask
 from dynadiag.prune.magnitude import layer_mask, magnitude_mask
-from dynadiag.prune.masking import apply_mask_, target_linears
+from dynadiag.prune.masking import target_linears
 from dynadiag.prune.wanda import per_row_mask, wanda_mask, wanda_scores
+from dynadiag.sparsity import apply_mask_
+from dynadiag.targets import replace_module_
 
 __all__ = ["PRUNE_METHODS", "LayerPruneReport", "PruneConfig", "PruneReport", "prune_model_"]
 
@@ -122,11 +124,6 @@ class PruneReport:
         return "\n".join(rows)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def prune_model_(model: nn.Module, config: PruneConfig, batches: Sequence[torch.Tensor] | None = None) -> PruneReport:
     """Prune ``model`` in place.
 
@@ -150,7 +147,7 @@ def prune_model_(model: nn.Module, config: PruneConfig, batches: Sequence[torch.
         if config.method == "diag":
             diag = linear_to_diag(layer, config.sparsity, stats, score=config.diag_score, backend=config.backend)
             diag.layer_name = name
-            _set_module(model, name, diag)
+            replace_module_(model, name, diag)
             report.nnz = diag.nnz
         else:
             if config.method == "magnitude":

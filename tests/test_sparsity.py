@@ -2,9 +2,9 @@ import pytest
 import torch
 from _methods_common import tiny_vit
 
-from dynadiag.evaluate import sparsity_stats
 from dynadiag.methods.dynadiag import DynaDiagMethod, freeze_all_
 from dynadiag.methods.static import StaticMethod
+from dynadiag.sparsity import sparsity_stats
 
 
 def test_sparsity_stats_counts_masked_and_diagonal_targets_alike():
