@@ -175,6 +175,10 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         self.temperature = 1.0
         #: module name inside the model, set by :func:`dynadiag.sparsify_`; used in error messages.
         self.layer_name = ""
+        #: what computed the last frozen forward: a backend name, or ``auto``'s per-op plan on CUDA (e.g.
+        #: ``"fwd=cuda,dx=cuda,dv=dense"``); ``""`` before the first frozen forward. Shown in the sparsify report
+        #: and the run summary.
+        self.kernel = ""
         self.V = nn.Parameter(torch.empty(self.num_diagonals, self.diag_length, **factory))  # [P, D]
         self.alpha = nn.Parameter(torch.empty(self.num_groups, **factory))  # [P] (g = 1) or [G]
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -235,6 +239,12 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         backend = get_backend(self.backend, x.device)
         y = backend.diag_linear(x2d, self.V.to(dtype), self.offsets, bias, self.in_features, self.out_features)
+        kernel_name = getattr(backend, "kernel_name", None)
+        if kernel_name is None:
+            self.kernel = backend.name
+        else:
+            training = torch.is_grad_enabled() and (x2d.requires_grad or self.V.requires_grad)
+            self.kernel = kernel_name(self.in_features, self.out_features, self.k, x2d.shape[0], dtype, training)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod

@@ -31,6 +31,7 @@ __all__ = [
     "SparsifyReport",
     "apply_mask_",
     "frozen_param_count",
+    "kernel_summary",
     "layer_kind",
     "layer_report",
     "mask_sparsity",
@@ -102,6 +103,9 @@ class LayerReport:
     params_before: int
     sparsity: float
     group: int = 1
+    #: what computed the layer's last frozen forward (``DiagLinear.kernel``): a backend name or ``auto``'s per-op
+    #: plan on CUDA (e.g. ``"fwd=cuda,dx=cuda,dv=dense"``); ``""`` if it has not run frozen yet.
+    kernel: str = ""
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -124,7 +128,7 @@ def layer_report(name: str, module: nn.Module) -> LayerReport:
             taps = module.kernel_size[0] * module.kernel_size[1]
         return LayerReport(
             name, layer_kind(module), fan_in, fan_out, module.num_diagonals, module.k, module.nnz,
-            fan_in * fan_out * taps, module.achieved_sparsity, module.group,
+            fan_in * fan_out * taps, module.achieved_sparsity, module.group, getattr(module, "kernel", ""),
         )  # fmt: skip
     mask = getattr(module, MASK_BUFFER, None)
     if not isinstance(mask, torch.Tensor):
@@ -167,12 +171,15 @@ class SparsifyReport:
         return 1.0 - self.nnz / max(1, self.dense_weights)
 
     def __str__(self) -> str:
-        head = f"{'layer':<28} {'kind':<10} {'in':>6} {'out':>6} {'P':>6} {'K':>6} {'nnz':>10} {'sparsity':>8}"
+        head = (
+            f"{'layer':<28} {'kind':<10} {'in':>6} {'out':>6} {'P':>6} {'K':>6} {'nnz':>10} {'sparsity':>8} "
+            f"{'kernel':<12}"
+        )
         rows = [head, "-" * len(head)]
         for r in self.layers:
             rows.append(
                 f"{r.name:<28} {r.kind:<10} {r.in_features:>6} {r.out_features:>6} {r.num_diagonals:>6} "
-                f"{r.k:>6} {r.nnz:>10,} {r.sparsity:>8.4f}"
+                f"{r.k:>6} {r.nnz:>10,} {r.sparsity:>8.4f} {r.kernel or '-':<12}"
             )
         rows.append("-" * len(head))
         rows.append(
@@ -210,6 +217,16 @@ def sparsity_report(model: nn.Module) -> SparsifyReport:
     layers = [layer_report(n, m) for n, m in model.named_modules() if isinstance(m, DiagLinear | DiagConv2d)]
     total = sum(p.numel() for p in model.parameters())
     return SparsifyReport(layers, total, frozen_param_count(model))
+
+
+def kernel_summary(model: nn.Module) -> str:
+    """How many diagonal layers ran on each kernel choice, e.g. ``"cuda x24, fwd=cuda,dx=cuda,dv=dense x12"``."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, DiagLinear | DiagConv2d):
+            name = getattr(module, "kernel", "") or "-"
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
 def mask_sparsity(layers: Iterable[tuple[str, nn.Module]]) -> float:

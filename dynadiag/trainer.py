@@ -44,7 +44,7 @@ from dynadiag.loggers import Logger, NullLogger
 from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
 from dynadiag.selection_stats import SelectionMonitor
-from dynadiag.sparsity import sparsity_stats
+from dynadiag.sparsity import kernel_summary, sparsity_report, sparsity_stats
 from dynadiag.throughput import StepTimer, measure_inference_throughput
 
 __all__ = ["Trainer", "TrainerConfig", "format_summary"]
@@ -281,6 +281,9 @@ class Trainer:
                 self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
         bar.close()
         summary = self._summary(time.perf_counter() - t_start)
+        report = sparsity_report(self.model)
+        if any(layer.kernel for layer in report.layers):  # frozen layers ran: show each one's kernel choice
+            self._print(str(report))
         if dist_utils.is_dist():
             # Every rank must end with the weights and topology rank 0 saved; anything else is a bug worth seeing.
             summary["world_size"] = dist_utils.world_size()
@@ -467,6 +470,8 @@ class Trainer:
             "infer_images_per_s": self.infer_images_per_s,
             "wall_time_s": wall_seconds,
             "device": str(self.device),
+            # What computed each frozen diagonal layer last (backend, or auto's per-op plan on CUDA).
+            "kernels": kernel_summary(self.model),
         }
 
     def _print(self, message: str) -> None:

@@ -172,6 +172,18 @@ def test_empty_and_input_validation(ops):
         ops.diag_fwd(x, values, offsets[:3], 64)
     with pytest.raises(RuntimeError, match="CUDA"):
         ops.diag_fwd(x, values, offsets.cpu(), 64)
+    # Unsorted, repeated or out-of-range offsets: one ValueError (checked on the host once per tensor version).
+    with pytest.raises(ValueError, match=r"strictly ascending and in \[0, 64\)"):
+        ops.diag_fwd(x, values, offsets.flip(0).contiguous(), 64)
+    with pytest.raises(ValueError, match=r"strictly ascending and in \[0, 64\)"):
+        ops.diag_bwd_v(torch.zeros(8, 64, device=DEV), x, torch.tensor([3, 3, 5, 9], device=DEV))
+    with pytest.raises(ValueError, match=r"got offsets\[3\] = 64"):
+        ops.diag_bwd_x(torch.zeros(8, 64, device=DEV), values, torch.tensor([0, 1, 2, 64], device=DEV), 32)
+    good = offsets.clone()
+    ops.diag_fwd(x, values, good, 64)  # checked once, then cached
+    good[0] = 63  # an in-place change bumps the version: checked again
+    with pytest.raises(ValueError, match="strictly ascending"):
+        ops.diag_fwd(x, values, good, 64)
 
 
 def test_auto_picks_cuda_and_layer_matches_reference():

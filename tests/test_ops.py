@@ -81,14 +81,81 @@ def test_fake_tensor_shapes():
 
 def test_errors_are_clear():
     x, values, offsets, _ = _args(8, 12, 3)
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(ValueError, match=r"diag_fwd: offsets must be strictly ascending and in \[0, 12\), got offsets"):
         OPS.diag_fwd(x, values, torch.tensor([0, 5, 12]), 12)
-    with pytest.raises(RuntimeError, match="columns"):
+    # Numbers in messages are formatted without an ostream (csrc/dd_check.h) and must still read right.
+    with pytest.raises(RuntimeError, match=r"values must have min\(in, out\) = 8 columns, got 5"):
         OPS.diag_fwd(x, values[:, :5], offsets, 12)
-    with pytest.raises(RuntimeError, match="dtype mismatch"):
+    with pytest.raises(RuntimeError, match=r"3 diagonals but 2 offsets"):
+        OPS.diag_fwd(x, values, offsets[:2], 12)
+    with pytest.raises(RuntimeError, match=r"dtype mismatch \(Double vs Float\)"):
         OPS.diag_fwd(x.double(), values, offsets, 12)
     with pytest.raises(RuntimeError, match="offsets"):
         OPS.diag_fwd(x, values, offsets.int(), 12)
+    with pytest.raises(RuntimeError, match=r"must be positive, got -3 and 8"):
+        OPS.diag_bwd_x(torch.randn(2, 8), values[:, :0], offsets, -3)
+
+
+BAD_OFFSETS = {
+    "unsorted": ([5, 0, 2], r"got offsets\[0\] = 5 then offsets\[1\] = 0"),
+    "repeated": ([2, 2, 5], r"got offsets\[0\] = 2 then offsets\[1\] = 2"),
+    "too large": ([0, 5, 12], r"got offsets\[2\] = 12"),
+    "negative": ([-1, 2, 3], r"got offsets\[0\] = -1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OFFSETS))
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "dense"])
+def test_every_backend_rejects_bad_offsets_with_one_error(backend, case):
+    """Unsorted or repeated offsets used to be accepted (the CUDA kernels then silently dropped diagonals)."""
+    import importlib
+
+    module = importlib.import_module(f"dynadiag.kernels.{backend}")  # the backend object, even where it cannot run
+    x, values, _, _ = _args(8, 12, 3)
+    bad, detail = BAD_OFFSETS[case]
+    pattern = rf"offsets must be strictly ascending and in \[0, 12\), {detail}"
+    with pytest.raises(ValueError, match=pattern):
+        module.BACKEND.diag_linear(x, values, torch.tensor(bad), None, 8, 12)
+    for op, args in [
+        ("diag_bwd_x", (torch.randn(6, 12), values, torch.tensor(bad), 8)),
+        ("diag_bwd_v", (torch.randn(6, 12), x, torch.tensor(bad))),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            getattr(OPS, op)(*args)
+
+
+def test_no_torch_check_streams_its_arguments():
+    """Every TORCH_CHECK in csrc has at most one C-string message; the others go through DD_CHECK.
+
+    On the H200 test machine a failing TORCH_CHECK whose message streamed an int64 segfaulted the process
+    (docs/benchmarks/gpu/h200-quick-50365c8/gpu_check.log); DD_CHECK (csrc/dd_check.h) never builds an ostream.
+    """
+    import re
+
+    offenders = []
+    for path in sorted(ops.CSRC.rglob("*")):
+        if path.suffix not in (".cpp", ".h", ".cu", ".cuh") or path.name == "dd_check.h":
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"\bTORCH_CHECK\w*\(", text):
+            depth, i, args, start = 1, match.end(), [], match.end()
+            while depth:
+                ch = text[i]
+                if ch == '"':
+                    i = text.index('"', i + 1)
+                elif ch in "([{":
+                    depth += 1
+                elif ch in ")]}":
+                    depth -= 1
+                elif ch == "," and depth == 1:
+                    args.append(text[start:i].strip())
+                    start = i + 1
+                i += 1
+            args.append(text[start : i - 1].strip())
+            message = args[1:]
+            if len(message) > 1 or (message and not re.fullmatch(r'("[^"]*"\s*)+', message[0])):
+                offenders.append(f"{path.relative_to(ops.CSRC)}:{text.count(chr(10), 0, match.start()) + 1}")
+    assert not offenders, f"TORCH_CHECK with streamed arguments (use DD_CHECK): {offenders}"
 
 
 def test_empty_batch():

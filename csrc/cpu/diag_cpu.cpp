@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../dd_check.h"
 #include "diag_kernels.h"
 
 namespace dynadiag {
@@ -21,24 +22,23 @@ struct Dims {
 
 Dims check_args(const char* op, const at::Tensor& a, const at::Tensor& values_or_b, const at::Tensor& offsets,
                 int64_t in, int64_t out, int64_t K, int64_t D_given) {
-  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", in, " and ", out);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
-  TORCH_CHECK(a.device().is_cpu() && values_or_b.device().is_cpu() && offsets.device().is_cpu(), op,
-              ": all tensors must be on the CPU");
-  TORCH_CHECK(a.scalar_type() == values_or_b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
-              values_or_b.scalar_type(), ")");
+  // DD_CHECK, not TORCH_CHECK: no int64 is ever streamed into an ostream on the error path (csrc/dd_check.h).
+  DD_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", in, " and ", out);
+  DD_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
+  DD_CHECK(a.device().is_cpu() && values_or_b.device().is_cpu() && offsets.device().is_cpu(), op,
+           ": all tensors must be on the CPU");
+  DD_CHECK(a.scalar_type() == values_or_b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
+           values_or_b.scalar_type(), ")");
   Dims d{in, out, std::max(in, out), std::min(in, out), K, out >= in};
-  TORCH_CHECK(D_given < 0 || D_given == d.D, op, ": values must have min(in, out) = ", d.D, " columns, got ",
-              D_given);
-  TORCH_CHECK(offsets.size(0) == K, op, ": ", K, " diagonals but ", offsets.size(0), " offsets");
+  DD_CHECK(D_given < 0 || D_given == d.D, op, ": values must have min(in, out) = ", d.D, " columns, got ", D_given);
+  DD_CHECK(offsets.size(0) == K, op, ": ", K, " diagonals but ", offsets.size(0), " offsets");
   return d;
 }
 
+// Contiguous offsets, checked strictly ascending and in [0, P) (K integers: negligible next to the kernels).
 at::Tensor checked_offsets(const at::Tensor& offsets, int64_t P, const char* op) {
   at::Tensor off = offsets.contiguous();
-  const int64_t* p = off.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < off.numel(); ++k)
-    TORCH_CHECK(p[k] >= 0 && p[k] < P, op, ": offset ", p[k], " out of range [0, ", P, ")");
+  check_offsets_host(off.const_data_ptr<int64_t>(), off.numel(), P, op);
   return off;
 }
 
@@ -95,9 +95,9 @@ at::Tensor diag_fwd(const at::Tensor& x, const at::Tensor& values, const at::Ten
   TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
   const Dims d = check_args("diag_fwd", x, values, offsets, x.size(1), out_features, values.size(0), values.size(1));
   at::Tensor y = at::empty({x.size(0), d.out}, x.options());
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_fwd");
   if (x.size(0) == 0) return y;
   if (d.K == 0) return y.zero_();
-  const at::Tensor off = checked_offsets(offsets, d.P, "diag_fwd");
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   if (d.tall)
     scatter(xc, vc, off, d.P, d.D, y);  // y [N, P=out] from x [N, D=in]
@@ -112,9 +112,9 @@ at::Tensor diag_bwd_x(const at::Tensor& grad_y, const at::Tensor& values, const 
   const Dims d = check_args("diag_bwd_x", grad_y, values, offsets, in_features, grad_y.size(1), values.size(0),
                             values.size(1));
   at::Tensor gx = at::empty({grad_y.size(0), d.in}, grad_y.options());
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_x");
   if (grad_y.size(0) == 0) return gx;
   if (d.K == 0) return gx.zero_();
-  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_x");
   const at::Tensor gc = grad_y.contiguous(), vc = values.contiguous();
   if (d.tall)
     gather(gc, vc, off, d.P, d.D, gx);  // W^T is wide: gx [N, D=in] from grad_y [N, P=out]
@@ -127,9 +127,9 @@ at::Tensor diag_bwd_v(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
               "diag_bwd_v: grad_y must be [N, out] and x [N, in]");
   const Dims d = check_args("diag_bwd_v", grad_y, x, offsets, x.size(1), grad_y.size(1), offsets.size(0), -1);
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_v");
   if (x.size(0) == 0 || d.K == 0) return at::zeros({d.K, d.D}, x.options());
   at::Tensor dv = at::empty({d.K, d.D}, x.options());
-  const at::Tensor off = checked_offsets(offsets, d.P, "diag_bwd_v");
   const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous();
   if (d.tall)
     sddmm(xc, gc, off, d.P, d.D, dv);  // dV[k, t] = sum_n x[n, t] grad_y[n, (t + p) % out]

@@ -10,24 +10,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <charconv>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
+#include "../dd_check.h"
 #include "diag_kernels.cuh"
 
 namespace {
 
+using dynadiag::num;
 using dynadiag_cuda::DType;
-
-// Numbers in error messages are formatted with std::to_chars, not through an ostream: on the H200 test machine
-// (torch 2.11) every TORCH_CHECK failure whose message streamed an int64_t crashed the process (segfault), while
-// messages made only of strings raised normally. The cause was not established (an iostream/locale problem in
-// that process is the likely one); locale-free formatting keeps the error path out of it.
-std::string num(int64_t v) {
-  char buf[24];
-  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
-  return std::string(buf, res.ptr);
-}
 
 DType kernel_dtype(at::ScalarType t, const char* op) {
   switch (t) {
@@ -40,25 +33,61 @@ DType kernel_dtype(at::ScalarType t, const char* op) {
     case at::kDouble:
       return DType::kFloat64;
     default:
-      TORCH_CHECK(false, op, ": CUDA kernels support float32, bfloat16, float16 and float64, got ", t);
+      DD_CHECK(false, op, ": CUDA kernels support float32, bfloat16, float16 and float64, got ", t);
   }
+  return DType::kFloat32;  // unreachable: DD_CHECK(false, ...) throws
 }
 
 // Checks shared by the three ops: devices, dtypes, ranks and the [K, D] / [K] shapes.
 void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, int64_t in,
                   int64_t out, int64_t values_cols) {
-  TORCH_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", num(in), " and ",
+  DD_CHECK(in > 0 && out > 0, op, ": in_features and out_features must be positive, got ", num(in), " and ",
               num(out));
-  TORCH_CHECK(a.is_cuda() && b.is_cuda() && offsets.is_cuda(), op, ": all tensors must be CUDA tensors");
-  TORCH_CHECK(a.device() == b.device() && a.device() == offsets.device(), op, ": tensors are on different devices");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D inputs");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
+  DD_CHECK(a.is_cuda() && b.is_cuda() && offsets.is_cuda(), op, ": all tensors must be CUDA tensors");
+  DD_CHECK(a.device() == b.device() && a.device() == offsets.device(), op, ": tensors are on different devices");
+  DD_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D inputs");
+  DD_CHECK(a.scalar_type() == b.scalar_type(), op, ": dtype mismatch (", a.scalar_type(), " vs ",
               b.scalar_type(), ")");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
+  DD_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be a 1-D int64 tensor");
   const int64_t D = std::min(in, out);
-  TORCH_CHECK(values_cols < 0 || values_cols == D, op, ": values must have min(in, out) = ", num(D), " columns, got ",
+  DD_CHECK(values_cols < 0 || values_cols == D, op, ": values must have min(in, out) = ", num(D), " columns, got ",
               num(values_cols));
-  TORCH_CHECK(std::max(in, out) <= INT32_MAX, op, ": layers wider than 2^31 - 1 are not supported");
+  DD_CHECK(std::max(in, out) <= INT32_MAX, op, ": layers wider than 2^31 - 1 are not supported");
+}
+
+// Offsets must be strictly ascending and in [0, P) (csrc/dd_check.h). Checking them needs their values on the
+// host, i.e. a device synchronisation, so each offsets tensor is checked once per version: a frozen layer's
+// offsets buffer never changes, so training and CUDA-graph replays (after one eager warm-up call) never sync here.
+// The cache holds weak references, so a freed tensor whose TensorImpl address is reused is checked again.
+void check_offsets_cached(const at::Tensor& offsets, int64_t P, const char* op) {
+  struct Seen {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+    const void* data;
+    int64_t version;
+    int64_t P;
+  };
+  static std::mutex mu;
+  static std::unordered_map<const c10::TensorImpl*, Seen> seen;
+  const bool versioned = !offsets.is_inference();  // inference tensors have no version counter: always check
+  const c10::TensorImpl* key = offsets.unsafeGetTensorImpl();
+  if (versioned) {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = seen.find(key);
+    if (it != seen.end() && !it->second.impl.expired() && it->second.data == offsets.const_data_ptr() &&
+        it->second.version == offsets._version() && it->second.P == P)
+      return;
+  }
+  const at::Tensor host = offsets.cpu().contiguous();
+  dynadiag::check_offsets_host(host.const_data_ptr<int64_t>(), host.numel(), P, op);
+  if (versioned) {
+    const std::lock_guard<std::mutex> lock(mu);
+    if (seen.size() > 4096) {
+      for (auto it = seen.begin(); it != seen.end();) it = it->second.impl.expired() ? seen.erase(it) : std::next(it);
+    }
+    seen.insert_or_assign(key, Seen{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                                        offsets.getIntrusivePtr()),
+                                    offsets.const_data_ptr(), offsets._version(), P});
+  }
 }
 
 struct Launch {
@@ -80,12 +109,13 @@ Launch launch_info(const at::Tensor& t) {
 
 at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
                          int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
+  DD_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd: x must be [N, in] and values [K, D]");
   const int64_t in = x.size(1);
   check_inputs("diag_fwd", x, values, offsets, in, out_features, values.size(1));
-  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_fwd: ", num(values.size(0)), " diagonals but ",
+  DD_CHECK(offsets.size(0) == values.size(0), "diag_fwd: ", num(values.size(0)), " diagonals but ",
               num(offsets.size(0)), " offsets");
   const c10::cuda::CUDAGuard guard(x.device());
+  check_offsets_cached(offsets, std::max(in, out_features), "diag_fwd");
   const at::Tensor xc = x.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const Launch l = launch_info(x);
@@ -98,12 +128,13 @@ at::Tensor diag_fwd_cuda(const at::Tensor& x, const at::Tensor& values, const at
 
 at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, const at::Tensor& offsets,
                            int64_t in_features) {
-  TORCH_CHECK(grad_y.dim() == 2 && values.dim() == 2, "diag_bwd_x: grad_y must be [N, out] and values [K, D]");
+  DD_CHECK(grad_y.dim() == 2 && values.dim() == 2, "diag_bwd_x: grad_y must be [N, out] and values [K, D]");
   const int64_t out = grad_y.size(1);
   check_inputs("diag_bwd_x", grad_y, values, offsets, in_features, out, values.size(1));
-  TORCH_CHECK(offsets.size(0) == values.size(0), "diag_bwd_x: ", num(values.size(0)), " diagonals but ",
+  DD_CHECK(offsets.size(0) == values.size(0), "diag_bwd_x: ", num(values.size(0)), " diagonals but ",
               num(offsets.size(0)), " offsets");
   const c10::cuda::CUDAGuard guard(grad_y.device());
+  check_offsets_cached(offsets, std::max(out, in_features), "diag_bwd_x");
   const at::Tensor gc = grad_y.contiguous(), vc = values.contiguous(), oc = offsets.contiguous();
   at::Tensor grad_x = at::empty({grad_y.size(0), in_features}, grad_y.options());
   const Launch l = launch_info(grad_y);
@@ -116,11 +147,12 @@ at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, c
 }
 
 at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
-  TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
+  DD_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
               "diag_bwd_v: grad_y must be [N, out] and x [N, in] with the same N");
   const int64_t in = x.size(1), out = grad_y.size(1);
   check_inputs("diag_bwd_v", grad_y, x, offsets, in, out, -1);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_offsets_cached(offsets, std::max(in, out), "diag_bwd_v");
   const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();
   const int64_t K = oc.size(0), D = std::min(in, out);
   const bool tall = out >= in;

@@ -3,7 +3,8 @@
 A backend computes ``y = x W^T + b`` for a frozen layer that keeps ``K`` wrapped diagonals. Backends are
 looked up by name in a registry and imported lazily, so a missing compiler or GPU only matters to the
 backend that needs it. ``reference`` (pure PyTorch) is the ground truth every other backend is tested
-against; ``auto`` picks the fastest backend that works for the tensor's device and dtype.
+against; ``auto`` picks the fastest backend that works for the tensor's device and dtype; on CUDA it picks per
+layer, token count, dtype and op between the ``cuda`` kernels and dense GEMMs (:mod:`dynadiag.kernels.costmodel`).
 
 Every backend module exposes a module-level ``BACKEND`` object implementing :class:`Backend`.
 """
@@ -51,10 +52,14 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     "cpu": ("dynadiag.kernels.cpu", 20),
     "triton": ("dynadiag.kernels.triton", 10),
     "cuda": ("dynadiag.kernels.cuda", 30),
+    # Dense GEMMs on the scattered weight: never chosen by priority (-1); ``auto`` on CUDA mixes it in per op
+    # through the cost model (dynadiag.kernels.costmodel).
+    "dense": ("dynadiag.kernels.dense", -1),
 }
 _LOADED: dict[str, Backend] = {}
 _AVAILABILITY: dict[tuple[str, str], tuple[bool, str]] = {}
 _WARNED: set[str] = set()
+_AUTO: dict[str, Backend] = {}
 
 
 def register_backend(name: str, module: str, priority: int = 5) -> None:
@@ -102,6 +107,8 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
         BackendUnavailableError: ``name`` is unknown, or was chosen explicitly and cannot run on ``device``.
     """
     device = torch.device(device)
+    if name == "auto" and device.type == "cuda" and _check("cuda", device)[0]:
+        return _auto_cuda(device)
     if name == "auto":
         for candidate in sorted(_REGISTRY, key=lambda n: -_REGISTRY[n][1]):
             ok, why = _check(candidate, device)
@@ -119,6 +126,18 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
             f"backend '{name}' cannot run on {device}: {why}. Available here: {available_backends(device)}"
         )
     return _load(name)
+
+
+def _auto_cuda(device: torch.device) -> Backend:
+    """``auto`` on CUDA: the cost model's per-op mix of the ``cuda`` kernels and dense GEMMs (one per device)."""
+    key = str(device)
+    if key not in _AUTO:
+        from dynadiag.kernels.costmodel import AutoBackend, profile_for
+        from dynadiag.kernels.dense import DiagOps
+
+        dd = torch.ops.dynadiag
+        _AUTO[key] = AutoBackend("cuda", DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v), profile_for(device))
+    return _AUTO[key]
 
 
 def _device_matches(backend: str, device: torch.device) -> bool:

@@ -5,9 +5,9 @@ accumulation, for ``gradcheck``). The extension is JIT-built with ninja on first
 machine, 1-2 min on 2 cores) for the current GPU's architecture and cached in ``~/.cache/dynadiag``. Set
 ``DYNADIAG_CUDA_ARCH`` (e.g. ``"8.0;9.0"``) to build for other architectures.
 
-Offsets must be sorted ascending and lie in ``[0, max(in, out))``: the CUDA op does not check them (that would
-cost a device synchronisation per call); :class:`~dynadiag.DiagLinear` guarantees both at freeze time. Bad
-offsets give wrong results but never touch memory outside the tensors.
+Offsets must be strictly ascending and lie in ``[0, max(in, out))``; the op raises ``ValueError`` otherwise. The
+check reads the offsets on the host once per offsets tensor and version (a frozen layer's buffer never changes), so
+steady-state calls and CUDA-graph replays do not synchronise.
 """
 
 from __future__ import annotations

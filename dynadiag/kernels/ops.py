@@ -15,6 +15,7 @@ Ops (``W`` is ``[out, in]``, ``P = max(in, out)``, ``D = min(in, out)``, ``K`` k
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,13 +23,58 @@ import torch
 
 from dynadiag.kernels._build import load_extension
 
-__all__ = ["CSRC", "cpu_library_error", "is_loaded", "load_cpu_library", "load_library", "load_schema"]
+__all__ = [
+    "CSRC",
+    "check_offsets",
+    "cpu_library_error",
+    "is_loaded",
+    "load_cpu_library",
+    "load_library",
+    "load_schema",
+]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _LOCK = threading.Lock()
 _REGISTERED = False
 _CPU_ERROR: str | None = None
 _CPU_TRIED = False
+# id(offsets) -> (weak reference, version, data pointer, P) of offsets tensors already checked on an accelerator.
+_CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def check_offsets(offsets: torch.Tensor, num_diagonals: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``offsets`` (``[K]``) is strictly ascending and in ``[0, num_diagonals)``.
+
+    The same check and message as the C++ ops (``csrc/dd_check.h``), for the backends written in Python. Every
+    kernel walks the offsets in order, so an unsorted list would silently drop diagonals. On an accelerator the
+    check needs the values on the host (a synchronisation), so a tensor is checked once per version (a frozen
+    layer's offsets never change). Skipped while ``torch.compile`` traces: data-dependent checks cannot be traced.
+    """
+    if torch.compiler.is_compiling():
+        return
+    key = None
+    if offsets.device.type != "cpu" and not offsets.is_inference():
+        key = id(offsets)
+        seen = _CHECKED.get(key)
+        state = (offsets._version, offsets.data_ptr(), num_diagonals)
+        if seen is not None and seen[0]() is offsets and seen[1:] == state:
+            return
+    if offsets.dim() != 1 or offsets.dtype != torch.long:
+        raise ValueError(f"{where}: offsets must be a 1-D int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+    host = offsets.detach().cpu()
+    bad_range = (host < 0) | (host >= num_diagonals)
+    bad_order = torch.zeros_like(bad_range)
+    bad_order[1:] = host[1:] <= host[:-1]
+    if bool((bad_range | bad_order).any()):
+        k = int((bad_range | bad_order).nonzero()[0])
+        got = f"offsets[{k}] = {int(host[k])}" if bad_range[k] else f"offsets[{k - 1}] = {int(host[k - 1])} then "
+        got += "" if bad_range[k] else f"offsets[{k}] = {int(host[k])}"
+        raise ValueError(f"{where}: offsets must be strictly ascending and in [0, {num_diagonals}), got {got}")
+    if key is not None:
+        if len(_CHECKED) > 4096:
+            for stale in [i for i, entry in _CHECKED.items() if entry[0]() is None]:
+                del _CHECKED[stale]
+        _CHECKED[key] = (weakref.ref(offsets), *state)
 
 
 def load_schema() -> None:

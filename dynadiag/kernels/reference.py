@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dynadiag.functional import place_diagonals
+from dynadiag.kernels.ops import check_offsets
 
 
 class ReferenceBackend:
@@ -29,6 +30,7 @@ class ReferenceBackend:
         in_features: int,
         out_features: int,
     ) -> torch.Tensor:  # [N, out]
+        check_offsets(offsets, max(in_features, out_features), "reference")
         weight = place_diagonals(values, offsets, in_features, out_features).to(x.dtype)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
