@@ -29,8 +29,10 @@ def _args(in_f, out_f, k, n=6, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize(("in_f", "out_f", "k"), [(12, 20, 3), (20, 12, 3), (16, 16, 16), (40, 72, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_every_op(in_f, out_f, k, dtype):
-    x, values, offsets, grad_y = _args(in_f, out_f, k, dtype=dtype)
+@pytest.mark.parametrize("layout", ["tm", "fm"])
+def test_opcheck_every_op(in_f, out_f, k, dtype, layout, monkeypatch):
+    monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", layout)  # both AVX-512 layouts of gather/scatter (fp32)
+    x, values, offsets, grad_y = _args(in_f, out_f, k, n=6 if layout == "tm" else 53, dtype=dtype)
     torch.library.opcheck(OPS.diag_fwd.default, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
     torch.library.opcheck(OPS.diag_bwd_x.default, (grad_y, values.detach(), offsets, in_f))
     torch.library.opcheck(OPS.diag_bwd_v.default, (grad_y, x.detach(), offsets))

@@ -1,8 +1,10 @@
 // CPU implementations of the dynadiag ops declared in csrc/schema.cpp.
 //
-// fp32 and bf16 (bf16 storage, fp32 accumulation) run the AVX-512 kernels in diag_kernels.h when the build
-// machine has AVX-512 (the extension is compiled with -march=native); every other dtype (fp64 for gradcheck,
-// fp16) and tiny shapes (P < 16, where one 16-lane window would wrap twice) use the portable scalar loops.
+// fp32 and bf16 (bf16 storage, fp32 accumulation) run AVX-512 kernels when the build machine has AVX-512 (the
+// extension is compiled with -march=native): gather/scatter in the feature-major layout of diag_fm.h (aligned
+// activation loads; the transposes are fused into its staging) from 32 tokens up, else the token-major tiles of
+// diag_kernels.h, which also hold the sddmm. Every other dtype (fp64 for gradcheck, fp16) and tiny shapes
+// (P < 16, where one 16-lane window would wrap twice) use the portable scalar loops.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +13,10 @@
 
 #include "../dd_check.h"
 #include "diag_kernels.h"
+#include "diag_fm.h"
+
+#include <cstdlib>
+#include <cstring>
 
 namespace dynadiag {
 namespace {
@@ -42,10 +48,26 @@ at::Tensor checked_offsets(const at::Tensor& offsets, int64_t P, const char* op)
   return off;
 }
 
+// Which AVX-512 layout runs gather/scatter: feature-major (diag_fm.h) unless the token count is too small to fill
+// its 48-token blocks. DYNADIAG_CPU_LAYOUT=tm|fm forces one (tests run both against the reference).
+bool use_feature_major(int64_t N) {
+  const char* env = std::getenv("DYNADIAG_CPU_LAYOUT");
+  if (env != nullptr && std::strcmp(env, "tm") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "fm") == 0) return true;
+  return N >= 32;
+}
+
 // out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]); dispatch on dtype and on the AVX-512 fast path.
 void gather(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
   const int64_t N = z.size(0), K = V.size(0);
 #if DYNADIAG_AVX512
+  const bool fm = use_feature_major(N);
+  if (P >= 16 && fm && z.scalar_type() == at::kFloat)
+    return gather_fm<F32>(z.const_data_ptr<float>(), N, P, V.const_data_ptr<float>(), off.const_data_ptr<int64_t>(),
+                          K, D, out.mutable_data_ptr<float>());
+  if (P >= 16 && fm && z.scalar_type() == at::kBFloat16)
+    return gather_fm<BF16>(z.const_data_ptr<c10::BFloat16>(), N, P, V.const_data_ptr<c10::BFloat16>(),
+                           off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<c10::BFloat16>());
   if (P >= 16 && z.scalar_type() == at::kFloat)
     return gather_avx512<F32>(z.const_data_ptr<float>(), N, P, V.const_data_ptr<float>(),
                               off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<float>());
@@ -62,6 +84,13 @@ void gather(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int
 void scatter(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
   const int64_t N = z.size(0), K = V.size(0);
 #if DYNADIAG_AVX512
+  const bool fm = use_feature_major(N);
+  if (P >= 16 && fm && z.scalar_type() == at::kFloat)
+    return scatter_fm<F32>(z.const_data_ptr<float>(), N, D, V.const_data_ptr<float>(), off.const_data_ptr<int64_t>(),
+                           K, P, out.mutable_data_ptr<float>());
+  if (P >= 16 && fm && z.scalar_type() == at::kBFloat16)
+    return scatter_fm<BF16>(z.const_data_ptr<c10::BFloat16>(), N, D, V.const_data_ptr<c10::BFloat16>(),
+                            off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<c10::BFloat16>());
   if (P >= 16 && z.scalar_type() == at::kFloat)
     return scatter_avx512<F32>(z.const_data_ptr<float>(), N, D, V.const_data_ptr<float>(),
                                off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<float>());
