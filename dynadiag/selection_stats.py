@@ -13,7 +13,8 @@ otherwise the freeze is a one-shot prune. These numbers say whether that happene
 
 A layer may refine what "soft weights" and "ranking" mean by defining ``selection_weights()`` (``[P]``, the weights
 it computes with) and ``selection_scores()`` (``[P]``, higher is kept first; ``-inf`` for diagonals it can never
-keep); plain :class:`~dynadiag.DiagLinear` layers use ``soft_weights()`` and ``alpha``. Frozen layers have a
+keep) and ``selection_temperature()`` (the scale at which its weights see ``alpha``); plain
+:class:`~dynadiag.DiagLinear` layers use ``soft_weights()``, ``alpha`` and ``temperature``. Frozen layers have a
 share of 1 and exactly ``K`` live diagonals; their churn still counts (DiagHeur swaps diagonals of frozen layers).
 """
 
@@ -116,7 +117,8 @@ class SelectionMonitor:
                 values["churn"] = 1.0 - torch.isin(selected, previous).double().mean().item()
                 churns.append(values["churn"])
             if not layer.is_frozen and math.isfinite(stats["alpha_gap"]):
-                temperature = float(getattr(layer, "temperature", 1.0)) or 1.0
+                scale_fn = getattr(layer, "selection_temperature", None)  # alpha's scale in the soft weights
+                temperature = float(scale_fn() if scale_fn is not None else getattr(layer, "temperature", 1.0)) or 1.0
                 values["alpha_gap_over_t"] = stats["alpha_gap"] / temperature
                 soft_gaps.append(values["alpha_gap_over_t"])
             for key, value in values.items():

@@ -249,8 +249,9 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
     """Non-zeros the model computes with, over its linear/convolution weights.
 
     Diagonal layers count ``k * D`` (per kernel tap) once frozen, and all of ``P * D`` during the soft phase
-    (every diagonal is live then). Other ``nn.Linear``/``nn.Conv2d`` layers count their exact non-zeros, so
-    mask-based methods (zeros kept in a dense weight) are measured the same way.
+    (every diagonal is live then), or ``K' * D`` for a layer computing with ``K'`` candidates (``soft_nnz``).
+    Other ``nn.Linear``/``nn.Conv2d`` layers count their exact non-zeros, so mask-based methods (zeros kept in a
+    dense weight) are measured the same way.
 
     Returns:
         ``effective`` (1 - nnz / dense size over all linear/conv weights), ``target`` (the sparsity of the
@@ -262,7 +263,8 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
     for name, module in model.named_modules():
         if isinstance(module, DiagLinear | DiagConv2d):
             report = layer_report(name, module)
-            nnz += report.nnz if module.is_frozen else report.params_before
+            # soft layers compute with every diagonal, unless they run a candidate set (``soft_nnz``)
+            nnz += report.nnz if module.is_frozen else getattr(module, "soft_nnz", report.params_before)
             dense += report.params_before
             layers[name] = int(module.k)
         elif isinstance(module, nn.Linear | nn.Conv2d):

@@ -60,6 +60,11 @@ class StepTimer:
             self.seconds += elapsed
             self.images += int(batch_size)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of the running step out of the timing (e.g. a measurement taken mid-step)."""
+        if self._t0 is not None:
+            self._t0 += float(seconds)
+
     @property
     def images_per_second(self) -> float:
         """Images/s over the timed (post-warm-up) steps; 0.0 if none were timed yet."""

@@ -304,9 +304,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         step = self.step
         metrics = dict(self.method.on_step_start(step, self.model))
-        # Measured outside the timers: the accuracy and selection just before the freeze (this step ends with it).
-        freezing = self.method.will_freeze(step, self.model)
-        before = self._freeze_probe() if freezing else None
+        freezing = self.method.will_freeze(step, self.model)  # this step ends with the freeze of the selection
         images = images.to(self.device, non_blocking=True)  # [B, C, H, W]
         labels = labels.to(self.device, non_blocking=True)  # [B]
         if self.data.mixup_fn is not None:
@@ -335,6 +333,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
+        # The accuracy and selection just before the freeze: after this step's update, before the method's hook
+        # freezes, so the freeze drop is the freeze's own effect (the probe's time is left out of the timers).
+        before = self._freeze_probe() if freezing else None
         metrics |= self.method.on_after_optimizer_step(step, self.model, self.optimizer)
         for timer in (self.train_timer, self.overall_timer):
             timer.stop(images.shape[0] * dist_utils.world_size())  # ranks step in lockstep: global images/s
@@ -358,11 +359,15 @@ class Trainer:
     def _freeze_probe(self) -> tuple[float, dict[str, float]]:
         """Validation top-1 and selection numbers now, without touching the RNG streams training uses."""
         devices = [self.device] if self.device.type == "cuda" else []
+        t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             result = evaluate(
                 self.eval_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
             )
-        return result["top1"], self.selection.observe(self.model, update_previous=False)
+        observed = self.selection.observe(self.model, update_previous=False)
+        for timer in (self.train_timer, self.overall_timer):
+            timer.exclude(time.perf_counter() - t0)
+        return result["top1"], observed
 
     # ------------------------------------------------------- eval and files
     def _evaluate_and_checkpoint(self, epoch: int, final: bool = False) -> None:

@@ -7,6 +7,7 @@ from dynadiag.methods.gmp import GMPMethod
 from dynadiag.methods.masks import MaskedMethod, MaskReport
 from dynadiag.methods.rigl import RigLMethod
 from dynadiag.methods.set import SETMethod
+from dynadiag.methods.sparse_dynadiag import SparseDynaDiagMethod
 from dynadiag.methods.srigl import SRigLMethod
 from dynadiag.methods.static import StaticMethod
 
@@ -19,6 +20,7 @@ __all__ = [
     "RigLMethod",
     "SETMethod",
     "SRigLMethod",
+    "SparseDynaDiagMethod",
     "SparseMethod",
     "StaticMethod",
 ]

@@ -1,0 +1,267 @@
+"""Sparse DynaDiag: soft diagonal selection that runs sparse from step 0 and converges to exactly K diagonals.
+
+The project's improved DynaDiag (``sparsifier=sparse_dynadiag``; ``sparsifier=dynadiag`` stays the paper's method).
+Every target ``nn.Linear`` becomes a :class:`~dynadiag.candidate_layer.CandidateDiagLinear`, which computes with a
+candidate set of ``K'`` diagonals through the sparse kernels, each weighted by a straight-through mix of a soft
+(sigmoid around the ``K``-boundary, temperature relative to the layer's alpha spread) and a hard top-``K`` weight.
+
+Schedules (pure functions of the step; ``F`` = ``freeze_fraction`` of the run):
+
+- **candidates** ``K'(t) = K + ceil((c - 1) K (1 - t/F)^3)``: ``c * K`` at the start, ``K`` at the freeze (the cubic
+  of gradual magnitude pruning), applied on update steps;
+- **temperature** cosine from ``t_max`` to ``t_min`` over ``[0, F]`` (unitless: relative to the alpha spread);
+- **hardness** ``h = (t / (F - 1))^harden_power``: 0 at the start, exactly 1 on the last soft step, so the forward
+  pass there is the hard top-``K`` and the freeze changes nothing;
+- **drop/grow** every ``delta_t`` steps before ``F`` (RigL's cadence, via DiagHeur's
+  :class:`~dynadiag.methods.regrow.RegrowSchedule`): keep the ``K' - n`` candidates with the highest ``drop_score``,
+  grow the ``n`` non-kept diagonals whose *dense* gradient has the largest norm (DiagHeur's capture hooks, armed on
+  update steps only), with ``n = swap_fraction(t) * K``. Diagonals outside the candidate set therefore keep a way
+  in, which a straight-through top-K that only runs the selected diagonals lacks (they would never train).
+
+``alpha`` lives outside the trainer's optimizer (a grad-requiring buffer) and is trained here by AdamW with its own
+lr (``alpha_lr_mult`` x the trainer's current lr) and weight decay; its state is in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynadiag.candidate_layer import CandidateDiagLinear, replace_with_candidates_
+from dynadiag.methods.diag_heur import DiagHeurMethod
+from dynadiag.methods.dynadiag import freeze_all_
+from dynadiag.distributed import all_reduce_mean
+from dynadiag.methods.masks import reset_optimizer_state_
+from dynadiag.sparsify import sparsify_
+from dynadiag.sparsity import SparsifyReport, sparsity_report
+
+__all__ = ["SparseDynaDiagMethod", "candidate_count"]
+
+DROP_SCORES = ("alpha", "magnitude")
+
+
+def candidate_count(k: int, num_diagonals: int, density_start: float, done: int, freeze_step: int) -> int:
+    """``K'`` after ``done`` steps: ``K + ceil((c - 1) K (1 - done / F)^3)``, capped at ``P``; ``K`` from ``F`` on."""
+    if done >= freeze_step:
+        return k
+    remaining = (1.0 - done / max(1, freeze_step)) ** 3
+    return min(num_diagonals, k + math.ceil((density_start - 1.0) * k * remaining - 1e-9))
+
+
+class SparseDynaDiagMethod(DiagHeurMethod):
+    """Sparse DynaDiag (see the module docstring).
+
+    Args:
+        sparsity: target sparsity of every converted layer (``K`` as in DynaDiag).
+        density_start: ``c``: candidates per kept diagonal at the start (``c * K``, at most ``P``).
+        freeze_fraction: fraction of the run after which each layer keeps exactly its top ``K`` candidates.
+        delta_t: optimizer steps between candidate updates (drop/grow and shrinking).
+        swap_fraction: fraction of ``K`` swapped at the first update, decayed to 0 at the freeze.
+        swap_decay: ``cosine``, ``linear`` or ``constant`` decay of ``swap_fraction``.
+        t_max: starting temperature, relative to each layer's alpha spread.
+        t_min: temperature at the freeze.
+        harden_power: shape of the hardness ramp ``(t / (F - 1))^p`` (1: linear; larger: later).
+        alpha_lr_mult: alpha's lr as a multiple of the trainer's current lr.
+        alpha_weight_decay: AdamW weight decay of alpha.
+        drop_score: which candidates survive an update: ``alpha`` (the learned importance) or ``magnitude``
+            (``w * ||V||`` of the diagonal, DiagHeur's criterion).
+        grow_init: grown diagonals start at ``zero`` (RigL) or ``keep`` their stored values.
+        include: module-name globs to convert (``None``: the DynaDiag defaults).
+        exclude: module-name globs to leave dense.
+        backend: kernel backend (soft and frozen phase).
+        seed: seeds the initial random alpha (hence the initial candidate set).
+    """
+
+    name = "sparse_dynadiag"
+
+    def __init__(
+        self,
+        sparsity: float,
+        density_start: float = 3.0,
+        freeze_fraction: float = 0.5,
+        delta_t: int = 100,
+        swap_fraction: float = 0.3,
+        swap_decay: str = "cosine",
+        t_max: float = 1.0,
+        t_min: float = 0.05,
+        harden_power: float = 1.0,
+        alpha_lr_mult: float = 10.0,
+        alpha_weight_decay: float = 0.0,
+        drop_score: str = "alpha",
+        grow_init: str = "zero",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < float(freeze_fraction) <= 1.0:
+            raise ValueError(f"freeze_fraction must be in (0, 1], got {freeze_fraction}")
+        super().__init__(
+            sparsity,
+            delta_t=delta_t,
+            drop_fraction=swap_fraction,
+            t_end=freeze_fraction,
+            decay=swap_decay,
+            include=include,
+            exclude=exclude,
+            backend=backend,
+            seed=seed,
+        )
+        if float(density_start) < 1.0:
+            raise ValueError(f"density_start must be >= 1 (candidates per kept diagonal), got {density_start}")
+        if not 0 < t_min <= t_max:
+            raise ValueError(f"temperatures need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        if drop_score not in DROP_SCORES:
+            raise ValueError(f"unknown drop_score '{drop_score}'; choose one of {list(DROP_SCORES)}")
+        if grow_init not in ("zero", "keep"):
+            raise ValueError(f"grow_init must be zero or keep, got {grow_init!r}")
+        self.density_start, self.freeze_fraction = float(density_start), float(freeze_fraction)
+        self.t_max, self.t_min, self.harden_power = float(t_max), float(t_min), float(harden_power)
+        self.alpha_lr_mult, self.alpha_weight_decay = float(alpha_lr_mult), float(alpha_weight_decay)
+        self.drop_score, self.grow_init = drop_score, grow_init
+        self.freeze_step = 1
+        self._alpha_opt: torch.optim.Optimizer | None = None
+        self._alpha_state: dict[str, Any] | None = None  # loaded before the alpha optimizer exists
+
+    def bind(self, steps_per_epoch: int, total_steps: int) -> None:
+        super().bind(steps_per_epoch, total_steps)
+        self.freeze_step = max(1, self.schedule.end_step)
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> SparsifyReport:
+        """Convert the target ``nn.Linear`` layers; each starts with ``c * K`` random candidates."""
+        params_before = sum(p.numel() for p in model.parameters())
+        sparsify_(model, self.config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
+        self.layers = replace_with_candidates_(model)
+        generator = torch.Generator().manual_seed(self.seed)
+        for name, layer in self.layers:
+            layer.alpha.detach().copy_(torch.rand(layer.num_diagonals, generator=generator))  # random initial ranking
+            count = candidate_count(layer.k, layer.num_diagonals, self.density_start, 0, self.freeze_step)
+            layer.set_candidates_(torch.topk(layer.alpha.detach(), count).indices)
+            self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
+        report = sparsity_report(model)
+        return SparsifyReport(report.layers, params_before, report.model_params_after)
+
+    def _soft_layers(self) -> list[tuple[str, CandidateDiagLinear]]:
+        return [(n, m) for n, m in self.layers if not m.is_frozen]
+
+    # ------------------------------------------------------------------ schedules
+    def temperature(self, step: int) -> float:
+        frac = min(max(step / self.freeze_step, 0.0), 1.0)
+        return self.t_min + 0.5 * (self.t_max - self.t_min) * (1.0 + math.cos(math.pi * frac))
+
+    def hardness(self, step: int) -> float:
+        last = self.freeze_step - 1  # the last soft step runs fully hard
+        return 1.0 if last <= 0 else min(1.0, max(step, 0) / last) ** self.harden_power
+
+    def will_freeze(self, step: int, model: nn.Module) -> bool:
+        return step + 1 >= self.freeze_step and bool(self._soft_layers())
+
+    # ------------------------------------------------------------------ hooks
+    def on_step_start(self, step: int, model: nn.Module) -> dict[str, float]:
+        super().on_step_start(step, model)  # arms DiagHeur's dense-gradient capture on update steps
+        soft = self._soft_layers()
+        if not soft:
+            return {}
+        temperature, hardness = self.temperature(step), self.hardness(step)
+        for _, layer in soft:
+            layer.temperature, layer.hardness = temperature, hardness
+            if not layer.alpha.is_leaf:  # .to(device) of a grad-requiring buffer returns a non-leaf copy
+                layer.alpha = layer.alpha.detach().requires_grad_()
+            layer.alpha.grad = None
+        ratio = sum(int(m.candidates.sum()) / m.k for _, m in soft) / len(soft)
+        return {"temperature": temperature, "hardness": hardness, "candidates_per_k": ratio}
+
+    @torch.no_grad()
+    def on_after_optimizer_step(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        done = step + 1
+        if not self._soft_layers():
+            self._grads = {}
+            return {}
+        if done >= self.freeze_step:  # before alpha moves: the kept set is the one this step's forward used
+            freeze_all_(model, optimizer)
+            self.topology_changed = True
+            self._alpha_opt, self._alpha_state, self._grads = None, None, {}
+            return {"frozen": 1.0}
+        self._alpha_step(optimizer)
+        metrics = self._update_candidates(step, optimizer) if self.schedule.is_update_step(step) else {}
+        self._grads = {}
+        return metrics
+
+    def _alpha_step(self, optimizer: torch.optim.Optimizer) -> None:
+        alphas = [layer.alpha for _, layer in self._soft_layers()]
+        held = [id(p) for p in self._alpha_opt.param_groups[0]["params"]] if self._alpha_opt is not None else None
+        if held != [id(a) for a in alphas]:
+            betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
+            self._alpha_opt = torch.optim.AdamW(alphas, lr=1.0, betas=betas, weight_decay=self.alpha_weight_decay)
+            if self._alpha_state is not None:
+                self._alpha_opt.load_state_dict(self._alpha_state)
+                self._alpha_state = None
+        for alpha in alphas:
+            if alpha.grad is not None:
+                alpha.grad.copy_(all_reduce_mean(alpha.grad))
+        if not all(a.grad is None or torch.isfinite(a.grad).all() for a in alphas):
+            return  # e.g. an fp16 loss-scale overflow: the trainer's scaler skipped this step too
+        self._alpha_opt.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"] * self.alpha_lr_mult
+        self._alpha_opt.step()
+
+    def _update_candidates(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        done, fraction = step + 1, self.schedule.fraction(step)
+        grown_total = new_total = 0
+        for name, layer in self._soft_layers():
+            if name not in self._grads:
+                continue
+            ids = layer.candidate_ids()
+            target = candidate_count(layer.k, layer.num_diagonals, self.density_start, done, self.freeze_step)
+            target = min(target, ids.numel())  # the set only shrinks; growth replaces what was dropped
+            n_grow = min(int(fraction * layer.k), target - 1)
+            alpha = layer.alpha.detach()
+            if self.drop_score == "alpha":
+                score = alpha[ids].float()
+            else:
+                score = layer.candidate_weights().float() * layer.V.detach()[ids].float().norm(dim=1)
+            keep = ids[torch.topk(all_reduce_mean(score), target - n_grow).indices]
+            grow_score = self.diagonal_grad_norms(name, layer).nan_to_num(0.0)  # [P]
+            grow_score[keep] = -torch.inf
+            grow = torch.topk(grow_score, n_grow).indices if n_grow > 0 else keep[:0]
+            new = grow[~torch.isin(grow, ids)]
+            fresh = torch.zeros(layer.num_diagonals, dtype=torch.bool, device=alpha.device)
+            fresh[grow] = True
+            if self.grow_init == "zero":
+                layer.V[grow] = 0.0
+            reset_optimizer_state_(optimizer, layer.V, fresh[:, None].expand_as(layer.V))
+            if grow.numel():
+                # a grown diagonal enters at the K-boundary of the kept ones: a fair chance to be selected
+                boundary = torch.topk(alpha[keep], min(layer.k, keep.numel())).values[-1]
+                alpha[grow] = boundary
+                self._reset_alpha_state(layer.alpha, fresh)
+            layer.set_candidates_(torch.cat([keep, grow]))
+            grown_total += int(grow.numel())
+            new_total += int(new.numel())
+        return {
+            f"{self.name}/swap_fraction": fraction,
+            f"{self.name}/num_grown": float(grown_total),
+            f"{self.name}/num_new": float(new_total),
+        }
+
+    def _reset_alpha_state(self, alpha: torch.Tensor, where: torch.Tensor) -> None:
+        if self._alpha_opt is not None:
+            for value in self._alpha_opt.state.get(alpha, {}).values():
+                if torch.is_tensor(value) and value.shape == alpha.shape:
+                    value[where] = 0.0
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        if self._alpha_opt is not None:
+            return {"alpha_optimizer": self._alpha_opt.state_dict()}
+        return {"alpha_optimizer": self._alpha_state} if self._alpha_state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._alpha_state = state.get("alpha_optimizer")
+        self._alpha_opt = None
