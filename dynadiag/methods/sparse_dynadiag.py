@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from dynadiag.candidate_layer import CandidateDiagLinear, replace_with_candidates_
+from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.dynadiag import freeze_all_
-from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.masks import reset_optimizer_state_
 from dynadiag.sparsify import sparsify_
 from dynadiag.sparsity import SparsifyReport, sparsity_report
