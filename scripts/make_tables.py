@@ -61,10 +61,44 @@ def _val_history(run_dir: Path) -> list[float]:
     return history
 
 
+_CSV_NUMBERS = {
+    "sparsity": float,
+    "seed": int,
+    "fold": int,
+    "val_top1_final": float,
+    "val_top1_best": float,
+    "val_top1_last5": float,
+    "sparsity_effective": float,
+    "train_images_per_s": float,
+    "infer_images_per_s": float,
+    "wall_time_s": float,
+}
+
+
+def load_runs_csv(path: Path) -> list[dict[str, Any]]:
+    """Runs from a ``runs.csv`` this script wrote earlier (the run directories may be gone; no per-epoch curve)."""
+    runs = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            run: dict[str, Any] = dict(row)
+            for key, kind in _CSV_NUMBERS.items():
+                run[key] = kind(row[key]) if row.get(key) not in (None, "") else None
+            run["history"] = []
+            runs.append(run)
+    return runs
+
+
 def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]]:
-    """One dict per finished run (a directory with ``summary.json``) found under ``paths``."""
+    """One dict per finished run found under ``paths``.
+
+    A path is a sweep or run directory (every ``summary.json`` below it is a run) or a ``runs.csv`` written by this
+    script, so committed results can be combined with new sweeps without re-running them.
+    """
     runs = []
     for root in paths:
+        if Path(root).suffix == ".csv":
+            runs += load_runs_csv(Path(root))
+            continue
         for summary_path in sorted(Path(root).rglob("summary.json")):
             run_dir = summary_path.parent
             s = json.loads(summary_path.read_text())
@@ -425,7 +459,9 @@ def plot_layer_speedup(bench_json: Path, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="sweep or run directories (searched for summary.json)")
+    parser.add_argument(
+        "paths", nargs="+", help="sweep or run directories (searched for summary.json) or runs.csv files"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--metric", default="final", choices=list(METRICS), help="top-1 of the tables")
     parser.add_argument("--reference", default="dynadiag", help="method the paired differences start from")

@@ -232,3 +232,22 @@ def test_make_tables_reads_bench_kernels_json(tmp_path):
     path.write_text(json.dumps({"meta": {"device": "cpu"}, "records": records}))
     make_tables.plot_layer_speedup(path, tmp_path / "layer_speedup.png")
     assert (tmp_path / "layer_speedup.png").stat().st_size > 0
+
+
+def test_make_tables_reads_its_own_runs_csv(tmp_path):
+    """Committed runs.csv files feed make_tables again (their run directories are gone), pairing on (seed, fold)."""
+    rows = [
+        {"run_dir": f"r{i}", "model": "m", "data": "d", "method": method, "sparsity": 0.9, "seed": 0, "fold": i}
+        | {"val_top1_final": acc + i, "val_top1_best": acc + i, "val_top1_last5": acc + i, "sparsity_effective": 0.9}
+        | {"train_images_per_s": 10.0, "infer_images_per_s": 20.0, "wall_time_s": 1.0, "device": "cpu"}
+        for i in range(3)
+        for method, acc in (("dynadiag", 90.0), ("rigl", 91.5))
+    ]
+    make_tables.write_csv(tmp_path / "runs.csv", rows)
+    runs = make_tables.load_runs([tmp_path / "runs.csv"])
+    assert [(r["method"], r["fold"], r["val_top1_final"]) for r in runs] == [
+        (r["method"], r["fold"], r["val_top1_final"]) for r in rows
+    ]
+    table = make_tables.Table(runs, "final")
+    diff = make_tables.paired_difference(table.values("dynadiag", 0.9), table.values("rigl", 0.9))
+    assert diff is not None and diff["n"] == 3 and abs(diff["mean"] + 1.5) < 1e-9
