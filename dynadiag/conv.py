@@ -73,6 +73,12 @@ class DiagConv2d(DiagonalSparseMixin, nn.Module):
                 mats.append(all_diagonals_weight(values[..., tap], self.in_channels, self.out_channels))
         return torch.stack(mats, dim=-1).view(self.out_channels, self.in_channels, *self.kernel_size)
 
+    @property
+    def weight(self) -> torch.Tensor:  # [C_out, C_in, kh, kw]
+        """The dense kernel the layer computes with, like ``nn.Conv2d.weight``: materialised on every access,
+        differentiable (gradients reach ``V``/``alpha``), not a parameter, read-only (see ``DiagLinear.weight``)."""
+        return self.dense_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, H, W] -> [B, C_out, H', W']
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(

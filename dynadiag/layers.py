@@ -223,6 +223,22 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         scaled = self.V * self.soft_weights()[:, None]
         return all_diagonals_weight(scaled, self.in_features, self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:  # [out, in]
+        """The dense ``[out, in]`` matrix the layer computes, acting on ``x`` itself, like ``nn.Linear.weight``.
+
+        For code that reads a replaced layer's weight (timm's EVA/BEiT/Swin-V2 attention calls
+        ``F.linear(x, self.qkv.weight, qkv_bias)``; ``nn.MultiheadAttention`` reads ``out_proj.weight``):
+        ``F.linear(x, layer.weight, layer.bias)`` equals ``layer(x)`` and gradients flow to ``V`` (and ``alpha``
+        before the freeze). It is materialised on every access (dense memory and compute, so such models do not get
+        the sparse kernels), it is not a parameter (``state_dict`` and optimizers see ``V``/``alpha``), and it is
+        read-only: writing into it changes nothing, assigning raises.
+        """
+        weight = self.dense_weight()
+        if self.perm is not None:  # W_diag acts on x[perm]: column j of W_diag belongs to input perm[j]
+            weight = weight[:, torch.argsort(self.perm)]
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.shape[-1] != self.in_features:
             name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -302,9 +318,7 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """The exact dense equivalent of what the layer computes now."""
-        weight = self.dense_weight()
-        if self.perm is not None:  # W_diag acts on x[perm]: column j of W_diag belongs to input perm[j]
-            weight = weight[:, torch.argsort(self.perm)]
+        weight = self.weight
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
         )

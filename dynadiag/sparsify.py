@@ -1,8 +1,9 @@
-"""Swap the ``nn.Linear`` (and residual-block ``nn.Conv2d``) layers of a model for diagonal layers.
+"""Swap the ``nn.Linear`` (and ``nn.Conv2d``) layers of a model for diagonal layers.
 
 torchao-style API: a config dataclass, ``sparsify_(model, config, filter_fn=None)`` that edits the model in
-place and returns a :class:`SparsifyReport`, and ``densify_`` as its inverse. Targets are chosen by glob
-patterns on timm module names; the defaults cover ViT/DeiT, MLP-Mixer and ResNet.
+place and returns a :class:`~dynadiag.sparsity.SparsifyReport`, and ``densify_`` as its inverse. Targets come from
+:mod:`dynadiag.targets`: by default the layers inside a model's repeated blocks (any timm family), or glob patterns
+on module names.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dynadiag.functional import validate_sparsity
 from dynadiag.groups import input_permutation, validate_group
 from dynadiag.layers import DiagLinear
 from dynadiag.sparsity import SparsifyReport, frozen_param_count, layer_report
-from dynadiag.targets import replace_module_, select_layers
+from dynadiag.targets import plan_targets, replace_module_
 
 __all__ = ["DiagSparsifyConfig", "densify_", "reset_alpha_", "sparsify_"]
 
@@ -28,8 +29,9 @@ class DiagSparsifyConfig:
 
     Attributes:
         sparsity: target sparsity of every converted layer, in ``[0, 1)`` (uniform, as in the paper).
-        include: glob patterns on module names; ``None`` uses :data:`dynadiag.targets.DEFAULT_TARGETS`. Each
-            explicit pattern must match at least one ``nn.Linear`` (or, with ``convs``, ``nn.Conv2d``).
+        include: glob patterns on module names; ``None``: the default targets by structure
+            (:mod:`dynadiag.targets`). Each explicit pattern must match at least one ``nn.Linear`` (or, with
+            ``convs``, ``nn.Conv2d``).
         exclude: glob patterns removed from the matches.
         backend: kernel backend for frozen layers.
         convs: also convert matching ``nn.Conv2d`` layers to :class:`DiagConv2d`.
@@ -84,24 +86,29 @@ def sparsify_(
     ``V`` as chosen by ``config.init``.
 
     Args:
-        model: a timm ViT/DeiT, MLP-Mixer or ResNet, or any module with matching names.
+        model: any model; without ``config.include`` the layers inside its repeated blocks are converted
+            (:mod:`dynadiag.targets`), with it the matching ones.
         config: sparsity and target patterns.
         filter_fn: optional extra predicate ``(module, name) -> bool``.
 
+    Returns:
+        The converted layers, and the other linear/convolution layers with the reason each stayed dense.
+
     Raises:
-        ValueError: a pattern matches nothing, or a matched convolution is grouped.
+        ValueError: a pattern matches nothing, nothing can be converted (the message lists the choices), or an
+            explicitly chosen convolution is grouped.
     """
     types = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     params_before = sum(p.numel() for p in model.parameters())
     try:
-        # first_layer/head=None: the patterns alone decide (the defaults never name the stem or the head).
-        targets = select_layers(
+        # first_layer/head=None: explicit patterns alone decide; the default targets keep both dense anyway.
+        plan = plan_targets(
             model, config.include, config.exclude, types=types, first_layer=None, head=None, filter_fn=filter_fn
         )
     except ValueError as exc:
         raise ValueError(f"sparsify_: {exc}") from None
     reports = []
-    for name, module in targets:
+    for name, module in plan.targets:
         layer = _convert(name, module, config)
         if config.init == "kaiming" and isinstance(layer, DiagLinear):
             layer.reset_parameters()
@@ -109,7 +116,7 @@ def sparsify_(
         layer.layer_name = name
         replace_module_(model, name, layer)
         reports.append(layer_report(name, layer))
-    return SparsifyReport(reports, params_before, frozen_param_count(model))
+    return SparsifyReport(reports, params_before, frozen_param_count(model), dense=plan.dense)
 
 
 def reset_alpha_(layer: DiagLinear | DiagConv2d) -> None:

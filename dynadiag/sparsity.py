@@ -15,7 +15,7 @@ Two kinds of sparse layer exist:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -156,6 +156,8 @@ class SparsifyReport:
     layers: list[LayerReport]
     model_params_before: int
     model_params_after: int
+    #: ``(name, reason)`` of every other linear/convolution layer, left dense (filled in by the methods)
+    dense: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def dense_weights(self) -> int:
@@ -169,6 +171,17 @@ class SparsifyReport:
     def sparsity(self) -> float:
         """Achieved sparsity over the reported layers."""
         return 1.0 - self.nnz / max(1, self.dense_weights)
+
+    def dense_lines(self, examples: int = 3) -> list[str]:
+        """The layers left dense, one line per reason (count and a few names)."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.dense:
+            by_reason.setdefault(reason, []).append(name)
+        lines = [f"left dense: {len(self.dense)} layers"] if self.dense else []
+        for reason, names in by_reason.items():
+            more = ", ..." if len(names) > examples else ""
+            lines.append(f"  {reason}: {len(names)} ({', '.join(names[:examples])}{more})")
+        return lines
 
     def __str__(self) -> str:
         head = (
@@ -187,7 +200,7 @@ class SparsifyReport:
             f"(sparsity {self.sparsity:.4f}); model parameters {self.model_params_before:,} before, "
             f"{self.model_params_after:,} once frozen"
         )
-        return "\n".join(rows)
+        return "\n".join(rows + self.dense_lines())
 
 
 @dataclass
@@ -209,7 +222,7 @@ class MaskReport(SparsifyReport):
             f"{self.method}: {len(self.layers)} masked layers, {self.dense_weights:,} weights -> {self.nnz:,} "
             f"non-zeros (sparsity {self.sparsity:.4f}); stored dense, {self.model_params_after:,} model parameters"
         )
-        return "\n".join(rows)
+        return "\n".join(rows + self.dense_lines())
 
 
 def sparsity_report(model: nn.Module) -> SparsifyReport:

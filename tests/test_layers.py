@@ -202,3 +202,45 @@ def test_freeze_folding_soft_weights_keeps_kept_diagonals_exact(in_f, out_f):
     expected[rows, cols] = before[rows, cols]
     assert torch.allclose(layer.dense_weight(), expected)
     assert (layer.soft_weights() == 1).all()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_weight_property_is_the_dense_matrix_the_layer_computes(frozen, permuted):
+    """Code that reads ``layer.weight`` (timm's EVA/Swin-V2 attention) gets what ``forward`` computes, with grads."""
+    torch.manual_seed(0)
+    layer = DiagLinear(12, 20, sparsity=0.7, backend="reference").double()
+    if permuted:
+        layer.set_permutation_(torch.randperm(12))
+    layer.temperature = 0.5
+    torch.nn.init.normal_(layer.alpha)
+    torch.nn.init.normal_(layer.bias)
+    if frozen:
+        layer.freeze_()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    weight = layer.weight
+    assert weight.shape == (20, 12) and not isinstance(weight, nn.Parameter)
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight, layer.bias), layer(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight, layer.to_linear().weight, rtol=0, atol=0)
+    if frozen:  # exactly K diagonals: the rest of the matrix is zero
+        assert int((weight != 0).sum()) <= layer.k * layer.diag_length
+    (weight * torch.randn_like(weight)).sum().backward()
+    assert layer.V.grad is not None and layer.V.grad.abs().sum() > 0
+    if not frozen:
+        assert layer.alpha.grad is not None and layer.alpha.grad.abs().sum() > 0
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    with pytest.raises((AttributeError, KeyError)):  # read-only: a tensor or a parameter cannot be assigned
+        layer.weight = torch.zeros(20, 12)
+    with pytest.raises((AttributeError, KeyError)):
+        layer.weight = nn.Parameter(torch.zeros(20, 12))
+
+
+def test_diag_conv2d_weight_property():
+    torch.manual_seed(0)
+    conv = DiagConv2d(6, 10, (3, 3), padding=(1, 1), sparsity=0.6).double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), conv(x), rtol=1e-12, atol=1e-12
+    )
+    conv.weight.sum().backward()
+    assert conv.V.grad is not None and conv.alpha.grad is not None

@@ -104,13 +104,17 @@ def test_bad_inputs():
         sparsify_(_vit(), DiagSparsifyConfig(0.5, include=["blocks.*.nope"]))
     with pytest.raises(ValueError, match=r"pattern .blocks\.0\.norm1. matches .* \(only a LayerNorm"):
         sparsify_(_vit(), DiagSparsifyConfig(0.5, include=["blocks.0.norm1"]))
-    with pytest.raises(ValueError, match="no layer of Sequential matches"):
+    # nothing to convert: one error that says why each layer stays dense and which names include= can take
+    with pytest.raises(ValueError, match=r"no layer of Sequential can be made sparse .*classifier head: 1 .*over: 0$"):
         sparsify_(nn.Sequential(nn.Linear(3, 3)), DiagSparsifyConfig(0.5))
     grouped = nn.Sequential()
     grouped.add_module("layer1", nn.Sequential(nn.Module()))
-    grouped.layer1[0].conv1 = nn.Conv2d(4, 4, 3, groups=2)
-    with pytest.raises(ValueError, match="grouped convolution"):
-        sparsify_(grouped, DiagSparsifyConfig(0.5))
+    grouped.layer1[0].conv1 = nn.Conv2d(8, 8, 3, groups=2)
+    grouped.layer1[0].conv2 = nn.Conv2d(8, 8, 3, groups=2)
+    with pytest.raises(ValueError, match=r"grouped/depthwise convolution \(groups > 1\): 1 \(e.g. layer1.0.conv2\)"):
+        sparsify_(grouped, DiagSparsifyConfig(0.5))  # conv1 is the first layer, conv2 grouped
+    with pytest.raises(ValueError, match=r"cannot convert 'layer1\.0\.conv2': grouped convolution"):
+        sparsify_(grouped, DiagSparsifyConfig(0.5, include=["layer1.0.conv2"]))
     model = _vit()
     sparsify_(model, DiagSparsifyConfig(0.5))
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv"):

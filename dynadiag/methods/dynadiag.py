@@ -54,7 +54,7 @@ class DynaDiagMethod(SparseMethod):
         temperature_schedule: one of :data:`dynadiag.schedules.SCHEDULES`.
         freeze_epoch: epoch after which every layer keeps exactly its top-``k`` diagonals.
         per_epoch: update the temperature once per epoch (the reference recipe) instead of every step.
-        include: module-name globs to convert (``None``: timm ViT/Mixer/ResNet defaults).
+        include: module-name globs to convert (``None``: the layers inside the blocks, :mod:`dynadiag.targets`).
         exclude: module-name globs to leave dense.
         backend: kernel backend for frozen layers.
         init: ``"kaiming"`` (from scratch) or ``"copy"`` (from the dense weights).

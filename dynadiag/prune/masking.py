@@ -34,7 +34,7 @@ __all__ = ["FixedDiagMethod", "FixedMaskMethod", "target_linears"]
 
 def target_linears(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` layers post-training pruning works on (:func:`~dynadiag.targets.select_layers`
-    with ``include`` globs, default :data:`~dynadiag.targets.DEFAULT_TARGETS`), in model order.
+    with ``include`` globs, default: the structural default targets), in model order.
 
     Raises:
         ValueError: nothing matches, or an explicit ``include`` pattern matches no ``nn.Linear``.
@@ -88,7 +88,7 @@ class FixedDiagMethod(SparseMethod):
 
     Args:
         sparsity: target sparsity of the converted layers.
-        include: module-name globs of the converted layers (``None``: :data:`~dynadiag.targets.DEFAULT_TARGETS`).
+        include: module-name globs of the converted layers (``None``: the default targets).
         exclude: globs removed from the matches.
         backend: kernel backend of the diagonal layers.
         score: which diagonal score chose the diagonals (recorded for reports).
