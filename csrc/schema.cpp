@@ -10,6 +10,9 @@
 TORCH_LIBRARY(dynadiag, m) {
   // x [N, in] -> y [N, out] = x W^T (bias is added in Python).
   m.def("diag_fwd(Tensor x, Tensor values, Tensor offsets, int out_features) -> Tensor");
+  // y = x W^T + bias in one pass (bias [out], x's dtype): the frozen layer's CPU path, so the output is not
+  // re-read and re-allocated for the bias. Implemented on CPU only; other devices add the bias in Python.
+  m.def("diag_fwd_bias(Tensor x, Tensor values, Tensor offsets, int out_features, Tensor bias) -> Tensor");
   // grad_y [N, out] -> grad_x [N, in] = grad_y W.
   m.def("diag_bwd_x(Tensor grad_y, Tensor values, Tensor offsets, int in_features) -> Tensor");
   // grad_y [N, out], x [N, in] -> grad_values [K, D]: the pattern-restricted product grad_y^T x.

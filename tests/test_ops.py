@@ -34,6 +34,8 @@ def test_opcheck_every_op(in_f, out_f, k, dtype, layout, monkeypatch):
     monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", layout)  # both AVX-512 layouts of gather/scatter (fp32)
     x, values, offsets, grad_y = _args(in_f, out_f, k, n=6 if layout == "tm" else 53, dtype=dtype)
     torch.library.opcheck(OPS.diag_fwd.default, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
+    bias = torch.randn(out_f, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(OPS.diag_fwd_bias.default, (x, values, offsets, out_f, bias))
     torch.library.opcheck(OPS.diag_bwd_x.default, (grad_y, values.detach(), offsets, in_f))
     torch.library.opcheck(OPS.diag_bwd_v.default, (grad_y, x.detach(), offsets))
 
@@ -44,6 +46,8 @@ def test_gradcheck_fp64_through_the_op(in_f, out_f, k):
     x.requires_grad_()
     values.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, v: OPS.diag_fwd(a, v, offsets, out_f), (x, values))
+    bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v, b: OPS.diag_fwd_bias(a, v, offsets, out_f, b), (x, values, bias))
     assert torch.autograd.gradgradcheck is not None  # second order is not registered (frozen layers need none)
 
 

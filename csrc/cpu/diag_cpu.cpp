@@ -17,6 +17,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace dynadiag {
 namespace {
@@ -57,51 +58,65 @@ bool use_feature_major(int64_t N) {
   return N >= 32;
 }
 
-// out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]); dispatch on dtype and on the AVX-512 fast path.
-void gather(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
-  const int64_t N = z.size(0), K = V.size(0);
+// bias (any floating dtype, [n]) as an accumulator-type buffer padded with zeros to a whole number of 64-wide
+// tiles, or empty when there is no bias.
+template <typename Acc>
+std::vector<Acc> padded_bias(const at::Tensor* bias, int64_t n) {
+  std::vector<Acc> out;
+  if (bias == nullptr) return out;
+  out.assign(((n + 63) / 64) * 64 + 64, Acc(0));
+  const at::Tensor b = bias->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "dynadiag_bias", [&] {
+    const scalar_t* p = b.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(p[i]);
+  });
+  return out;
+}
+
+// out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]) (+ bias); dispatch on dtype and on the AVX-512 fast
+// paths.
+void gather_scatter(bool is_scatter, const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P,
+                    int64_t D, at::Tensor& out, const at::Tensor* bias = nullptr) {
+  const int64_t N = z.size(0), K = V.size(0), n_out = is_scatter ? P : D;
+  const int64_t* o = off.const_data_ptr<int64_t>();
 #if DYNADIAG_AVX512
-  const bool fm = use_feature_major(N);
-  if (P >= 16 && fm && z.scalar_type() == at::kFloat)
-    return gather_fm<F32>(z.const_data_ptr<float>(), N, P, V.const_data_ptr<float>(), off.const_data_ptr<int64_t>(),
-                          K, D, out.mutable_data_ptr<float>());
-  if (P >= 16 && fm && z.scalar_type() == at::kBFloat16)
-    return gather_fm<BF16>(z.const_data_ptr<c10::BFloat16>(), N, P, V.const_data_ptr<c10::BFloat16>(),
-                           off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<c10::BFloat16>());
-  if (P >= 16 && z.scalar_type() == at::kFloat)
-    return gather_avx512<F32>(z.const_data_ptr<float>(), N, P, V.const_data_ptr<float>(),
-                              off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<float>());
-  if (P >= 16 && z.scalar_type() == at::kBFloat16)
-    return gather_avx512<BF16>(z.const_data_ptr<c10::BFloat16>(), N, P, V.const_data_ptr<c10::BFloat16>(),
-                               off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<c10::BFloat16>());
+  if (P >= 16 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16)) {
+    const std::vector<float> b = padded_bias<float>(bias, n_out);
+    const float* bp = b.empty() ? nullptr : b.data();
+    const bool fm = use_feature_major(N);
+    auto run = [&](auto tag) {
+      using E = decltype(tag);
+      using T = typename E::T;
+      const T* zp = z.const_data_ptr<T>();
+      const T* vp = V.const_data_ptr<T>();
+      T* op = out.mutable_data_ptr<T>();
+      if (fm && is_scatter) return scatter_fm<E>(zp, N, D, vp, o, K, P, op, bp);
+      if (fm) return gather_fm<E>(zp, N, P, vp, o, K, D, op, bp);
+      if (is_scatter) return scatter_avx512<E>(zp, N, D, vp, o, K, P, op, bp);
+      return gather_avx512<E>(zp, N, P, vp, o, K, D, op, bp);
+    };
+    return z.scalar_type() == at::kFloat ? run(F32{}) : run(BF16{});
+  }
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_gather", [&] {
-    gather_scalar<scalar_t>(z.const_data_ptr<scalar_t>(), N, P, V.const_data_ptr<scalar_t>(),
-                            off.const_data_ptr<int64_t>(), K, D, out.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_gather_scatter", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const std::vector<Acc> b = padded_bias<Acc>(bias, n_out);
+    const Acc* bp = b.empty() ? nullptr : b.data();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* vp = V.const_data_ptr<scalar_t>();
+    if (is_scatter)
+      scatter_scalar<scalar_t>(zp, N, D, vp, o, K, P, out.mutable_data_ptr<scalar_t>(), bp);
+    else
+      gather_scalar<scalar_t>(zp, N, P, vp, o, K, D, out.mutable_data_ptr<scalar_t>(), bp);
   });
 }
 
+void gather(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
+  gather_scatter(false, z, V, off, P, D, out);
+}
+
 void scatter(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& out) {
-  const int64_t N = z.size(0), K = V.size(0);
-#if DYNADIAG_AVX512
-  const bool fm = use_feature_major(N);
-  if (P >= 16 && fm && z.scalar_type() == at::kFloat)
-    return scatter_fm<F32>(z.const_data_ptr<float>(), N, D, V.const_data_ptr<float>(), off.const_data_ptr<int64_t>(),
-                           K, P, out.mutable_data_ptr<float>());
-  if (P >= 16 && fm && z.scalar_type() == at::kBFloat16)
-    return scatter_fm<BF16>(z.const_data_ptr<c10::BFloat16>(), N, D, V.const_data_ptr<c10::BFloat16>(),
-                            off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<c10::BFloat16>());
-  if (P >= 16 && z.scalar_type() == at::kFloat)
-    return scatter_avx512<F32>(z.const_data_ptr<float>(), N, D, V.const_data_ptr<float>(),
-                               off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<float>());
-  if (P >= 16 && z.scalar_type() == at::kBFloat16)
-    return scatter_avx512<BF16>(z.const_data_ptr<c10::BFloat16>(), N, D, V.const_data_ptr<c10::BFloat16>(),
-                                off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<c10::BFloat16>());
-#endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_scatter", [&] {
-    scatter_scalar<scalar_t>(z.const_data_ptr<scalar_t>(), N, D, V.const_data_ptr<scalar_t>(),
-                             off.const_data_ptr<int64_t>(), K, P, out.mutable_data_ptr<scalar_t>());
-  });
+  gather_scatter(true, z, V, off, P, D, out);
 }
 
 void sddmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& dv) {
@@ -132,6 +147,22 @@ at::Tensor diag_fwd(const at::Tensor& x, const at::Tensor& values, const at::Ten
     scatter(xc, vc, off, d.P, d.D, y);  // y [N, P=out] from x [N, D=in]
   else
     gather(xc, vc, off, d.P, d.D, y);  // y [N, D=out] from x [N, P=in]
+  return y;
+}
+
+at::Tensor diag_fwd_bias(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
+                         int64_t out_features, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && values.dim() == 2, "diag_fwd_bias: x must be [N, in] and values [K, D]");
+  const Dims d =
+      check_args("diag_fwd_bias", x, values, offsets, x.size(1), out_features, values.size(0), values.size(1));
+  DD_CHECK(bias.dim() == 1 && bias.size(0) == d.out && bias.scalar_type() == x.scalar_type() && bias.device().is_cpu(),
+           "diag_fwd_bias: bias must be a 1-D CPU tensor of out_features = ", d.out, " elements in x's dtype");
+  at::Tensor y = at::empty({x.size(0), d.out}, x.options());
+  const at::Tensor off = checked_offsets(offsets, d.P, "diag_fwd_bias");
+  if (x.size(0) == 0) return y;
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  // K == 0 still runs the kernels (no diagonal: every output is its bias).
+  gather_scatter(d.tall, xc, vc, off, d.P, d.D, y, &bias);
   return y;
 }
 
@@ -171,6 +202,7 @@ at::Tensor diag_bwd_v(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 
 TORCH_LIBRARY_IMPL(dynadiag, CPU, m) {
   m.impl("diag_fwd", &diag_fwd);
+  m.impl("diag_fwd_bias", &diag_fwd_bias);
   m.impl("diag_bwd_x", &diag_bwd_x);
   m.impl("diag_bwd_v", &diag_bwd_v);
 }

@@ -220,9 +220,10 @@ static inline void fm_stage(const typename E::T* z, int64_t ldz, int64_t nt, int
   std::copy(xT, xT + kFmR * TB, xT + P * TB);
 }
 
-// out[n0 + t, j] = yT[j, t] for j < n_out, t < nt.
+// out[n0 + t, j] = yT[j, t] (+ bias[j]) for j < n_out, t < nt; bias (fp32) is padded to a multiple of 16.
 template <class E>
-static inline void fm_unstage(const float* yT, int64_t nt, int64_t n_out, typename E::T* out, int64_t ldo) {
+static inline void fm_unstage(const float* yT, int64_t nt, int64_t n_out, typename E::T* out, int64_t ldo,
+                              const float* bias) {
   constexpr int TB = kFmTB;
   __m512 r[16];
   for (int g = 0; g < kFmTV && 16 * g < nt; ++g) {
@@ -230,6 +231,11 @@ static inline void fm_unstage(const float* yT, int64_t nt, int64_t n_out, typena
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(yT + (c + i) * TB + 16 * g);
       transpose16(r);
+      if (bias != nullptr) {
+        const __m512 b = _mm512_loadu_ps(bias + c);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_add_ps(r[i], b);
+      }
       const int64_t rows = std::min<int64_t>(16, nt - 16 * g);
       if (c + 16 <= n_out) {
         for (int i = 0; i < rows; ++i) E::store(out + (16 * g + i) * ldo + c, r[i]);
@@ -244,7 +250,7 @@ static inline void fm_unstage(const float* yT, int64_t nt, int64_t n_out, typena
 // Runs the plan over all token blocks: z [N, ldz] (valid columns [0, zvalid), circular length P) -> out [N, n_out].
 template <class E>
 void fm_run(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const FmPlan& pl,
-            typename E::T* out, int64_t n_out) {
+            typename E::T* out, int64_t n_out, const float* bias) {
   constexpr int R = kFmR, TB = kFmTB;
   const int64_t n_blocks = (N + TB - 1) / TB;
   const int64_t x_rows = P + R;
@@ -263,23 +269,23 @@ void fm_run(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t z
             fm_tile<R, kFmTV>(xs.get(), pl.vbuf.get(), pl.vo.data() + i0, pl.xo.data() + i0, i1 - i0,
                               ys.get() + j * R * TB);
         }
-      fm_unstage<E>(ys.get(), nt, n_out, out + n0 * n_out, n_out);
+      fm_unstage<E>(ys.get(), nt, n_out, out + n0 * n_out, n_out, bias);
     }
   });
 }
 
 template <class E>
 void gather_fm(const typename E::T* z, int64_t N, int64_t P, const typename E::T* V, const int64_t* off, int64_t K,
-               int64_t D, typename E::T* out) {
+               int64_t D, typename E::T* out, const float* bias = nullptr) {
   const FmPlan pl = fm_plan<E>(V, off, K, D, P, D, /*scatter=*/false);
-  fm_run<E>(z, N, P, P, P, pl, out, D);
+  fm_run<E>(z, N, P, P, P, pl, out, D, bias);
 }
 
 template <class E>
 void scatter_fm(const typename E::T* z, int64_t N, int64_t D, const typename E::T* V, const int64_t* off, int64_t K,
-                int64_t P, typename E::T* out) {
+                int64_t P, typename E::T* out, const float* bias = nullptr) {
   const FmPlan pl = fm_plan<E>(V, off, K, D, P, P, /*scatter=*/true);
-  fm_run<E>(z, N, D, P, D, pl, out, P);
+  fm_run<E>(z, N, D, P, D, pl, out, P, bias);
 }
 
 }  // namespace dynadiag

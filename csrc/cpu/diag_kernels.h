@@ -41,7 +41,8 @@ namespace dynadiag {
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename T>
-void gather_scalar(const T* z, int64_t N, int64_t P, const T* V, const int64_t* off, int64_t K, int64_t D, T* out) {
+void gather_scalar(const T* z, int64_t N, int64_t P, const T* V, const int64_t* off, int64_t K, int64_t D, T* out,
+                   const at::opmath_type<T>* bias = nullptr) {
   using Acc = at::opmath_type<T>;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<Acc> acc(D);
@@ -57,13 +58,14 @@ void gather_scalar(const T* z, int64_t N, int64_t P, const T* V, const int64_t* 
           acc[t] += Acc(vr[t]) * Acc(zr[j]);
         }
       }
-      for (int64_t t = 0; t < D; ++t) out[n * D + t] = T(acc[t]);
+      for (int64_t t = 0; t < D; ++t) out[n * D + t] = T(bias ? acc[t] + bias[t] : acc[t]);
     }
   });
 }
 
 template <typename T>
-void scatter_scalar(const T* z, int64_t N, int64_t D, const T* V, const int64_t* off, int64_t K, int64_t P, T* out) {
+void scatter_scalar(const T* z, int64_t N, int64_t D, const T* V, const int64_t* off, int64_t K, int64_t P, T* out,
+                    const at::opmath_type<T>* bias = nullptr) {
   using Acc = at::opmath_type<T>;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<Acc> acc(P);
@@ -79,7 +81,7 @@ void scatter_scalar(const T* z, int64_t N, int64_t D, const T* V, const int64_t*
           acc[r] += Acc(vr[t]) * Acc(zr[t]);
         }
       }
-      for (int64_t r = 0; r < P; ++r) out[n * P + r] = T(acc[r]);
+      for (int64_t r = 0; r < P; ++r) out[n * P + r] = T(bias ? acc[r] + bias[r] : acc[r]);
     }
   });
 }
@@ -281,7 +283,7 @@ static inline void stage_rows(const typename E::T* z, int64_t ldz, int64_t rows,
 
 template <class E, int NB>
 static inline void window_tile(const float* zs, int64_t ld, const float* vals, const int64_t* s0s, int64_t cnt,
-                               typename E::T* out, int64_t ldo, int64_t o0, int64_t n_out) {
+                               typename E::T* out, int64_t ldo, int64_t o0, int64_t n_out, const float* bias) {
   constexpr int TV = kTV;
   __m512 acc[NB][TV];
 #pragma GCC unroll 16
@@ -300,6 +302,15 @@ static inline void window_tile(const float* zs, int64_t ld, const float* vals, c
       for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(zr + n * ld + 16 * v), acc[n][v]);
   }
   const bool full = o0 + kW <= n_out;
+  if (bias != nullptr) {  // the caller pads bias to a whole number of tiles
+    __m512 b[TV];
+#pragma GCC unroll 16
+    for (int v = 0; v < TV; ++v) b[v] = _mm512_loadu_ps(bias + o0 + 16 * v);
+#pragma GCC unroll 16
+    for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 16
+      for (int v = 0; v < TV; ++v) acc[n][v] = _mm512_add_ps(acc[n][v], b[v]);
+  }
 #pragma GCC unroll 16
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 16
@@ -318,7 +329,7 @@ static inline void window_tile(const float* zs, int64_t ld, const float* vals, c
 // block once and sweeps every output tile with it. Remainder tokens use one-token tiles.
 template <class E>
 void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const PackedWindows& pw,
-                 typename E::T* out, int64_t n_out) {
+                 typename E::T* out, int64_t n_out, const float* bias) {
   const int64_t n_tiles = pw.n_tiles;
   const int64_t n_blocks = N / kNB;
   const int64_t rem = N - n_blocks * kNB;
@@ -337,25 +348,25 @@ void run_windows(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int6
       const float* vals = pw.vals.get() + j * pw.K * kW;
       const int64_t* s0s = pw.s0.get() + j * pw.K;
       if (full)
-        window_tile<E, kNB>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out);
+        window_tile<E, kNB>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out, bias);
       else
-        window_tile<E, 1>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out);
+        window_tile<E, 1>(zs.get(), ld, vals, s0s, pw.cnt[j], out + n_first * n_out, n_out, j * kW, n_out, bias);
     }
   });
 }
 
 template <class E>
 void gather_avx512(const typename E::T* z, int64_t N, int64_t P, const typename E::T* V, const int64_t* off,
-                   int64_t K, int64_t D, typename E::T* out) {
+                   int64_t K, int64_t D, typename E::T* out, const float* bias = nullptr) {
   const PackedWindows pw = pack_windows<E>(V, off, K, D, P, D, /*scatter=*/false);
-  run_windows<E>(z, N, P, P, P, pw, out, D);
+  run_windows<E>(z, N, P, P, P, pw, out, D, bias);
 }
 
 template <class E>
 void scatter_avx512(const typename E::T* z, int64_t N, int64_t D, const typename E::T* V, const int64_t* off,
-                    int64_t K, int64_t P, typename E::T* out) {
+                    int64_t K, int64_t P, typename E::T* out, const float* bias = nullptr) {
   const PackedWindows pw = pack_windows<E>(V, off, K, D, P, P, /*scatter=*/true);
-  run_windows<E>(z, N, D, P, D, pw, out, P);
+  run_windows<E>(z, N, D, P, D, pw, out, P, bias);
 }
 
 // ----- sddmm S: dV[k, t] = sum_n a[n, t] b[n, (t + p_k) % P]; tile = KB diagonals x TV vectors -----

@@ -8,6 +8,8 @@ which dispatch to whichever device implementation is registered.
 Ops (``W`` is ``[out, in]``, ``P = max(in, out)``, ``D = min(in, out)``, ``K`` kept diagonals):
 
 - ``diag_fwd(x [N, in], values [K, D], offsets [K], out_features) -> y [N, out]`` (``x W^T``, no bias)
+- ``diag_fwd_bias(x, values, offsets, out_features, bias [out]) -> y [N, out]`` (``x W^T + bias`` in one pass;
+  CPU only, used by :func:`diag_linear` for CPU tensors)
 - ``diag_bwd_x(grad_y [N, out], values [K, D], offsets [K], in_features) -> grad_x [N, in]`` (``grad_y W``)
 - ``diag_bwd_v(grad_y [N, out], x [N, in], offsets [K]) -> grad_values [K, D]``
 """
@@ -132,6 +134,14 @@ def _register_python_side() -> None:
         torch._check(values.shape[0] == offsets.shape[0], lambda: "diag_fwd: one offset per diagonal")
         return x.new_empty(x.shape[0], out_features)
 
+    @torch.library.register_fake("dynadiag::diag_fwd_bias")
+    def _(x, values, offsets, out_features, bias):
+        torch._check(x.dim() == 2 and values.dim() == 2, lambda: "diag_fwd_bias: x must be [N, in], values [K, D]")
+        torch._check(values.shape[1] == min(x.shape[1], out_features), lambda: "diag_fwd_bias: values [K, D]")
+        torch._check(values.shape[0] == offsets.shape[0], lambda: "diag_fwd_bias: one offset per diagonal")
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_features, lambda: "diag_fwd_bias: bias [out]")
+        return x.new_empty(x.shape[0], out_features)
+
     @torch.library.register_fake("dynadiag::diag_bwd_x")
     def _(grad_y, values, offsets, in_features):
         torch._check(grad_y.dim() == 2 and values.dim() == 2, lambda: "diag_bwd_x: grad_y must be [N, out]")
@@ -145,7 +155,7 @@ def _register_python_side() -> None:
         return x.new_empty(offsets.shape[0], min(x.shape[1], grad_y.shape[1]))
 
     def setup_context(ctx, inputs, output):
-        x, values, offsets, _out_features = inputs
+        x, values, offsets = inputs[:3]
         ctx.in_features = x.shape[1]
         saved_x = x if ctx.needs_input_grad[1] else None  # x is only needed for grad_values
         saved_v = values if ctx.needs_input_grad[0] else None
@@ -161,7 +171,13 @@ def _register_python_side() -> None:
             grad_v = torch.ops.dynadiag.diag_bwd_v(grad_y, x, offsets)
         return grad_x, grad_v, None, None
 
+    def backward_bias(ctx, grad_y):
+        grad_x, grad_v, _, _ = backward(ctx, grad_y)
+        grad_b = grad_y.sum(0) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_v, None, None, grad_b
+
     torch.library.register_autograd("dynadiag::diag_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("dynadiag::diag_fwd_bias", backward_bias, setup_context=setup_context)
 
 
 def diag_linear(
@@ -190,8 +206,13 @@ def diag_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
     # values may be fp32 master weights under bf16 activations: the cast is differentiable.
+    values = values.to(x.dtype).contiguous()
+    if fwd is None and bias is not None and x.device.type == "cpu":
+        # The CPU kernels add the bias while writing y: no second pass over (and allocation of) the output.
+        y = torch.ops.dynadiag.diag_fwd_bias(x2, values, offsets, out_features, bias.to(x.dtype))
+        return y.reshape(*lead, out_features)
     fwd = torch.ops.dynadiag.diag_fwd if fwd is None else fwd
-    y = fwd(x2, values.to(x.dtype).contiguous(), offsets, out_features)  # [N, out]
+    y = fwd(x2, values, offsets, out_features)  # [N, out]
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, out_features)
