@@ -19,7 +19,9 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:  # pragma: no cover - eve
 
 # With a compiler the cpu backend must build; a build failure fails this test rather than skipping the rest.
 # Triton on CPU is its (slow) interpreter, tested in test_kernels_triton.py.
-BACKENDS = sorted({"cpu", *(b for b in available_backends("cpu") if b not in ("reference", "triton"))})
+BACKENDS = sorted(
+    {"cpu", *(b for b in available_backends("cpu") if b not in ("reference", "triton") and not b.startswith("grouped"))}
+)  # grouped_* backends (bf16/fp32 band tiles) have their own tests: test_kernels_grouped.py
 
 # (in, out, K): square, tall, wide, 1-wide both ways, primes, a single diagonal, all diagonals (K = P), sizes that
 # straddle the 64-wide register tiles and the wrap-around, and a ViT-B fc2-like wide layer.

@@ -55,6 +55,9 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     # Dense GEMMs on the scattered weight: never chosen by priority (-1); ``auto`` on CUDA mixes it in per op
     # through the cost model (dynadiag.kernels.costmodel).
     "dense": ("dynadiag.kernels.dense", -1),
+    # Band-tile kernels for grouped layers (dynadiag.groups); explicit-only: below "reference", so "auto" never
+    # picks them for the single-diagonal layers they would run slowly.
+    "grouped_cpu": ("dynadiag.kernels.grouped_cpu", -1),
 }
 _LOADED: dict[str, Backend] = {}
 _AVAILABILITY: dict[tuple[str, str], tuple[bool, str]] = {}

@@ -1,0 +1,110 @@
+"""``grouped_cpu`` backend: band tiles of grouped diagonals on the CPU's matrix units (``csrc/grouped``).
+
+Runs of consecutive kept offsets (a grouped layer's groups, merged when neighbouring) become dense band tiles that
+run through oneDNN's brgemm micro-kernel (``at::native::cpublas::brgemm``): AMX on Intel CPUs that have it,
+AVX512-BF16 (``vdpbf16ps``) on Zen 4, AVX-512 FMA for fp32; oneDNN chooses at run time. Forward, ``grad_x`` and
+``grad_values`` are the kernels; ``grad_bias`` is autograd's sum. Any offset set is accepted (a ``g = 1`` layer
+gives runs of length ~1 and is slow: use the ``cpu`` backend for it), so the backend is explicit-only
+(not chosen by ``auto``). The ops live in their own ``dynadiag_grouped`` library, built on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from dynadiag.kernels import ops
+from dynadiag.kernels._build import load_extension
+
+__all__ = ["BACKEND", "GroupedCpuBackend", "grouped_apply", "grouped_sddmm", "load_grouped_library"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_LOCK = threading.Lock()
+_LOADED = False
+#: longest run of offsets in one band tile (longer runs are cut); wider tiles waste less (density L / (32 + L - 1)).
+MAX_RUN = 64
+#: tokens per GEMM call.
+TOKEN_BLOCK = 256
+
+
+def load_grouped_library() -> None:
+    """Build (once, cached) and load ``csrc/grouped``. Raises ``ExtensionBuildError`` if the build fails."""
+    global _LOADED
+    with _LOCK:
+        if not _LOADED:
+            load_extension("dynadiag_grouped_cpu", sorted((ops.CSRC / "grouped").glob("*.cpp")))
+            _LOADED = True
+
+
+def grouped_apply(src: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_cols: int, tall: bool):
+    """``tall``: ``dst[n, r] = sum_k V[k, c] src[n, c]``, ``c = (r - p_k) mod B`` if ``c < A``; wide:
+    ``dst[n, r] = sum_k V[k, r] src[n, (r + p_k) mod A]``. ``src [N, A]``, ``values [K, D]`` -> ``[N, B]``."""
+    return torch.ops.dynadiag_grouped.apply(src, values, offsets, out_cols, tall, MAX_RUN, TOKEN_BLOCK)
+
+
+def grouped_sddmm(s: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # [K, D]
+    """``dV[k, t] = sum_n s[n, t] q[n, (t + p_k) mod M]`` for ``s [N, D]``, ``q [N, M]`` (fp32 accumulation)."""
+    return torch.ops.dynadiag_grouped.sddmm(s, q, offsets, MAX_RUN)
+
+
+class _GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, offsets, out_features):  # x [N, in], values [K, D]
+        ctx.save_for_backward(x, values, offsets)
+        return grouped_apply(x, values, offsets, out_features, tall=out_features >= x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y [N, out]
+        x, values, offsets = ctx.saved_tensors
+        in_features, out_features = x.shape[1], grad_y.shape[1]
+        tall = out_features >= in_features
+        grad_y = grad_y.contiguous()
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_apply(grad_y, values, offsets, in_features, tall=not tall)
+        if ctx.needs_input_grad[1]:
+            grad_v = grouped_sddmm(x, grad_y, offsets) if tall else grouped_sddmm(grad_y, x, offsets)
+        return grad_x, grad_v, None, None
+
+
+class GroupedCpuBackend:
+    """oneDNN brgemm band tiles for grouped diagonal layers on CPU tensors (bf16, fp32)."""
+
+    name = "grouped_cpu"
+
+    def is_available(self, device: torch.device) -> tuple[bool, str]:
+        device = torch.device(device)
+        if device.type != "cpu":
+            return False, f"the grouped_cpu backend runs on CPU tensors only (got {device})"
+        try:
+            load_grouped_library()
+        except Exception as exc:
+            return False, str(exc)
+        if not torch.ops.dynadiag_grouped.supported(_dtype_code(torch.bfloat16)):
+            return False, "oneDNN's brgemm micro-kernel is not available on this CPU (needs AVX512-BF16 or AMX)"
+        return True, ""
+
+    def diag_linear(
+        self,
+        x: torch.Tensor,  # [..., in]
+        values: torch.Tensor,  # [K, D]
+        offsets: torch.Tensor,  # [K] int64, sorted ascending
+        bias: torch.Tensor | None,  # [out]
+        in_features: int,
+        out_features: int,
+    ) -> torch.Tensor:  # [..., out]
+        """``y = x W^T + b`` for a frozen (grouped) diagonal layer; differentiable in x, values, bias."""
+        if not _LOADED:
+            load_grouped_library()
+        return ops.diag_linear(
+            "grouped_cpu", "cpu", _DTYPES, x, values, offsets, bias, in_features, out_features, _GroupedFn.apply
+        )
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    # c10::ScalarType codes (stable): Float = 6, BFloat16 = 15.
+    return {torch.float32: 6, torch.bfloat16: 15}[dtype]
+
+
+BACKEND = GroupedCpuBackend()

@@ -1,0 +1,115 @@
+"""Grouped-diagonal band-tile kernels (``grouped_cpu``) against ``reference``: forward, grad_x, grad_values."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from dynadiag import DiagLinear
+from dynadiag import groups as DG
+from dynadiag.kernels import get_backend
+
+if shutil.which(os.environ.get("CXX", "c++")) is None:  # pragma: no cover - every dev/CI machine has one
+    pytest.skip("no C++ compiler: the grouped_cpu backend cannot be built here", allow_module_level=True)
+
+
+def _grouped_cpu_or_skip():
+    from dynadiag.kernels.grouped_cpu import BACKEND
+
+    ok, why = BACKEND.is_available(torch.device("cpu"))
+    if not ok and "brgemm" in why:
+        pytest.skip(why)  # a CPU without AVX512-BF16/AMX: the backend says so instead of running slowly
+    assert ok, why
+    return BACKEND
+
+
+# (in, out, group, kept groups): square, tall, wide, g not dividing P (short last group), runs that merge
+# (neighbouring groups), runs longer than MAX_RUN, 1-wide layers.
+CASES = [
+    (64, 64, 4, 5),
+    (64, 192, 8, 3),
+    (192, 64, 8, 3),
+    (100, 37, 3, 4),
+    (37, 100, 3, 4),
+    (48, 48, 32, 1),
+    (96, 96, 16, 6),
+    (160, 160, 1, 160),  # all diagonals: runs cut at MAX_RUN
+    (1, 40, 2, 3),
+    (40, 1, 2, 3),
+    (768, 256, 32, 3),
+]
+
+
+def _problem(in_f, out_f, group, kept, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_diag = max(in_f, out_f)
+    groups = torch.randperm(DG.num_groups(num_diag, group), generator=gen)[:kept]
+    offsets = DG.group_offsets(groups, num_diag, group)
+    values = torch.randn(offsets.numel(), min(in_f, out_f), generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, in_f, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(out_f, generator=gen, dtype=torch.float64).to(dtype)
+    return x, values, offsets, bias
+
+
+def _check(backend, in_f, out_f, x, values, offsets, bias, atol, rtol):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, values, bias)]
+    y = backend.diag_linear(*leaves[:2], offsets, leaves[2], in_f, out_f)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, values, bias)]
+    ref = get_backend("reference").diag_linear(*ref_leaves[:2], offsets, ref_leaves[2], in_f, out_f)
+    ref.backward(grad_y.double())
+    for name, got, want in zip(
+        ("y", "grad_x", "grad_values", "grad_bias"),
+        (y, *(t.grad for t in leaves)),
+        (ref, *(t.grad for t in ref_leaves)),
+        strict=True,
+    ):
+        scale = want.abs().max().clamp_min(1.0)
+        err = (got.double() - want).abs().max() / scale
+        assert err <= atol, f"{name}: max error {err:.3g} (relative to max |ref| {scale:.3g})"
+
+
+@pytest.mark.parametrize("in_f,out_f,group,kept", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)])
+def test_grouped_cpu_matches_reference(in_f, out_f, group, kept, dtype, tol):
+    backend = _grouped_cpu_or_skip()
+    x, values, offsets, bias = _problem(in_f, out_f, group, kept, n=67, dtype=dtype)
+    _check(backend, in_f, out_f, x, values, offsets, bias, tol, tol)
+
+
+def test_grouped_cpu_any_offsets_and_empty_batch():
+    backend = _grouped_cpu_or_skip()
+    gen = torch.Generator().manual_seed(1)
+    offsets = torch.randperm(131, generator=gen)[:13].sort().values  # single diagonals: runs of length ~1
+    x = torch.randn(9, 97, generator=gen)
+    values = torch.randn(13, 97, generator=gen)
+    _check(backend, 97, 131, x, values, offsets, torch.zeros(131), 1e-5, 1e-5)
+    assert backend.diag_linear(x[:0], values, offsets, None, 97, 131).shape == (0, 131)
+
+
+def test_grouped_cpu_rejects_unsorted_offsets_and_other_dtypes():
+    backend = _grouped_cpu_or_skip()
+    x, values = torch.randn(4, 16), torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="sorted"):
+        backend.diag_linear(x, values, torch.tensor([5, 2]), None, 16, 16)
+    with pytest.raises(TypeError, match="supports"):
+        backend.diag_linear(x.double(), values.double(), torch.tensor([2, 5]), None, 16, 16)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_grouped_layer_on_grouped_cpu(permute):
+    _grouped_cpu_or_skip()
+    torch.manual_seed(0)
+    layer = DiagLinear(64, 256, sparsity=0.9, group=8, permute=permute, backend="reference")
+    with torch.no_grad():
+        layer.alpha.normal_()
+    layer.freeze_()
+    fast = DiagLinear(64, 256, sparsity=0.9, group=8, backend="grouped_cpu")
+    fast.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 7, 64)
+    assert torch.allclose(fast(x), layer(x), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), layer(x), atol=5e-2, rtol=5e-2)
