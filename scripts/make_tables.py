@@ -36,7 +36,7 @@ import yaml
 METRICS = {"final": "val_top1_final", "best": "val_top1_best", "last5": "val_top1_last5"}
 #: fewer pairs than this give no verdict (with 2 pairs a t interval hinges on one difference of differences)
 MIN_PAIRS = 3
-METHOD_ORDER = ("dense", "dynadiag", "diag_heur", "rigl", "srigl", "set", "gmp", "static")
+METHOD_ORDER = ("dense", "dynadiag", "sparse_dynadiag", "diag_heur", "rigl", "srigl", "set", "gmp", "static")
 
 
 def _fold(run_dir: Path) -> int | None:
@@ -117,6 +117,10 @@ def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]
                     "val_top1_last5": statistics.fmean(history[-last:]) if history else s.get("val_top1_final"),
                     "sparsity_effective": s.get("sparsity_effective"),
                     "train_images_per_s": s.get("train_images_per_s"),
+                    # whole run (soft phase included); train_images_per_s is the final topology only
+                    "train_images_per_s_overall": s.get("train_images_per_s_overall"),
+                    "freeze_drop": s.get("freeze_drop"),
+                    "topk_share_at_freeze": s.get("topk_share_at_freeze"),
                     "infer_images_per_s": s.get("infer_images_per_s"),
                     "wall_time_s": s.get("wall_time_s"),
                     "device": s.get("device"),
@@ -228,6 +232,7 @@ def throughput_rows(table: Table) -> list[dict[str, Any]]:
                         "train_median": statistics.median(train) if train else math.nan,
                         "infer_median": statistics.median(infer) if infer else math.nan,
                         "train_vs_dense": _ratio_to_dense(table, cell, "train_images_per_s"),
+                        "train_overall_vs_dense": _ratio_to_dense(table, cell, "train_images_per_s_overall"),
                         "infer_vs_dense": _ratio_to_dense(table, cell, "infer_images_per_s"),
                         "n": len(cell),
                     }
@@ -238,8 +243,8 @@ def throughput_rows(table: Table) -> list[dict[str, Any]]:
 def _ratio_to_dense(table: Table, cell: list[dict[str, Any]], key: str) -> float:
     """Median over (seed, fold) of ``run / dense run with the same (seed, fold)``: jobs of one seed and fold run
     back to back in a sweep, so the ratio cancels slow drifts of machine load that absolute numbers carry."""
-    dense = {(r["seed"], r["fold"]): r[key] for r in table.cell_runs("dense", 0.0) if r[key]}
-    ratios = [r[key] / dense[(r["seed"], r["fold"])] for r in cell if r[key] and (r["seed"], r["fold"]) in dense]
+    dense = {(r["seed"], r["fold"]): r.get(key) for r in table.cell_runs("dense", 0.0) if r.get(key)}
+    ratios = [r[key] / dense[(r["seed"], r["fold"])] for r in cell if r.get(key) and (r["seed"], r["fold"]) in dense]
     return statistics.median(ratios) if ratios else math.nan
 
 
@@ -281,17 +286,54 @@ def markdown_paired(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def selection_rows(table: Table) -> list[dict[str, Any]]:
+    """Freeze drop (top-1 just before minus just after the freeze) and top-K share at the freeze, per cell."""
+    rows = []
+    for method in table.methods:
+        for s in table.sparsities:
+            cell = [r for r in table.cell_runs(method, s) if r.get("freeze_drop") is not None]
+            if cell:
+                drop = _mean_std([float(r["freeze_drop"]) for r in cell])
+                shares = [float(r["topk_share_at_freeze"]) for r in cell if r.get("topk_share_at_freeze") is not None]
+                share = _mean_std(shares) if shares else (math.nan, math.nan)
+                rows.append(
+                    {
+                        "method": method,
+                        "sparsity": s,
+                        "freeze_drop_mean": drop[0],
+                        "freeze_drop_std": drop[1],
+                        "topk_share_mean": share[0],
+                        "topk_share_std": share[1],
+                        "n": len(cell),
+                    }
+                )
+    return rows
+
+
+def markdown_selection(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | sparsity | freeze drop (pp) | top-K share at the freeze | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {100 * r['sparsity']:g} % | {r['freeze_drop_mean']:+.2f} ± {r['freeze_drop_std']:.2f} "
+            f"| {r['topk_share_mean']:.3f} ± {r['topk_share_std']:.3f} | {r['n']} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_throughput(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | sparsity | train img/s (median) | inference img/s (median) | train / dense | inference / dense "
-        "| runs |",
-        "|---|---|---|---|---|---|---|",
+        "| method | sparsity | train img/s (median) | inference img/s (median) | train / dense "
+        "| whole-run train / dense | inference / dense | runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = "–" if r["method"] == "dense" else f"{100 * r['sparsity']:g} %"
         lines.append(
             f"| {r['method']} | {s} | {r['train_median']:,.0f} | {r['infer_median']:,.0f} | "
-            f"{r['train_vs_dense']:.2f} | {r['infer_vs_dense']:.2f} | {r['n']} |"
+            f"{r['train_vs_dense']:.2f} | {r['train_overall_vs_dense']:.2f} | {r['infer_vs_dense']:.2f} | {r['n']} |"
         )
     return "\n".join(lines)
 
@@ -473,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"no summary.json under {args.paths}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv"):
+    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "selection.csv"):
         (args.out / name).unlink(missing_ok=True)
     write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "history"} for r in runs])
 
@@ -497,6 +539,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Throughput (measured by the trainer; '/ dense': median ratio to the dense run of the same seed and fold):"
         ]
         md += ["", markdown_throughput(thr[key]), ""]
+        selection = selection_rows(table)
+        if selection:
+            md += ["Selection at the freeze (methods with a freeze; top-1 just before minus just after it):", ""]
+            md += [markdown_selection(selection), ""]
+            write_csv(args.out / "selection.csv", selection, extra)
         write_csv(args.out / "accuracy.csv", acc[key], {**extra, "metric": args.metric})
         write_csv(args.out / "throughput.csv", thr[key], extra)
     (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
