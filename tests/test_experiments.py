@@ -168,7 +168,7 @@ def test_digits_study_methods_and_make_tables(tmp_path):
     sweep = tmp_path / "sweep"
     methods = _grid("digits_study")["sparsifier"]
     assert {"dense", "dynadiag", "rigl"} <= set(methods)
-    methods = ["dense", "dynadiag", "rigl"]  # the others run in test_sweep_grid_composes / test_methods_train_smoke
+    methods = ["dense", "dynadiag", "sparse_dynadiag", "rigl"]  # the others: test_sweep_grid_composes, train smoke
     job = 0
     for fold in (0, 1):
         for method in methods:
