@@ -71,9 +71,22 @@ def _check(backend, in_f, out_f, x, values, offsets, bias, atol, rtol):
         assert err <= atol, f"{name}: max error {err:.3g} (relative to max |ref| {scale:.3g})"
 
 
+@pytest.fixture(params=["amx", "brgemm"])
+def bf16_path(request):
+    """bf16 through the AMX tile kernel (where the CPU has AMX) and through oneDNN's brgemm path."""
+    _grouped_cpu_or_skip()
+    on_amx = torch.ops.dynadiag_grouped.use_amx(request.param == "amx")
+    if request.param == "amx" and not on_amx:
+        pytest.skip("no AMX on this CPU")
+    yield request.param
+    torch.ops.dynadiag_grouped.use_amx(True)
+
+
 @pytest.mark.parametrize("in_f,out_f,group,kept", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)])
-def test_grouped_cpu_matches_reference(in_f, out_f, group, kept, dtype, tol):
+def test_grouped_cpu_matches_reference(in_f, out_f, group, kept, dtype, tol, bf16_path):
+    if dtype == torch.float32 and bf16_path == "amx":
+        pytest.skip("fp32 has one path")
     backend = _grouped_cpu_or_skip()
     x, values, offsets, bias = _problem(in_f, out_f, group, kept, n=67, dtype=dtype)
     _check(backend, in_f, out_f, x, values, offsets, bias, tol, tol)

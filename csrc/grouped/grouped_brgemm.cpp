@@ -28,9 +28,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
-#if defined(__AVX512BF16__)
 #include <immintrin.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define DYNADIAG_AMX 1
+#else
+#define DYNADIAG_AMX 0
 #endif
 #include <vector>
 
@@ -95,6 +102,74 @@ inline void store_row(const float* src, T* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+#if DYNADIAG_AMX
+// AMX is usable when the CPU reports AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22) and Linux grants this
+// process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM). Checked once; on other CPUs (e.g. Zen 4) the kernels
+// take the brgemm path, where oneDNN uses AVX512-BF16.
+bool amx_ready() {
+  static const bool ready = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 22) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One (32-token, 32-output) block: C[32 x 32] = sum over tiles of A_window[32 x kdim] @ B_band[kdim x 32], with the
+// four 16x16 fp32 accumulators held in tile registers across every run of the block; written once as bf16.
+// `a` points at the block's first staged row, `lda` in elements; bands are VNNI-packed [kdim/2][32][2].
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16"))) void amx_block(
+    const c10::BFloat16* a, int64_t lda, const c10::BFloat16* packed, const int64_t* starts, const int64_t* offs,
+    const int64_t* kdims, int64_t ntiles, float* out32x32) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const c10::BFloat16* aw = a + starts[t];
+    const c10::BFloat16* bw = packed + offs[t];
+    for (int64_t kk = 0; kk < kdims[t]; kk += 32) {
+      _tile_loadd(4, aw + kk, lda * 2);
+      _tile_loadd(5, aw + 16 * lda + kk, lda * 2);
+      _tile_loadd(6, bw + kk * kRows, kRows * 4);
+      _tile_loadd(7, bw + kk * kRows + 32, kRows * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out32x32, kRows * 4);
+  _tile_stored(1, out32x32 + 16, kRows * 4);
+  _tile_stored(2, out32x32 + 16 * kRows, kRows * 4);
+  _tile_stored(3, out32x32 + 16 * kRows + 16, kRows * 4);
+}
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+#else
+bool amx_ready() { return false; }
+#endif
+
+// Whether bf16 kernels may use the AMX path (tests turn it off to exercise the brgemm path on AMX machines).
+std::atomic<bool> g_allow_amx{true};
+
 struct Tile {
   int64_t block;  // output row block
   int64_t start;  // first column of the window in the staged (padded) source
@@ -119,11 +194,16 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   if (N == 0) return dst;
   int64_t max_len = 1;
   for (const Run& r : runs) max_len = std::max(max_len, r.len);
-  const int64_t wmax = kRows + max_len;  // >= window width rounded up to even
+  // AMX (bf16 where the CPU has it): windows padded to whole 32-wide k-steps, tokens to whole 32-row blocks.
+  const bool amx = std::is_same_v<T, c10::BFloat16> && g_allow_amx.load() && amx_ready();
+  const int64_t kalign = amx ? 32 : vnni<T>();
+  const int64_t wmax = kRows + max_len + kalign;  // >= every window width rounded up to kalign
   const int64_t padl = tall ? wmax : 0, width = padl + A + wmax;
+  const int64_t nrows = amx ? (N + 31) / 32 * 32 : N;
 
   // Stage the source: staged[n, padl + c] = src[n, c mod period] if that column is < A, else 0.
-  at::Tensor staged = at::empty({N, width}, src.options());
+  at::Tensor staged = at::empty({nrows, width}, src.options());
+  if (nrows > N) staged.narrow(0, N, nrows - N).zero_();
   {
     const T* s = src.const_data_ptr<T>();
     T* st = staged.mutable_data_ptr<T>();
@@ -156,7 +236,7 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   for (int64_t b = 0; b < nblocks; ++b) {
     for (int64_t j = 0; j < static_cast<int64_t>(runs.size()); ++j) {
       const Run& run = runs[j];
-      const int64_t w = kRows + run.len - 1, kdim = w + (w % vnni<T>());
+      const int64_t w = kRows + run.len - 1, kdim = (w + kalign - 1) / kalign * kalign;
       int64_t rep;
       if (tall) {
         const int64_t s = pmod(b * kRows - run.p0 - (run.len - 1), B);
@@ -211,6 +291,36 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   const T* st = staged.const_data_ptr<T>();
   const T* pk = packed.const_data_ptr<T>();
   T* out = dst.mutable_data_ptr<T>();
+#if DYNADIAG_AMX
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (amx) {
+      const int64_t nblk = nrows / 32;
+      at::parallel_for(0, nblk * nblocks, 1, [&](int64_t t0, int64_t t1) {
+        amx_configure();
+        alignas(64) float acc[32 * kRows];
+        std::vector<int64_t> starts, offs, kdims;
+        for (int64_t task = t0; task < t1; ++task) {
+          const int64_t tb = task / nblocks, b = task % nblocks;
+          const std::vector<Tile>& list = tiles[b];
+          starts.clear();
+          offs.clear();
+          kdims.clear();
+          for (const Tile& t : list) {
+            starts.push_back(t.start);
+            offs.push_back(t.packed);
+            kdims.push_back(t.kdim);
+          }
+          amx_block(st + tb * 32 * width, width, pk, starts.data(), offs.data(), kdims.data(),
+                    static_cast<int64_t>(list.size()), acc);
+          const int64_t r0 = b * kRows, cols = std::min(kRows, B - r0), m = std::min<int64_t>(32, N - tb * 32);
+          for (int64_t n = 0; n < m; ++n) store_row<T>(acc + n * kRows, out + (tb * 32 + n) * B + r0, cols);
+        }
+        amx_release();
+      });
+      return dst;
+    }
+  }
+#endif
   const int64_t ntok = (N + token_block - 1) / token_block;
   at::parallel_for(0, ntok * nblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(token_block * kRows);
@@ -312,6 +422,11 @@ at::Tensor grouped_sddmm(const at::Tensor& s, const at::Tensor& q, const at::Ten
   TORCH_CHECK(false, "grouped_sddmm: bf16 or fp32 only, got ", s.scalar_type());
 }
 
+bool grouped_use_amx(bool enable) {
+  g_allow_amx.store(enable);
+  return enable && amx_ready();
+}
+
 bool grouped_supported(int64_t dtype_code) {
   return at::native::cpublas::could_pack(static_cast<at::ScalarType>(dtype_code));
 }
@@ -327,6 +442,8 @@ TORCH_LIBRARY(dynadiag_grouped, m) {
   m.def("sddmm(Tensor s, Tensor q, Tensor offsets, int max_run) -> Tensor");
   // Whether oneDNN's brgemm micro-kernel runs this dtype here (AMX or AVX512-BF16 for bf16).
   m.def("supported(int dtype) -> bool", &dynadiag_grouped::grouped_supported);
+  // Allow (or forbid) the AMX path for bf16; returns whether bf16 apply now runs on AMX tiles.
+  m.def("use_amx(bool enable) -> bool", &dynadiag_grouped::grouped_use_amx);
 }
 
 TORCH_LIBRARY_IMPL(dynadiag_grouped, CPU, m) {
