@@ -34,7 +34,7 @@ namespace dynadiag {
 #define DD_FM_TV 3
 #endif
 #ifndef DD_FM_L1
-#define DD_FM_L1 24576
+#define DD_FM_L1 36864
 #endif
 constexpr int kFmR = DD_FM_R;              // output rows per register tile
 constexpr int kFmTV = DD_FM_TV;            // 16-token vectors per register tile
