@@ -1,8 +1,9 @@
+import timm
 import torch
 from _methods_common import run_steps, tiny_vit
 from torch import nn
 
-from dynadiag import DiagLinear
+from dynadiag import DiagConv2d, DiagLinear
 from dynadiag.functional import gather_diagonals
 from dynadiag.methods.diag_heur import DiagHeurMethod
 
@@ -108,3 +109,43 @@ def test_diag_heur_state_round_trip():
     fresh.load_state_dict(model.state_dict())
     for (name, a), b in zip(method.layers, (m for m in fresh.modules() if isinstance(m, DiagLinear))):
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.V, b.V), name
+
+
+def test_captured_conv_gradient_matches_autograd_and_scores_all_taps():
+    """DiagConv2d: the captured dense kernel gradient is the one a dense conv gets; scores sum over the taps."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(6, 10, 3, stride=2, padding=1))
+    method = DiagHeurMethod(0.7, include=["conv"], delta_t=1, t_end=1.0)
+    method.apply_(model)
+    method.bind(steps_per_epoch=2, total_steps=2)
+    layer = model.conv
+    assert isinstance(layer, DiagConv2d) and layer.is_frozen and layer.V.shape == (layer.k, 6, 9)
+    dense = layer.to_conv()
+    x = torch.randn(2, 6, 7, 7)
+    target = torch.randn(2, 10, 4, 4)
+    method.on_step_start(0, model)
+    (layer(x) - target).pow(2).sum().backward()
+    (dense(x) - target).pow(2).sum().backward()
+    torch.testing.assert_close(method._grads["conv"], dense.weight.grad, rtol=1e-5, atol=1e-5)
+    taps = dense.weight.grad.flatten(2)
+    expected = torch.stack([gather_diagonals(taps[..., i]) for i in range(9)], dim=-1).flatten(1).norm(dim=1)
+    torch.testing.assert_close(method.diagonal_grad_norms("conv", layer), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_diag_heur_on_a_resnet_keeps_exactly_k_diagonals_per_conv():
+    model = timm.create_model("resnet18", num_classes=5, in_chans=3)
+    method = DiagHeurMethod(0.9, delta_t=1, t_end=1.0, drop_fraction=0.5, backend="reference")
+    report = method.apply_(model)
+    convs = [(n, m) for n, m in method.layers if isinstance(m, DiagConv2d)]
+    assert len(convs) == len(method.layers) == 19  # every block conv and shortcut; stem and fc stay dense
+    assert dict(report.dense) == {"conv1": "stem / patch embedding", "fc": "classifier head"}
+    method.bind(steps_per_epoch=2, total_steps=2)
+    start = {n: m.offsets.clone() for n, m in convs}
+    run_steps(model, method, torch.optim.AdamW(model.parameters(), lr=1e-2), 2)
+    for name, layer in convs:
+        taps = layer.kernel_size[0] * layer.kernel_size[1]
+        assert layer.V.shape == (layer.k, layer.diag_length, taps), name
+        assert layer.offsets.unique().numel() == layer.k, name
+        assert int(torch.count_nonzero(layer.weight.detach())) <= layer.nnz, name
+    assert sum(not torch.equal(start[n], m.offsets) for n, m in convs) > len(convs) // 2  # diagonals were swapped

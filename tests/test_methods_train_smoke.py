@@ -95,3 +95,20 @@ def test_resume_reproduces_the_uninterrupted_run(name, tmp_path):
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+@pytest.mark.slow
+def test_diag_heur_resnet50_smoke(tmp_path):
+    """``python train.py sparsifier=diag_heur model=resnet50 trainer=smoke`` on the digits (16x16, 1 channel), with
+    drop/grow updates on the frozen DiagConv2d layers."""
+    cfg = _compose(["sparsifier=diag_heur", "model=resnet50", "trainer=smoke", "logger=local", "regrow.delta_t=2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train.train(cfg, run_dir=str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["steps"] == 6 and summary["method"] == "diag_heur"
+    assert summary["sparsity_target_layers"] == pytest.approx(0.899, abs=1e-3)  # 52 DiagConv2d layers, K of P each
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train/diag_heur/num_regrown", 0) > 0 for r in records)

@@ -1,4 +1,5 @@
-"""DiagHeur: RigL's drop/grow heuristic on whole diagonals of frozen :class:`~dynadiag.DiagLinear` layers.
+"""DiagHeur: RigL's drop/grow heuristic on whole diagonals of frozen :class:`~dynadiag.DiagLinear` (and
+:class:`~dynadiag.DiagConv2d`) layers.
 
 The baseline of the DynaDiag paper: every layer holds exactly ``K`` wrapped diagonals (a random set at the start)
 and, on RigL's schedule (:class:`~dynadiag.methods.regrow.RegrowSchedule`), drops the ``K_drop`` diagonals with
@@ -9,7 +10,9 @@ Grown diagonals start at zero and their optimizer state is reset; kept ones keep
 gradient of those alone. The gradient of every candidate diagonal is the matching diagonal of the dense
 ``dL/dW = sum_n g_n^T x_n`` (``g = dL/dy``, ``x`` the layer input). On update steps only, a forward hook keeps the
 layer input and hooks the output's gradient, which adds ``g^T x`` (one ``[out, in]`` GEMM per layer, the cost
-of a dense weight gradient) into an accumulator; between updates nothing is captured and the layer runs its
+of a dense weight gradient; for a convolution the dense kernel gradient ``[out, in, kh, kw]`` from
+``torch.nn.grad.conv2d_weight``, scored per diagonal over all its taps, as :class:`~dynadiag.DiagConv2d` shares one
+choice of diagonals across taps) into an accumulator; between updates nothing is captured and the layer runs its
 sparse kernels. This needs no change to :class:`~dynadiag.DiagLinear` and no dense weight kept around, and
 micro-batches (gradient accumulation) simply add up. Under DDP the accumulated gradient is all-reduced (it is
 per-rank data, not a synchronised parameter gradient) before scoring, so every rank picks the same diagonals.
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynadiag.conv import DiagConv2d
 from dynadiag.distributed import all_reduce_mean
 from dynadiag.functional import gather_diagonals
 from dynadiag.layers import DiagLinear
@@ -39,12 +43,15 @@ __all__ = ["DiagHeurMethod", "swap_diagonals_"]
 
 @torch.no_grad()
 def swap_diagonals_(
-    layer: DiagLinear, keep_rows: torch.Tensor, grow: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+    layer: DiagLinear | DiagConv2d,
+    keep_rows: torch.Tensor,
+    grow: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
     """Replace a frozen layer's dropped diagonals by ``grow`` (zero-initialised), in place.
 
     Args:
-        layer: a frozen DiagLinear with ``k`` diagonals.
+        layer: a frozen DiagLinear (``V [k, D]``) or DiagConv2d (``V [k, D, taps]``) with ``k`` diagonals.
         keep_rows: rows of ``layer.V`` kept, ``[k - n]``.
         grow: diagonal ids to add, ``[n]``, disjoint from the kept offsets.
         optimizer: its per-element state of ``V`` follows the rows; grown rows get zero state.
@@ -54,7 +61,7 @@ def swap_diagonals_(
         raise ValueError(f"swap_diagonals_: need {layer.k} distinct diagonals, got {offsets.tolist()}")
     order = torch.argsort(offsets)
 
-    def moved(value: torch.Tensor) -> torch.Tensor:  # [k, D] rows of the new layout
+    def moved(value: torch.Tensor) -> torch.Tensor:  # [k, D(, taps)] rows of the new layout
         fresh = torch.cat([value[keep_rows], value.new_zeros(grow.numel(), *value.shape[1:])])
         return fresh[order]
 
@@ -77,7 +84,8 @@ class DiagHeurMethod(SparseMethod):
         decay: ``cosine``, ``linear`` or ``constant`` decay of the drop fraction.
         include: module-name globs to convert (``None``: the DynaDiag defaults).
         exclude: module-name globs to leave dense.
-        backend: kernel backend of the (always frozen) diagonal layers.
+        backend: kernel backend of the (always frozen) diagonal linear layers.
+        convs: also convert the target ``nn.Conv2d`` layers (ResNet blocks) to frozen :class:`DiagConv2d`.
         seed: seeds the initial random choice of diagonals (the same on every rank).
     """
 
@@ -94,17 +102,17 @@ class DiagHeurMethod(SparseMethod):
         exclude: Sequence[str] = (),
         backend: str = "auto",
         seed: int = 0,
+        convs: bool = True,
     ) -> None:
         super().__init__()
-        # convs=False: only nn.Linear layers become (frozen) DiagLinear; DiagHeur has no conv variant.
         self.config = DiagSparsifyConfig(
-            sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=False
+            sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=convs
         )
         self.schedule = RegrowSchedule(delta_t=delta_t, drop_fraction=drop_fraction, t_end=t_end, decay=decay)
         self.seed = int(seed)
-        self.layers: list[tuple[str, DiagLinear]] = []
+        self.layers: list[tuple[str, DiagLinear | DiagConv2d]] = []
         self._armed = False
-        self._grads: dict[str, torch.Tensor] = {}  # name -> accumulated dense dL/dW, [out, in] fp32
+        self._grads: dict[str, torch.Tensor] = {}  # name -> accumulated dense dL/dW, [out, in(, kh, kw)] fp32
         self._handles: list[Any] = []
 
     def bind(self, steps_per_epoch: int, total_steps: int) -> None:
@@ -113,29 +121,35 @@ class DiagHeurMethod(SparseMethod):
 
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> SparsifyReport:
-        """Convert the target ``nn.Linear`` layers to DiagLinear, each frozen on ``K`` random diagonals."""
+        """Convert the target layers to diagonal layers, each frozen on ``K`` random diagonals."""
         params_before = sum(p.numel() for p in model.parameters())
-        sparsify_(model, self.config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
+        converted = sparsify_(model, self.config)
         generator = torch.Generator().manual_seed(self.seed)
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DiagLinear)]
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DiagLinear | DiagConv2d)]
         for name, layer in self.layers:
             # random importance -> freeze keeps K uniformly random diagonals (RigL's random initial topology)
             layer.alpha.copy_(torch.rand(layer.num_diagonals, generator=generator))
             layer.freeze_()
             self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
         report = sparsity_report(model)
-        return SparsifyReport(report.layers, params_before, report.model_params_after)
+        return SparsifyReport(report.layers, params_before, report.model_params_after, dense=converted.dense)
 
     # ------------------------------------------------------------------ dense gradient capture
     def _capture_hook(self, name: str):
-        def hook(module: DiagLinear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def hook(module: DiagLinear | DiagConv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not self._armed or not output.requires_grad:
                 return
-            x = inputs[0].detach().reshape(-1, module.in_features)  # [N, in]
+            x = inputs[0].detach()  # [..., in] or [B, C_in, H, W]
 
             def accumulate(grad: torch.Tensor) -> None:
-                g = grad.detach().reshape(-1, module.out_features)  # [N, out]
-                dense = g.t().float() @ x.float()  # [out, in]
+                if isinstance(module, DiagConv2d):  # [out, in, kh, kw]
+                    shape = (module.out_channels, module.in_channels, *module.kernel_size)
+                    dense = torch.nn.grad.conv2d_weight(
+                        x.float(), shape, grad.detach().float(), module.stride, module.padding, module.dilation
+                    )
+                else:  # [out, in]
+                    g = grad.detach().reshape(-1, module.out_features)  # [N, out]
+                    dense = g.t().float() @ x.reshape(-1, module.in_features).float()
                 self._grads[name] = dense if name not in self._grads else self._grads[name] + dense
 
             output.register_hook(accumulate)
@@ -151,10 +165,14 @@ class DiagHeurMethod(SparseMethod):
         self._armed = False  # the backward is done; later forwards (eval, next step) capture nothing
         return {}
 
-    def diagonal_grad_norms(self, name: str, layer: DiagLinear) -> torch.Tensor:  # [P]
-        """L2 norm of the dense gradient along each of the layer's ``P`` candidate diagonals."""
+    def diagonal_grad_norms(self, name: str, layer: DiagLinear | DiagConv2d) -> torch.Tensor:  # [P]
+        """L2 norm of the dense gradient along each of the layer's ``P`` candidate diagonals (over all kernel taps)."""
         dense = all_reduce_mean(self._grads[name])
-        return gather_diagonals(dense).norm(dim=1)
+        if dense.dim() == 2:
+            return gather_diagonals(dense).norm(dim=1)
+        taps = dense.flatten(2)  # [out, in, taps]
+        per_tap = torch.stack([gather_diagonals(taps[..., i]) for i in range(taps.shape[-1])], dim=-1)  # [P, D, taps]
+        return per_tap.flatten(1).norm(dim=1)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -175,7 +193,7 @@ class DiagHeurMethod(SparseMethod):
             grow_score = self.diagonal_grad_norms(name, layer).nan_to_num(0.0)  # [P]
             if n_drop == 0:
                 continue
-            drop_score = all_reduce_mean(layer.V.detach().float().norm(dim=1))  # [K]
+            drop_score = all_reduce_mean(layer.V.detach().float().flatten(1).norm(dim=1))  # [K]
             keep_rows = torch.topk(drop_score, layer.k - n_drop, sorted=False).indices
             grow_score[layer.offsets[keep_rows]] = lowest  # kept diagonals cannot be grown again
             grow = torch.topk(grow_score, n_drop, sorted=False).indices
