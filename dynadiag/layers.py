@@ -199,6 +199,13 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
                 raise ValueError(f"permutation must have shape [{self.in_features}], got {tuple(perm.shape)}")
         self.perm = perm
 
+    def selection_scores(self) -> torch.Tensor:  # [P]
+        """Per-diagonal ranking for :mod:`dynadiag.selection_stats`: ``alpha``, each group's logit on its diagonals.
+
+        The freeze keeps the ``k_groups`` groups with the largest ``alpha``, i.e. the ``k`` diagonals ranked first here.
+        """
+        return DG.expand_group_weights(self.alpha, self.num_diagonals, self.group)
+
     def reset_parameters(self) -> None:
         """Kaiming-uniform ``V`` (a=sqrt(5), fan-in ``D``), ``alpha = 1/P`` (``1/G`` for groups), zero bias."""
         nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))

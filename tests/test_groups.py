@@ -209,3 +209,14 @@ def test_grouped_gradcheck():
 
     inputs = (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()])
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_selection_stats_of_grouped_layer_match_its_freeze():
+    from dynadiag.selection_stats import layer_selection
+
+    layer = _layer(64, 192, 0.9, 32)  # G = 6 groups, k_groups = 1, k = 32 diagonals
+    stats = layer_selection(layer)
+    assert stats["selected"].numel() == layer.k
+    layer.freeze_()
+    assert torch.equal(stats["selected"], layer.offsets)
+    assert torch.equal(layer_selection(layer)["selected"], layer.offsets)
