@@ -10,10 +10,13 @@ and of the weights) and forward+backward of:
   and bf16 (bf16 is compared with dense bf16, which runs on AMX / tensor cores).
 
 Methods are interleaved within each repeat and the minimum over repeats is kept, so load from other processes
-hits all methods alike. Prints ratios vs dense and vs CSR and the fraction of the FLOP ceiling ``1/(1-s)``;
-writes ``<out>/bench_kernels.json`` and ``<out>/bench_kernels.png``.
+hits all methods alike. With several ``--threads`` every case is timed at each thread count in the same run
+(1 thread on ``--clock process``: CPU time of the process; more threads always on the wall clock). Prints
+ratios vs dense and vs CSR and the fraction of the FLOP ceiling ``1/(1-s)``; writes ``<out>/bench_kernels.json``
+(with the CPU model, its ISA flags and the load average) and one ``<out>/bench_kernels_t<threads>.png`` per
+thread count.
 
-    python scripts/bench_kernels.py --device cpu --threads 2 --out docs/benchmarks/cpu
+    python scripts/bench_kernels.py --device cpu --threads 1 2 --clock process --out docs/benchmarks/cpu
     python scripts/bench_kernels.py --device cuda --quick
 """
 
@@ -55,6 +58,7 @@ class Timer:
         # "process": CPU time of this process. With one thread it excludes the time the thread sat descheduled
         # behind other processes, which makes comparisons on a shared machine far less noisy.
         self.clock = time.process_time if clock == "process" else time.perf_counter
+        self.clock_name = "cuda_events" if self.cuda else clock
         self._graphs: dict = {}
         self._iters: dict = {}
 
@@ -161,8 +165,12 @@ def bench_case(
     reps: int,
     csr: bool,
     clock: str = "wall",
+    threads: tuple[int, ...] = (0,),
 ) -> list[dict]:
-    """Time every method on one (shape, tokens, sparsity) case; returns one record per method."""
+    """Time every method on one (shape, tokens, sparsity) case at each thread count (0: torch's default).
+
+    Returns one record per (method, thread count).
+    """
     gen = torch.Generator(device="cpu").manual_seed(0)
     num_diag, length = max(in_f, out_f), min(in_f, out_f)
     k = num_active_diagonals(in_f, out_f, sparsity)
@@ -194,36 +202,41 @@ def bench_case(
                 continue
             methods[f"{name}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = _phases(fn, [x, v], gy32.to(dtype))
 
-    timer = Timer(device, clock)
-    best = {m: dict.fromkeys(PHASES, math.inf) for m in methods}
-    for m, phases in methods.items():  # warm-up (JIT builds, oneDNN primitive caches, autotuning)
-        for p in PHASES:
-            tf32 = m == "dense_tf32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            phases[p]()
-    for _ in range(reps):
-        for m, phases in methods.items():
-            torch.backends.cuda.matmul.allow_tf32 = m == "dense_tf32"
-            for p in PHASES:
-                best[m][p] = min(best[m][p], timer(phases[p], graph=p == "fwd"))
-    torch.backends.cuda.matmul.allow_tf32 = False
-
     achieved = 1.0 - k / num_diag
     records = []
-    for m, times in best.items():
-        records.append(
-            {
-                "in": in_f,
-                "out": out_f,
-                "tokens": n,
-                "sparsity": sparsity,
-                "achieved_sparsity": achieved,
-                "k": k,
-                "method": m,
-                **{f"{p}_ms": times[p] for p in PHASES},
-                "fwd_cuda_graph": timer.graphed(methods[m]["fwd"]),
-            }
-        )
+    for t in threads:
+        if t:
+            torch.set_num_threads(t)
+        # CPU time only measures elapsed time when a single thread does the work.
+        timer = Timer(device, clock if device.type == "cuda" or torch.get_num_threads() == 1 else "wall")
+        best = {m: dict.fromkeys(PHASES, math.inf) for m in methods}
+        for m, phases in methods.items():  # warm-up (JIT builds, oneDNN primitive caches, autotuning)
+            for p in PHASES:
+                tf32 = m == "dense_tf32"
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                phases[p]()
+        for _ in range(reps):
+            for m, phases in methods.items():
+                torch.backends.cuda.matmul.allow_tf32 = m == "dense_tf32"
+                for p in PHASES:
+                    best[m][p] = min(best[m][p], timer(phases[p], graph=p == "fwd"))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for m, times in best.items():
+            records.append(
+                {
+                    "in": in_f,
+                    "out": out_f,
+                    "tokens": n,
+                    "sparsity": sparsity,
+                    "achieved_sparsity": achieved,
+                    "k": k,
+                    "threads": torch.get_num_threads(),
+                    "clock": timer.clock_name,
+                    "method": m,
+                    **{f"{p}_ms": times[p] for p in PHASES},
+                    "fwd_cuda_graph": timer.graphed(methods[m]["fwd"]),
+                }
+            )
     return records
 
 
@@ -231,7 +244,7 @@ def add_ratios(records: list[dict]) -> None:
     """Speedups vs dense (same dtype and fp32), vs CSR, and fraction of the ceiling 1/(1-s), in place."""
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in records:
-        by_case.setdefault((r["in"], r["out"], r["tokens"], r["sparsity"]), {})[r["method"]] = r
+        by_case.setdefault((r["in"], r["out"], r["tokens"], r["sparsity"], r.get("threads")), {})[r["method"]] = r
     for case in by_case.values():
         for m, r in case.items():
             if m.startswith("dense"):
@@ -246,18 +259,34 @@ def add_ratios(records: list[dict]) -> None:
                 r[f"{p}_of_ceiling"] = r[f"{p}_vs_dense"] / ceiling
 
 
-def summarize(records: list[dict], shapes: dict, tokens: int, sparsities: tuple) -> dict:
-    """Geometric means over the shapes at ``tokens`` and the break-even sparsity per kernel method."""
+def summarize(records: list[dict], shapes: dict, tokens: int, sparsities: tuple, threads: int | None = None) -> dict:
+    """Geometric means over the shapes at ``tokens`` (and ``threads``) and the break-even sparsity per method.
+
+    Per sparsity: the speedup vs dense of the same dtype (``fwd``/``bwd``/``fb``), vs CSR (``fwd_vs_csr``, ...)
+    and the fraction of the ceiling ``1/(1-s)`` reached (``fwd_of_ceiling``, ...).
+    """
     sizes = {v for v in shapes.values()}
     methods = sorted({r["method"] for r in records if not r["method"].startswith("dense")})
     out: dict = {}
     for m in methods:
-        rows = [r for r in records if r["method"] == m and r["tokens"] == tokens and (r["in"], r["out"]) in sizes]
+        rows = [
+            r
+            for r in records
+            if r["method"] == m
+            and r["tokens"] == tokens
+            and (r["in"], r["out"]) in sizes
+            and (threads is None or r.get("threads") == threads)
+        ]
         entry = {}
         for s in sparsities:
             sel = [r for r in rows if r["sparsity"] == s]
             if len(sel) == len(sizes):
-                entry[str(s)] = {p: math.exp(sum(math.log(r[f"{p}_vs_dense"]) for r in sel) / len(sel)) for p in PHASES}
+                entry[str(s)] = {
+                    f"{p}{suffix}": math.exp(sum(math.log(r[f"{p}{key}"]) for r in sel) / len(sel))
+                    for p in PHASES
+                    for suffix, key in (("", "_vs_dense"), ("_vs_csr", "_vs_csr"), ("_of_ceiling", "_of_ceiling"))
+                    if all(f"{p}{key}" in r for r in sel)
+                }
         for p in PHASES:  # lowest sparsity from which the geomean speedup stays >= 1 (linear interpolation)
             pts = [(float(s), v[p]) for s, v in entry.items() if isinstance(v, dict)]
             pts.sort()
@@ -282,13 +311,38 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def machine_info() -> dict:
+    """CPU model, the ISA flags the kernels and oneDNN care about, core count and the load average now."""
+    flags: set[str] = set()
+    vendor = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_name(),
+        "vendor": vendor,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
 def print_table(records: list[dict]) -> None:
-    head = f"{'shape':>11} {'N':>5} {'s':>5} {'method':>14} | {'fwd ms':>8} {'bwd ms':>8} {'fb ms':>8} |"
+    head = f"{'shape':>11} {'N':>5} {'thr':>3} {'s':>5} {'method':>14} | {'fwd ms':>8} {'bwd ms':>8} {'fb ms':>8} |"
     head += f" {'fwd/dn':>6} {'fb/dn':>6} {'fwd/csr':>7} {'fb/csr':>6} {'ceil%':>5}"
     print(head)
     print("-" * len(head))
     for r in records:
-        line = f"{r['in']:>5}x{r['out']:<5} {r['tokens']:>5} {r['sparsity']:>5} {r['method']:>14} |"
+        case = f"{r['in']:>5}x{r['out']:<5} {r['tokens']:>5} {r.get('threads', 0):>3} {r['sparsity']:>5}"
+        line = f"{case} {r['method']:>14} |"
         line += f" {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['fb_ms']:8.2f} |"
         if "fwd_vs_dense" in r:
             csr = f" {r.get('fwd_vs_csr', math.nan):7.2f} {r.get('fb_vs_csr', math.nan):6.2f}"
@@ -296,12 +350,14 @@ def print_table(records: list[dict]) -> None:
         print(line)
 
 
-def plot(records: list[dict], path: Path, tokens: tuple, backends: list[str]) -> None:
+def plot(records: list[dict], path: Path, tokens: tuple, backends: list[str], threads: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if threads is not None:
+        records = [r for r in records if r.get("threads") == threads]
     fig, axes = plt.subplots(2, len(tokens), figsize=(6 * len(tokens), 8), squeeze=False)
     for col, n in enumerate(tokens):
         for row, p in enumerate(("fwd", "fb")):
@@ -324,7 +380,7 @@ def plot(records: list[dict], path: Path, tokens: tuple, backends: list[str]) ->
             ax.set_yscale("log")
             ax.set_xlabel("sparsity")
             ax.set_ylabel(f"{p} speedup vs dense (same dtype)")
-            ax.set_title(f"{p}, {n} tokens")
+            ax.set_title(f"{p}, {n} tokens" + (f", {threads} thread(s)" if threads else ""))
     axes[0][0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -333,51 +389,61 @@ def plot(records: list[dict], path: Path, tokens: tuple, backends: list[str]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, nargs="*", default=None, help="CPU thread counts, each timed")
     parser.add_argument("--reps", type=int, default=5, help="repeats per method (min is kept)")
     parser.add_argument("--quick", action="store_true", help="subset: 1,576 tokens, sparsities 0.7 0.9 0.95")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=None)
     parser.add_argument("--sparsities", nargs="*", type=float, default=None)
     parser.add_argument("--no-csr", action="store_true", help="skip torch.sparse CSR")
+    parser.add_argument("--backends", nargs="*", default=None, help="kernel backends to time (default: diagonal ones)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference backend")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"], help="CPU timer (see Timer)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks/<device>)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = tuple(args.threads or (torch.get_num_threads(),))
+    machine = machine_info()
     tokens = tuple(args.tokens or ((1576,) if args.quick else TOKENS))
     sparsities = tuple(args.sparsities or ((0.7, 0.9, 0.95) if args.quick else SPARSITIES))
     shapes = {name: SHAPES[name] for name in args.shapes}
-    backends = [b for b in available_backends(device) if b != "reference"]
+    # Diagonal kernels only: "dense" materialises W (and its method names would collide with the dense baselines),
+    # grouped backends are for grouped layers (g >= 2); --backends picks explicitly.
+    skip = ("reference", "dense")
+    backends = args.backends or [b for b in available_backends(device) if b not in skip and not b.startswith("grouped")]
     if not args.no_reference:
         backends.append("reference")
     out = args.out or Path("docs/benchmarks") / device.type
     out.mkdir(parents=True, exist_ok=True)
-    print(f"device={device} threads={torch.get_num_threads()} backends={backends} torch={torch.__version__}")
+    print(f"device={device} threads={threads} backends={backends} torch={torch.__version__} machine={machine}")
 
     records: list[dict] = []
     for name, (in_f, out_f) in shapes.items():
         for n in tokens:
             for s in sparsities:
                 t0 = time.perf_counter()
-                records += bench_case(in_f, out_f, n, s, device, backends, args.reps, not args.no_csr, args.clock)
+                records += bench_case(
+                    in_f, out_f, n, s, device, backends, args.reps, not args.no_csr, args.clock, threads
+                )
                 print(f"  {name} {in_f}->{out_f} N={n} s={s}: {time.perf_counter() - t0:.1f}s", flush=True)
     add_ratios(records)
     print_table(records)
-    summary = {n: summarize(records, shapes, n, sparsities) for n in tokens}
-    for n, per_method in summary.items():
-        print(f"\ngeometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype):")
-        for m, entry in per_method.items():
-            cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
-            print(f"  {m:>14}: " + "; ".join(cells))
-            print(f"  {'':>14}  break-even fwd {entry['break_even_fwd']}, fb {entry['break_even_fb']}")
+    summary = {
+        f"threads{t}": {n: summarize(records, shapes, n, sparsities, t) for n in tokens} for t in sorted(set(threads))
+    }
+    for key, per_tokens in summary.items():
+        for n, per_method in per_tokens.items():
+            print(f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype):")
+            for m, entry in per_method.items():
+                cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
+                print(f"  {m:>14}: " + "; ".join(cells))
+                print(f"  {'':>14}  break-even fwd {entry['break_even_fwd']}, fb {entry['break_even_fb']}")
     meta = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
+        "machine": machine,  # CPU model, ISA flags, load average at the start
+        "threads": list(threads),
         "torch": torch.__version__,
         "reps": args.reps,
         "clock": args.clock,
@@ -389,8 +455,10 @@ def main() -> None:
     (out / "bench_kernels.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1)
     )
-    plot(records, out / "bench_kernels.png", tokens, [b for b in backends if b != "reference"])
-    print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
+    shown = [b for b in backends if b != "reference"]
+    for t in sorted(set(threads)):
+        plot(records, out / f"bench_kernels_t{t}.png", tokens, shown, t)
+    print(f"wrote {out / 'bench_kernels.json'} and {out}/bench_kernels_t*.png")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ Every block's ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` become fr
 layer's ``alpha`` is randomised so the kept offsets are scattered like learned ones (a uniform alpha would
 keep the first K diagonals, an unrealistically cache-friendly pattern). Measures inference images/s
 (``inference_mode``) and the time of one training step (forward, cross-entropy, backward, AdamW step), in fp32
-and in bf16 autocast, interleaving dense and sparse models within each repeat and keeping the best repeat.
+and in bf16 autocast, interleaving dense and sparse models within each repeat and keeping the best repeat. With
+several ``--threads`` each is timed in the same run (1 thread on ``--clock process``: CPU time of the process, which
+a loaded machine disturbs far less; more threads on the wall clock). The JSON records the CPU model, its ISA flags
+and the load average.
 
-    python scripts/bench_model.py --device cpu --threads 2 --out docs/benchmarks/cpu/bench_model.json
+    python scripts/bench_model.py --device cpu --threads 1 2 --clock process --out docs/benchmarks/cpu/bench_model.json
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from dynadiag import DiagLinear, DiagSparsifyConfig, sparsify_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import machine_info
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -75,18 +83,21 @@ def make_steps(model: torch.nn.Module, batch: int, device: torch.device, dtype: 
     return {"infer": infer, "train": train}
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device, clock: str = "wall") -> float:
+    """Seconds one call of ``fn`` takes: CPU time of the process with ``clock="process"`` (1 thread only)."""
+    now = time.process_time if clock == "process" else time.perf_counter
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, nargs="*", default=None, help="CPU thread counts, each timed")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"], help="1-thread CPU timer")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -100,11 +111,11 @@ def main() -> None:
         args.models, args.sparsities, args.dtypes, args.reps = ["vit_small_patch16_224"], [0.9], ["fp32"], 2
 
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = tuple(args.threads or (torch.get_num_threads(),))
+    machine = machine_info()
     out = args.out or Path("docs/benchmarks") / device.type / "bench_model.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} backend={args.backend}")
+    print(f"device={device} threads={threads} batch={args.batch} backend={args.backend} machine={machine}")
 
     results = []
     for name in args.models:
@@ -115,7 +126,9 @@ def main() -> None:
         backend_used = {
             k: next((m.backend for m in v.modules() if isinstance(m, DiagLinear)), None) for k, v in variants.items()
         }
-        for dtype in args.dtypes:
+        for dtype, n_threads in ((d, t) for d in args.dtypes for t in threads):
+            torch.set_num_threads(n_threads)
+            clock = args.clock if device.type == "cpu" and n_threads == 1 else "wall"
             steps = {k: make_steps(v, args.batch, device, dtype) for k, v in variants.items()}
             best = {k: {"infer": math.inf, "train": math.inf} for k in variants}
             for k in variants:  # warm-up: JIT builds, oneDNN primitives, optimizer state
@@ -124,7 +137,7 @@ def main() -> None:
             for _ in range(args.reps):
                 for k in variants:
                     for phase in ("infer", "train"):
-                        best[k][phase] = min(best[k][phase], timed(steps[k][phase], device))
+                        best[k][phase] = min(best[k][phase], timed(steps[k][phase], device, clock))
             base = best["dense"]
             for k, t in best.items():
                 row = {
@@ -132,6 +145,8 @@ def main() -> None:
                     "variant": k,
                     "sparsity": 0.0 if k == "dense" else float(k.split("_")[1]),
                     "dtype": dtype,
+                    "threads": n_threads,
+                    "clock": clock,
                     "backend": backend_used[k],
                     "batch": args.batch,
                     "infer_images_per_s": args.batch / t["infer"],
@@ -142,12 +157,21 @@ def main() -> None:
                 }
                 results.append(row)
                 print(
-                    f"{name:>22} {dtype} {k:>9}: infer {row['infer_images_per_s']:7.1f} img/s "
+                    f"{name:>22} {dtype} {n_threads}t {k:>9}: infer {row['infer_images_per_s']:7.1f} img/s "
                     f"({row['infer_speedup']:.2f}x)  train step {row['train_step_ms']:8.1f} ms "
                     f"({row['train_speedup']:.2f}x)",
                     flush=True,
                 )
-    meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "reps": args.reps}
+    meta = {
+        "device": str(device),
+        "machine": machine,  # CPU model, ISA flags, load average at the start
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "threads": list(threads),
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "reps": args.reps,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {out}")
 

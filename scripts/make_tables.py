@@ -473,6 +473,9 @@ def plot_layer_speedup(bench_json: Path, path: Path) -> None:
 
     data = json.loads(bench_json.read_text())
     records = [r for r in data["records"] if "fwd_vs_dense" in r and r["method"].endswith("fp32")]
+    # A run may time several thread counts (records carry "threads"): plot the largest one.
+    most = max((r.get("threads") or 0 for r in records), default=0)
+    records = [r for r in records if (r.get("threads") or 0) == most]
     tokens = sorted({r["tokens"] for r in records})
     fig, axes = plt.subplots(2, len(tokens), figsize=(6 * len(tokens), 8), squeeze=False)
     for col, n in enumerate(tokens):
