@@ -58,6 +58,7 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     # Band-tile kernels for grouped layers (dynadiag.groups); explicit-only: below "reference", so "auto" never
     # picks them for the single-diagonal layers they would run slowly.
     "grouped_cpu": ("dynadiag.kernels.grouped_cpu", -1),
+    "grouped_triton": ("dynadiag.kernels.grouped_triton", -1),
 }
 _LOADED: dict[str, Backend] = {}
 _AVAILABILITY: dict[tuple[str, str], tuple[bool, str]] = {}

@@ -1,0 +1,105 @@
+"""``grouped_triton`` (``tl.dot`` band tiles) against ``reference``: compiled on a GPU, interpreted on CPU (CI).
+
+In Triton's interpreter ``tl.dot`` on bf16 is wrong, so the CPU runs check fp32; a GPU run also checks bf16.
+"""
+
+import os
+
+import pytest
+import torch
+
+_ON_GPU = torch.cuda.is_available()
+if not _ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (lazily, on first launch)
+
+triton = pytest.importorskip("triton")
+
+from dynadiag import DiagLinear  # noqa: E402
+from dynadiag import groups as DG  # noqa: E402
+from dynadiag.functional import place_diagonals  # noqa: E402
+from dynadiag.kernels import get_backend  # noqa: E402
+from dynadiag.kernels import grouped_triton as GT  # noqa: E402
+
+DEVICE = torch.device("cuda" if _ON_GPU else "cpu")
+BACKEND = GT.BACKEND
+DTYPES = [torch.float32] + ([torch.bfloat16] if _ON_GPU else [])
+
+# (in, out, group, kept groups): tall, wide, square, short last group, neighbouring groups merging, long runs.
+CASES = [
+    (40, 96, 8, 3),
+    (96, 40, 8, 3),
+    (64, 64, 4, 5),
+    (37, 100, 3, 4),
+    (100, 37, 3, 4),
+    (48, 48, 32, 1),
+    (70, 70, 1, 70),
+]
+
+
+def _problem(in_f, out_f, group, kept, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_diag = max(in_f, out_f)
+    groups = torch.randperm(DG.num_groups(num_diag, group), generator=gen)[:kept]
+    offsets = DG.group_offsets(groups, num_diag, group)
+    values = torch.randn(offsets.numel(), min(in_f, out_f), generator=gen, dtype=torch.float64)
+    x = torch.randn(n, in_f, generator=gen, dtype=torch.float64)
+    return x.to(DEVICE, dtype), values.to(DEVICE, dtype), offsets.to(DEVICE)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "group", "kept"), CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_grad_x_grad_values_match_reference(in_f, out_f, group, kept, dtype):
+    ok, why = BACKEND.is_available(DEVICE)
+    assert ok, why
+    x, values, offsets = _problem(in_f, out_f, group, kept, n=45, dtype=dtype)
+    x.requires_grad_()
+    values.requires_grad_()
+    y = BACKEND.diag_linear(x, values, offsets, None, in_f, out_f)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    xr = x.detach().double().requires_grad_()
+    vr = values.detach().double().requires_grad_()
+    ref = torch.nn.functional.linear(xr, place_diagonals(vr, offsets, in_f, out_f))
+    ref.backward(grad_y.double())
+    # fp32 on a GPU runs tl.dot in TF32 (10-bit mantissa), bf16 has 8 bits; the interpreter computes in fp32.
+    tol = 1e-5 if not _ON_GPU else (5e-3 if dtype == torch.float32 else 2e-2)
+    assert y.shape == (45, out_f) and y.dtype == dtype
+    assert _rel(y, ref) < tol, "forward"
+    assert _rel(x.grad, xr.grad) < tol, "grad_x"
+    assert _rel(values.grad, vr.grad) < tol, "grad_values"
+
+
+def test_band_tiles_reassemble_the_dense_matrix():
+    """Summing every tile back into [out, in] at its window gives W (the tiling covers each weight exactly once)."""
+    for in_f, out_f in ((40, 96), (96, 40), (64, 64)):
+        _, values, offsets = _problem(in_f, out_f, 8, 3, n=1, dtype=torch.float64)
+        tall = out_f >= in_f
+        tiles, starts, ptr, padl, kw = GT.band_tiles(values, offsets, in_f, out_f, tall)
+        dense = torch.zeros(out_f, in_f, dtype=torch.float64, device=DEVICE)
+        period = out_f if tall else in_f
+        for b in range(ptr.numel() - 1):
+            for t in range(int(ptr[b]), int(ptr[b + 1])):
+                for w in range(kw):
+                    col = (int(starts[t]) - padl + w) % period
+                    for rho in range(GT.ROWS):
+                        r = b * GT.ROWS + rho
+                        if r < out_f and col < in_f and tiles[t, w, rho] != 0:
+                            dense[r, col] += tiles[t, w, rho]
+        assert torch.equal(dense, place_diagonals(values, offsets, in_f, out_f))
+
+
+def test_grouped_layer_on_grouped_triton():
+    torch.manual_seed(0)
+    layer = DiagLinear(32, 96, sparsity=0.8, group=8, permute=True, backend="reference").to(DEVICE)
+    with torch.no_grad():
+        layer.alpha.normal_()
+    layer.freeze_()
+    fast = DiagLinear(32, 96, sparsity=0.8, group=8, backend="grouped_triton").to(DEVICE)
+    fast.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 5, 32, device=DEVICE)
+    assert _rel(fast(x), layer(x)) < (1e-5 if not _ON_GPU else 5e-3)
+    assert get_backend("grouped_triton", DEVICE) is BACKEND
