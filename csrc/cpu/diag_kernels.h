@@ -370,58 +370,35 @@ void scatter_avx512(const typename E::T* z, int64_t N, int64_t D, const typename
 }
 
 // ----- sddmm S: dV[k, t] = sum_n a[n, t] b[n, (t + p_k) % P]; tile = KB diagonals x TV vectors -----
-// Tokens are processed in chunks of kNC so that the chunk's rows of a and b stay in L2 while every tile reads
-// them; the fp32 partial sums live in `acc_buf` [K, Dp] between chunks.
-template <class E, int KB>
-static inline void sddmm_tile(const typename E::T* a, const typename E::T* b, int64_t n0, int64_t n1, int64_t D,
-                              int64_t P, const int64_t* off, int64_t k0, int64_t t0, float* acc_buf, int64_t Dp,
-                              bool first) {
+// Tokens are processed in chunks of kNC. Each thread stages a chunk's rows once in fp32: a zero-padded to whole
+// tiles, b with its wrap-around copy (stage_rows), so the hot loop is plain loads and FMAs for every tile (no
+// masked wrap path, no bf16 widening per load); the staged chunk stays in L2 while the thread's tiles read it.
+// The fp32 partial sums live in `acc_buf` [K, Dp] between chunks.
+template <int KB>
+static inline void sddmm_tile(const float* as, int64_t lda, const float* bs, int64_t ldb, int64_t rows, int64_t P,
+                              const int64_t* off, int64_t k0, int64_t t0, float* acc_buf, int64_t Dp, bool first) {
   constexpr int TV = kTV;
   __m512 acc[KB][TV];
-  __mmask16 am[TV];
-  Win win[KB][TV];
-  int64_t s0[KB];
-  bool fast = t0 + kW <= D;
-#pragma GCC unroll 16
-  for (int v = 0; v < TV; ++v) am[v] = lane_range(0, D - t0 - 16 * v);
+  const float* bk[KB];
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk) {
     int64_t s = t0 + off[k0 + kk];
-    while (s >= P) s -= P;
-    s0[kk] = s;
-    fast = fast && (s + kW <= P);
+    s = s >= P ? s - P : s;
+    bk[kk] = bs + s;
 #pragma GCC unroll 16
-    for (int v = 0; v < TV; ++v) {
-      int64_t sv = s + 16 * v;
-      while (sv >= P) sv -= P;
-      win[kk][v] = make_win(sv, P, P);
+    for (int v = 0; v < TV; ++v)
       acc[kk][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + (k0 + kk) * Dp + t0 + 16 * v);
-    }
   }
-  if (fast) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const typename E::T* ar = a + n * D + t0;
-      const typename E::T* br = b + n * P;
-      __m512 x[TV];
+  for (int64_t n = 0; n < rows; ++n) {
+    const float* ar = as + n * lda + t0;
+    __m512 x[TV];
 #pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) x[v] = E::load(ar + 16 * v);
+    for (int v = 0; v < TV; ++v) x[v] = _mm512_loadu_ps(ar + 16 * v);
 #pragma GCC unroll 16
-      for (int kk = 0; kk < KB; ++kk)
+    for (int kk = 0; kk < KB; ++kk)
 #pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[kk][v] = _mm512_fmadd_ps(x[v], E::load(br + s0[kk] + 16 * v), acc[kk][v]);
-    }
-  } else {
-    for (int64_t n = n0; n < n1; ++n) {
-      const typename E::T* ar = a + n * D + t0;
-      const typename E::T* br = b + n * P;
-      __m512 x[TV];
-#pragma GCC unroll 16
-      for (int v = 0; v < TV; ++v) x[v] = E::maskz_load(am[v], ar + 16 * v);
-#pragma GCC unroll 16
-      for (int kk = 0; kk < KB; ++kk)
-#pragma GCC unroll 16
-        for (int v = 0; v < TV; ++v) acc[kk][v] = _mm512_fmadd_ps(x[v], load_win<E>(br, win[kk][v]), acc[kk][v]);
-    }
+      for (int v = 0; v < TV; ++v)
+        acc[kk][v] = _mm512_fmadd_ps(x[v], _mm512_loadu_ps(bk[kk] + n * ldb + 16 * v), acc[kk][v]);
   }
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk)
@@ -436,19 +413,26 @@ void sddmm_avx512(const typename E::T* a, const typename E::T* b, int64_t N, int
   const int64_t Dp = n_tiles * kW;
   const int64_t n_kb = K / kKB;
   const int64_t n_k_items = n_kb + (K - n_kb * kKB);  // full blocks, then one item per leftover diagonal
+  const int64_t lda = Dp + kW + 16;  // stage_rows writes Dp + kW columns; +16: rows do not alias on 4 KiB
+  const int64_t ldb = ((P + kW + 15) / 16) * 16 + 16;
   std::unique_ptr<float[]> acc(new float[K * Dp]);
   // One parallel region: each thread owns a contiguous range of (tile, diagonal block) items, i.e. disjoint
   // outputs, and walks the token chunks itself, so no barrier is needed between chunks. Tile-major order:
   // consecutive items share a's columns and overlapping windows of b (offsets are sorted).
   at::parallel_for(0, n_tiles * n_k_items, 1, [&](int64_t i0, int64_t i1) {
+    Scratch as = alloc_scratch(kNC * lda), bs = alloc_scratch(kNC * ldb);
     for (int64_t n0 = 0; n0 < N; n0 += kNC) {
-      const int64_t n1 = std::min(N, n0 + kNC);
+      const int64_t rows = std::min(N, n0 + kNC) - n0;
+      // a: columns [0, D) then zeros to Dp (stage_rows with P = Dp and D valid); b: P columns + wrap copy.
+      stage_rows<E>(a + n0 * D, D, rows, Dp, D, as.get(), lda);
+      stage_rows<E>(b + n0 * P, P, rows, P, P, bs.get(), ldb);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t0 = (i / n_k_items) * kW, kb = i % n_k_items;
         if (kb < n_kb)
-          sddmm_tile<E, kKB>(a, b, n0, n1, D, P, off, kb * kKB, t0, acc.get(), Dp, n0 == 0);
+          sddmm_tile<kKB>(as.get(), lda, bs.get(), ldb, rows, P, off, kb * kKB, t0, acc.get(), Dp, n0 == 0);
         else
-          sddmm_tile<E, 1>(a, b, n0, n1, D, P, off, n_kb * kKB + (kb - n_kb), t0, acc.get(), Dp, n0 == 0);
+          sddmm_tile<1>(as.get(), lda, bs.get(), ldb, rows, P, off, n_kb * kKB + (kb - n_kb), t0, acc.get(), Dp,
+                        n0 == 0);
       }
     }
     for (int64_t i = i0; i < i1; ++i) {  // convert this thread's outputs (fp32 -> storage dtype)
