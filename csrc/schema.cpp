@@ -17,4 +17,10 @@ TORCH_LIBRARY(dynadiag, m) {
   m.def("diag_bwd_x(Tensor grad_y, Tensor values, Tensor offsets, int in_features) -> Tensor");
   // grad_y [N, out], x [N, in] -> grad_values [K, D]: the pattern-restricted product grad_y^T x.
   m.def("diag_bwd_v(Tensor grad_y, Tensor x, Tensor offsets) -> Tensor");
+  // v2 CUDA kernels (csrc/cuda/diag_kernels_v2.cu; unvalidated on hardware, opt-in): one apply primitive from a host
+  // plan (dynadiag/kernels/plan.py: src [N, A] -> [N, out_cols]) and grad_values without atomics.
+  m.def(
+      "diag_apply_v2(Tensor src, Tensor vpack, Tensor shifts, Tensor chunks, Tensor tile_chunks, int out_cols, "
+      "bool tall, int max_window, int warps_tokens, int ksplit) -> Tensor");
+  m.def("diag_bwd_v_v2(Tensor grad_y, Tensor x, Tensor offsets) -> Tensor");
 }

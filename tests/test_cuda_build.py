@@ -60,5 +60,5 @@ def test_full_extension_builds_and_registers_cuda_kernels(tmp_path, monkeypatch)
     monkeypatch.setattr(cuda, "_LOADED", False)
     monkeypatch.setattr(cuda, "_ERROR", None)
     cuda.load_cuda_library()
-    for op in ("diag_fwd", "diag_bwd_x", "diag_bwd_v"):
+    for op in ("diag_fwd", "diag_bwd_x", "diag_bwd_v", "diag_apply_v2", "diag_bwd_v_v2"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynadiag::{op}", "CUDA"), op

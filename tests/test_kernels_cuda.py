@@ -207,3 +207,65 @@ def test_auto_picks_cuda_and_layer_matches_reference():
     assert _rel(y, y_ref) < 1e-5
     assert _rel(grads[0], x.grad) < 1e-5
     assert _rel(grads[1], layer.V.grad) < 1e-5
+
+
+# ---- v2 kernels (csrc/cuda/diag_kernels_v2.cu; opt-in, DYNADIAG_CUDA_KERNELS=v2). These are their first
+# hardware checks: the next GPU run must pass them before v2 can become the default.
+V2_TOKENS = [5, 197, 2100]  # batch-1 path (<= 2048 tokens: 4-way diagonal split) and the 32-token tiles
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k", "n"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_v2_ops_match_dense_reference(ops, in_f, out_f, k, n, dtype):
+    from dynadiag.kernels import cuda_v2
+
+    x, values, offsets = _problem(in_f, out_f, k, n, dtype)
+    grad_y = torch.randn(n, out_f, device=DEV, dtype=torch.float64).to(dtype)
+    dense = place_diagonals(values.double(), offsets, in_f, out_f)
+    rows, cols = diag_index(in_f, out_f, offsets)
+    fwd, bwd_x, bwd_v = cuda_v2.DIAG_OPS
+    y = _poisoned_call(lambda: fwd(x, values, offsets, out_f), (n, out_f), dtype)
+    gx = _poisoned_call(lambda: bwd_x(grad_y, values, offsets, in_f), (n, in_f), dtype)
+    gv = bwd_v(grad_y, x, offsets)
+    assert y.dtype == gx.dtype == gv.dtype == dtype and gv.shape == values.shape
+    tol = TOL[dtype]
+    assert _rel(y, x.double() @ dense.T) < tol
+    assert _rel(gx, grad_y.double() @ dense) < tol
+    assert _rel(gv, (grad_y.double().T @ x.double())[rows, cols]) < tol
+
+
+@pytest.mark.parametrize("n", V2_TOKENS)
+@pytest.mark.parametrize(("in_f", "out_f", "k"), [(768, 768, 77), (768, 3072, 308), (3072, 768, 308)])
+def test_v2_vit_shapes_both_launch_paths(ops, in_f, out_f, k, n):
+    from dynadiag.kernels import cuda_v2
+
+    x, values, offsets = _problem(in_f, out_f, k, n, torch.float32)
+    dense = place_diagonals(values.double(), offsets, in_f, out_f)
+    assert _rel(cuda_v2.DIAG_OPS.fwd(x, values, offsets, out_f), x.double() @ dense.T) < 1e-5
+
+
+def test_v2_grad_values_is_deterministic(ops):
+    x, _values, offsets = _problem(768, 3072, 308, 12608, torch.float32)
+    grad_y = torch.randn(12608, 3072, device=DEV)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = ops.diag_bwd_v_v2(grad_y, x, offsets)
+        assert all(torch.equal(first, ops.diag_bwd_v_v2(grad_y, x, offsets)) for _ in range(3))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_v2_backend_selected_by_env(monkeypatch):
+    from dynadiag.kernels import get_backend
+
+    monkeypatch.setenv("DYNADIAG_CUDA_KERNELS", "v2")
+    backend = get_backend("cuda", DEV)
+    x, values, offsets = _problem(384, 1536, 150, 394, torch.float32)
+    x.requires_grad_()
+    master = values.clone().requires_grad_()
+    y = backend.diag_linear(x, master, offsets, None, 384, 1536)
+    y.square().sum().backward()
+    x_ref = x.detach().double().requires_grad_()
+    v_ref = values.detach().double().requires_grad_()
+    torch.nn.functional.linear(x_ref, place_diagonals(v_ref, offsets, 384, 1536)).square().sum().backward()
+    assert _rel(x.grad, x_ref.grad) < 1e-5 and _rel(master.grad, v_ref.grad) < 1e-5

@@ -43,4 +43,36 @@ cudaError_t diag_apply(const void* src, const void* values, const int64_t* offse
 cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
                        int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream);
 
+// ---- v2 (diag_kernels_v2.cu). UNVALIDATED ON HARDWARE: compiled for sm_80/sm_90 in CI, never run on a GPU yet;
+// the v1 functions above stay the default (dynadiag/kernels/cuda.py: DYNADIAG_CUDA_KERNELS=v2 selects these).
+
+// A host plan for one apply primitive (dynadiag/kernels/plan.py), as device pointers: per output tile of `tile`
+// outputs (64 or 128) a range of chunks; per chunk (entry_begin, entry_end, w0, W) as int4: the entries and the
+// window [w0, w0 + W) of the extended source row (column j = src[:, j mod L], zero where j mod L >= A) it stages;
+// per entry its shift inside the window and `tile` pre-packed values (vpack [E, tile], the activations' dtype).
+struct ApplyPlanView {
+  const int* tile_chunks;  // [tiles + 1]
+  const int* chunks;       // [C, 4], 16-byte aligned
+  const int* shifts;       // [E]
+  const void* vpack;       // [E, tile]
+  int tiles;
+  int tile;
+  int max_window;  // widest chunk window (the staging buffers' width)
+};
+
+// dst [N, B] = apply(src [N, A]) from a plan. warps_tokens x 8 tokens per token tile; ksplit warps share a tile's
+// diagonals (the batch-1 path; their sums meet in a fixed order). Returns cudaErrorInvalidConfiguration when the
+// plan's window does not fit in shared memory (the caller falls back to v1).
+cudaError_t diag_apply_v2(const void* src, ApplyPlanView plan, void* dst, int64_t N, int64_t A, int64_t B, bool tall,
+                          int warps_tokens, int ksplit, DType dtype, DeviceLimits limits, cudaStream_t stream);
+
+// partial [slices, K, D] (float; every element written) = per-token-slice sddmm(S, Q) with
+// offsets sorted ascending in [0, M); the caller sums over slices (deterministic). slices and the shared memory
+// it needs come from the two helpers; smem > limits.smem_per_block_optin means: use v1. fp32, bf16 and fp16 only
+// (kFloat64 returns cudaErrorInvalidConfiguration: the op uses v1 for gradcheck's fp64).
+int diag_sddmm_v2_slices(int64_t N, int64_t D, int64_t M, int64_t K, DType dtype, DeviceLimits limits);
+size_t diag_sddmm_v2_smem(int64_t N, int64_t D, int64_t M, int64_t K, DType dtype, DeviceLimits limits);
+cudaError_t diag_sddmm_v2(const void* S, const void* Q, const int64_t* offsets, void* partial, int64_t N, int64_t D,
+                          int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream);
+
 }  // namespace dynadiag_cuda

@@ -2,6 +2,7 @@
 // current stream; the kernels themselves are in diag_kernels.cu (no torch headers there).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -167,10 +168,80 @@ at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
   return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
 }
 
+// ---- v2 (UNVALIDATED ON HARDWARE; opt-in through dynadiag/kernels/cuda.py, DYNADIAG_CUDA_KERNELS=v2).
+
+// One apply primitive from a host plan (dynadiag/kernels/plan.py); the plan was made from checked offsets.
+at::Tensor diag_apply_v2_cuda(const at::Tensor& src, const at::Tensor& vpack, const at::Tensor& shifts,
+                              const at::Tensor& chunks, const at::Tensor& tile_chunks, int64_t out_cols, bool tall,
+                              int64_t max_window, int64_t warps_tokens, int64_t ksplit) {
+  const char* op = "diag_apply_v2";
+  DD_CHECK(src.is_cuda() && vpack.is_cuda() && shifts.is_cuda() && chunks.is_cuda() && tile_chunks.is_cuda(), op,
+           ": all tensors must be CUDA tensors");
+  DD_CHECK(src.dim() == 2 && vpack.dim() == 2 && chunks.dim() == 2 && chunks.size(1) == 4, op,
+           ": src [N, A], vpack [E, tile] and chunks [C, 4] expected");
+  DD_CHECK(src.scalar_type() == vpack.scalar_type(), op, ": dtype mismatch (", src.scalar_type(), " vs ",
+           vpack.scalar_type(), ")");
+  DD_CHECK(shifts.scalar_type() == at::kInt && chunks.scalar_type() == at::kInt && tile_chunks.scalar_type() == at::kInt,
+           op, ": plan index tensors must be int32");
+  DD_CHECK(shifts.is_contiguous() && chunks.is_contiguous() && tile_chunks.is_contiguous() && vpack.is_contiguous(),
+           op, ": plan tensors must be contiguous");
+  const int64_t A = src.size(1), tile = vpack.size(1);
+  DD_CHECK(out_cols > 0 && (tall ? out_cols >= A : out_cols <= A), op, ": ", out_cols, " outputs from ", A,
+           " inputs is not the ", tall ? "tall" : "wide", " form");
+  const int64_t tiles = (out_cols + tile - 1) / tile;
+  DD_CHECK(tile_chunks.numel() == tiles + 1 && shifts.numel() == vpack.size(0), op, ": plan does not match: ",
+           tile_chunks.numel(), " tile entries for ", tiles, " tiles, ", shifts.numel(), " shifts for ", vpack.size(0),
+           " packed rows");
+  const c10::cuda::CUDAGuard guard(src.device());
+  const at::Tensor sc = src.contiguous();
+  at::Tensor dst = at::empty({src.size(0), out_cols}, src.options());
+  const Launch l = launch_info(src);
+  const dynadiag_cuda::ApplyPlanView plan{tile_chunks.const_data_ptr<int>(), chunks.const_data_ptr<int>(),
+                                          shifts.const_data_ptr<int>(), vpack.const_data_ptr(),
+                                          static_cast<int>(tiles), static_cast<int>(tile),
+                                          static_cast<int>(max_window)};
+  C10_CUDA_CHECK(dynadiag_cuda::diag_apply_v2(sc.const_data_ptr(), plan, dst.mutable_data_ptr(), src.size(0), A,
+                                              out_cols, tall, static_cast<int>(warps_tokens),
+                                              static_cast<int>(ksplit), kernel_dtype(src.scalar_type(), op),
+                                              l.limits, l.stream));
+  return dst;
+}
+
+// grad_values without atomics: per-token-slice partial sums, added in a fixed order (bitwise deterministic). fp64
+// and rows too wide for the shared-memory window take v1.
+at::Tensor diag_bwd_v_v2_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
+  DD_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
+           "diag_bwd_v_v2: grad_y must be [N, out] and x [N, in] with the same N");
+  const int64_t in = x.size(1), out = grad_y.size(1);
+  check_inputs("diag_bwd_v_v2", grad_y, x, offsets, in, out, -1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_offsets_cached(offsets, std::max(in, out), "diag_bwd_v_v2");
+  const int64_t K = offsets.size(0), D = std::min(in, out), N = x.size(0);
+  const bool tall = out >= in;
+  const int64_t M = tall ? out : in;
+  const DType dtype = kernel_dtype(x.scalar_type(), "diag_bwd_v_v2");
+  const Launch l = launch_info(x);
+  if (dtype == DType::kFloat64 || N > INT32_MAX ||
+      dynadiag_cuda::diag_sddmm_v2_smem(N, D, M, K, dtype, l.limits) > static_cast<size_t>(l.limits.smem_per_block_optin))
+    return diag_bwd_v_cuda(grad_y, x, offsets);
+  const int slices = dynadiag_cuda::diag_sddmm_v2_slices(N, D, M, K, dtype, l.limits);
+  if (slices == 0) return at::zeros({K, D}, x.options());
+  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();
+  at::Tensor partial = at::empty({slices, K, D}, x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(dynadiag_cuda::diag_sddmm_v2(tall ? xc.const_data_ptr() : gc.const_data_ptr(),
+                                              tall ? gc.const_data_ptr() : xc.const_data_ptr(),
+                                              oc.const_data_ptr<int64_t>(), partial.mutable_data_ptr(), N, D, M, K,
+                                              dtype, l.limits, l.stream));
+  const at::Tensor dv = at::sum(partial, 0);
+  return dv.scalar_type() == x.scalar_type() ? dv : dv.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynadiag, CUDA, m) {
   m.impl("diag_fwd", &diag_fwd_cuda);
   m.impl("diag_bwd_x", &diag_bwd_x_cuda);
   m.impl("diag_bwd_v", &diag_bwd_v_cuda);
+  m.impl("diag_apply_v2", &diag_apply_v2_cuda);
+  m.impl("diag_bwd_v_v2", &diag_bwd_v_v2_cuda);
 }

@@ -136,11 +136,10 @@ def _auto_cuda(device: torch.device) -> Backend:
     """``auto`` on CUDA: the cost model's per-op mix of the ``cuda`` kernels and dense GEMMs (one per device)."""
     key = str(device)
     if key not in _AUTO:
+        from dynadiag.kernels import cuda
         from dynadiag.kernels.costmodel import AutoBackend, profile_for
-        from dynadiag.kernels.dense import DiagOps
 
-        dd = torch.ops.dynadiag
-        _AUTO[key] = AutoBackend("cuda", DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v), profile_for(device))
+        _AUTO[key] = AutoBackend("cuda", cuda.diag_ops(), profile_for(device))
     return _AUTO[key]
 
 

@@ -5,6 +5,11 @@ accumulation, for ``gradcheck``). The extension is JIT-built with ninja on first
 machine, 1-2 min on 2 cores) for the current GPU's architecture and cached in ``~/.cache/dynadiag``. Set
 ``DYNADIAG_CUDA_ARCH`` (e.g. ``"8.0;9.0"``) to build for other architectures.
 
+Two kernel versions: v1 (``diag_kernels.cu``, the default, measured on an H200) and v2 (``diag_kernels_v2.cu``:
+pre-packed values and per-tile diagonal lists from a host plan, wrap-padded windows, double-buffered
+``cp.async`` staging, a batch-1 path, a deterministic ``grad_V``), selected with ``DYNADIAG_CUDA_KERNELS=v2``.
+v2 is UNVALIDATED ON HARDWARE (compiled and planned on CPU only) until a GPU run compares the two.
+
 Offsets must be strictly ascending and lie in ``[0, max(in, out))``; the op raises ``ValueError`` otherwise. The
 check reads the offsets on the host once per offsets tensor and version (a frozen layer's buffer never changes), so
 steady-state calls and CUDA-graph replays do not synchronise.
@@ -17,12 +22,17 @@ import threading
 
 import torch
 
-from dynadiag.kernels import ops
+from dynadiag.kernels import cuda_v2, ops
 from dynadiag.kernels._build import load_extension
+from dynadiag.kernels.dense import DiagOps, Plan, diag_linear_mixed
 
-__all__ = ["BACKEND", "CudaBackend", "cuda_arch_flags", "load_cuda_library"]
+__all__ = ["BACKEND", "CudaBackend", "cuda_arch_flags", "diag_ops", "load_cuda_library"]
 
-_SOURCES = (ops.CSRC / "cuda" / "diag_ops_cuda.cpp", ops.CSRC / "cuda" / "diag_kernels.cu")
+_SOURCES = (
+    ops.CSRC / "cuda" / "diag_ops_cuda.cpp",
+    ops.CSRC / "cuda" / "diag_kernels.cu",
+    ops.CSRC / "cuda" / "diag_kernels_v2.cu",
+)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOCK = threading.Lock()
 _ERROR: str | None = None
@@ -72,6 +82,15 @@ def load_cuda_library() -> None:
         _LOADED = True
 
 
+def diag_ops() -> DiagOps:
+    """The three ops of the selected kernel version: v1 (default) or v2 (``DYNADIAG_CUDA_KERNELS=v2``,
+    unvalidated on hardware; :mod:`dynadiag.kernels.cuda_v2`)."""
+    if cuda_v2.kernel_version() == "v2":
+        return cuda_v2.DIAG_OPS
+    dd = torch.ops.dynadiag
+    return DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v)
+
+
 class CudaBackend:
     """Shared-memory-tiled CUDA-core kernels for frozen diagonal layers on CUDA tensors."""
 
@@ -100,6 +119,13 @@ class CudaBackend:
     ) -> torch.Tensor:  # [..., out]
         """``y = x W^T + b`` with ``W`` given by ``K`` wrapped diagonals; differentiable in x, values, bias."""
         load_cuda_library()
+        if cuda_v2.kernel_version() == "v2":
+            ops.check_offsets(offsets, max(in_features, out_features), "cuda")
+
+            def fwd(x2, v, off, out_f):
+                return diag_linear_mixed(x2, v, off, out_f, Plan("diag", "diag", "diag"), cuda_v2.DIAG_OPS)
+
+            return ops.diag_linear("cuda", "cuda", _DTYPES, x, values, offsets, bias, in_features, out_features, fwd)
         return ops.diag_linear("cuda", "cuda", _DTYPES, x, values, offsets, bias, in_features, out_features)
 
 
