@@ -27,6 +27,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "../dd_check.h"
+
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -51,16 +53,19 @@ struct Run {
 };
 
 std::vector<Run> offset_runs(const at::Tensor& offsets, int64_t period, int64_t max_run, const char* op) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be 1-D int64");
-  TORCH_CHECK(max_run >= 1, op, ": max_run must be >= 1");
+  DD_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, op, ": offsets must be 1-D int64");
+  DD_CHECK(max_run >= 1, op, ": max_run must be >= 1");
   at::Tensor off = offsets.contiguous();
   const int64_t* p = off.const_data_ptr<int64_t>();
   std::vector<Run> runs;
   const int64_t K = off.numel();
   int64_t start = 0;
   for (int64_t i = 0; i < K; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < period, op, ": offset ", p[i], " out of range [0, ", period, ")");
-    TORCH_CHECK(i == 0 || p[i] > p[i - 1], op, ": offsets must be sorted ascending and distinct");
+    // The same check and ValueError as every other backend (csrc/dd_check.h).
+    DD_CHECK_VALUE(p[i] >= 0 && p[i] < period, op, ": offsets must be strictly ascending and in [0, ", period,
+                   "), got offsets[", i, "] = ", p[i]);
+    DD_CHECK_VALUE(i == 0 || p[i] > p[i - 1], op, ": offsets must be strictly ascending and in [0, ", period,
+                   "), got offsets[", i - 1, "] = ", p[i - 1], " then offsets[", i, "] = ", p[i]);
     const bool last = i + 1 == K;
     if (last || p[i + 1] != p[i] + 1 || i + 1 - start >= max_run) {
       runs.push_back({start, p[start], i + 1 - start});
@@ -184,11 +189,11 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   const at::Tensor src = src_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   const int64_t N = src.size(0), A = src.size(1), K = values.size(0), D = values.size(1);
-  TORCH_CHECK(tall ? B >= A : B <= A, op, ": tall needs out_cols >= in_cols, wide out_cols <= in_cols");
-  TORCH_CHECK(D == std::min(A, B), op, ": values must be [K, min(in, out)]");
+  DD_CHECK(tall ? B >= A : B <= A, op, ": tall needs out_cols >= in_cols, wide out_cols <= in_cols");
+  DD_CHECK(D == std::min(A, B), op, ": values must be [K, min(in, out)]");
   const int64_t period = tall ? B : A;  // the source's periodic coordinate
   const std::vector<Run> runs = offset_runs(offsets, std::max(A, B), max_run, op);
-  TORCH_CHECK(static_cast<int64_t>(runs.empty() ? 0 : runs.back().first + runs.back().len) == K, op,
+  DD_CHECK(static_cast<int64_t>(runs.empty() ? 0 : runs.back().first + runs.back().len) == K, op,
               ": one offset per diagonal");
   at::Tensor dst = at::empty({N, B}, src.options());
   if (N == 0) return dst;
@@ -351,7 +356,7 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
   const char* op = "grouped_sddmm";
   const at::Tensor s = s_in.contiguous(), q = q_in.contiguous();
   const int64_t N = s.size(0), D = s.size(1), M = q.size(1);
-  TORCH_CHECK(q.size(0) == N && M >= D, op, ": s [N, D] and q [N, M] with M >= D");
+  DD_CHECK(q.size(0) == N && M >= D, op, ": s [N, D] and q [N, M] with M >= D");
   const std::vector<Run> runs = offset_runs(offsets, M, max_run, op);
   const int64_t K = offsets.numel();
   at::Tensor dv = at::empty({K, D}, s.options());
@@ -411,7 +416,7 @@ at::Tensor grouped_apply(const at::Tensor& src, const at::Tensor& values, const 
   if (src.scalar_type() == at::kBFloat16)
     return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block);
   if (src.scalar_type() == at::kFloat) return apply_impl<float>(src, values, offsets, out_cols, tall, max_run, token_block);
-  TORCH_CHECK(false, "grouped_apply: bf16 or fp32 only, got ", src.scalar_type());
+  DD_CHECK(false, "grouped_apply: bf16 or fp32 only, got ", src.scalar_type());
 }
 
 at::Tensor grouped_sddmm(const at::Tensor& s, const at::Tensor& q, const at::Tensor& offsets, int64_t max_run) {
@@ -419,7 +424,7 @@ at::Tensor grouped_sddmm(const at::Tensor& s, const at::Tensor& q, const at::Ten
   TORCH_CHECK(s.scalar_type() == q.scalar_type(), "grouped_sddmm: dtype mismatch");
   if (s.scalar_type() == at::kBFloat16) return sddmm_impl<c10::BFloat16>(s, q, offsets, max_run);
   if (s.scalar_type() == at::kFloat) return sddmm_impl<float>(s, q, offsets, max_run);
-  TORCH_CHECK(false, "grouped_sddmm: bf16 or fp32 only, got ", s.scalar_type());
+  DD_CHECK(false, "grouped_sddmm: bf16 or fp32 only, got ", s.scalar_type());
 }
 
 bool grouped_use_amx(bool enable) {
