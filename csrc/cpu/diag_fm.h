@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if DYNADIAG_AVX512
@@ -70,6 +71,31 @@ static inline void transpose16(__m512 r[16]) {
     r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
     r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
     r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
+}
+
+// The same transpose for a full 16x16 fp32 block in memory (row i at src + i * ld), with the 128-bit lane
+// rearrangement done by the loads: vector q of column group a gathers the a-th 4-float chunk of rows q, 4+q, 8+q,
+// 12+q (one load, three inserts from memory, which run on the load ports and p0/p5 rather than p5 only), so only
+// the in-lane 4x4 stage is left: 32 shuffles instead of 64 (the shuffle port is the transposes' bottleneck).
+static inline void load_transpose16(const float* src, int64_t ld, __m512 r[16]) {
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    __m512 v[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const float* p = src + q * ld + 4 * a;
+      __m512 x = _mm512_castps128_ps512(_mm_loadu_ps(p));
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 4 * ld), 1);
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 8 * ld), 2);
+      v[q] = _mm512_insertf32x4(x, _mm_loadu_ps(p + 12 * ld), 3);
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(v[0], v[1]), t1 = _mm512_unpackhi_ps(v[0], v[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(v[2], v[3]), t3 = _mm512_unpackhi_ps(v[2], v[3]);
+    r[4 * a] = _mm512_shuffle_ps(t0, t2, 0x44);
+    r[4 * a + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+    r[4 * a + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+    r[4 * a + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
   }
 }
 
@@ -207,12 +233,16 @@ static inline void fm_stage(const typename E::T* z, int64_t ldz, int64_t nt, int
     for (int64_t c = 0; c < zvalid; c += 16) {
       const __mmask16 m = lane_range(0, zvalid - c);
       const bool full = c + 16 <= zvalid;
+      if (std::is_same<E, F32>::value && full && 16 * g + 16 <= nt) {
+        load_transpose16(reinterpret_cast<const float*>(z) + 16 * g * ldz + c, ldz, r);
+      } else {
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        const int64_t t = 16 * g + i;
-        r[i] = t >= nt ? _mm512_setzero_ps() : full ? E::load(z + t * ldz + c) : E::maskz_load(m, z + t * ldz + c);
+        for (int i = 0; i < 16; ++i) {
+          const int64_t t = 16 * g + i;
+          r[i] = t >= nt ? _mm512_setzero_ps() : full ? E::load(z + t * ldz + c) : E::maskz_load(m, z + t * ldz + c);
+        }
+        transpose16(r);
       }
-      transpose16(r);
       const int64_t rows = std::min<int64_t>(16, zvalid - c);
       for (int i = 0; i < rows; ++i) _mm512_store_ps(xT + (c + i) * TB + 16 * g, r[i]);
     }
@@ -228,9 +258,7 @@ static inline void fm_unstage(const float* yT, int64_t nt, int64_t n_out, typena
   __m512 r[16];
   for (int g = 0; g < kFmTV && 16 * g < nt; ++g) {
     for (int64_t c = 0; c < n_out; c += 16) {
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(yT + (c + i) * TB + 16 * g);
-      transpose16(r);
+      load_transpose16(yT + c * TB + 16 * g, TB, r);
       if (bias != nullptr) {
         const __m512 b = _mm512_loadu_ps(bias + c);
 #pragma GCC unroll 16
