@@ -62,3 +62,202 @@ def test_plans_are_cached_per_offsets_version_and_checked():
         offsets[0] = offsets[1]  # in-place: the version changes, the plan is rebuilt, and the offsets rechecked
     with pytest.raises(ValueError, match="strictly ascending"):
         cuda_v2.prepare(x, values, offsets, 40, tall=True)
+
+
+# ---- CPU mirrors of the v2 kernels' index arithmetic (csrc/cuda/diag_kernels_v2.cu), statement for statement:
+# shared memory as a NaN-poisoned flat array with the kernels' pitches and buffer offsets, the stage counters, the
+# prefetch of stage s + 1 into the other buffer before stage s computes, the per-thread (lane, warp) loads and the
+# fixed-order split reduction. A wrong offset, pitch, shift or buffer index reads NaN or another stage's data.
+def _mirror_apply(src, vpack, plan, warps_tokens, ksplit, grid_y):
+    n_tok, a_cols = src.shape
+    b_cols, period, tile = plan.B, plan.L, plan.tile
+    tr, km = tile // 32, 8
+    bm = warps_tokens * km
+    sp = bm + 16 // src.element_size()
+    wbuf = plan.max_window
+    dst = torch.full((n_tok, b_cols), float("nan"), dtype=src.dtype)
+    lanes = torch.arange(32)
+    for bx in range(plan.tile_chunks.numel() - 1):
+        r0 = bx * tile
+        cb = int(plan.tile_chunks[bx])
+        nchunk = int(plan.tile_chunks[bx + 1]) - cb
+        ntt = (n_tok + bm - 1) // bm
+        for by in range(grid_y):
+            my_tt = (ntt - 1 - by) // grid_y + 1 if by < ntt else 0
+            smem = torch.full((2 * wbuf * sp,), float("nan"), dtype=src.dtype)
+            acc = torch.zeros(warps_tokens * ksplit, 32, km, tr, dtype=src.dtype)  # [threadIdx.y, lane, m, j]
+
+            def stage(buf, chunk, n0, smem=smem):
+                _, _, w0, width = chunk
+                for m in range(bm):
+                    n = n0 + m
+                    for i in range(width):
+                        col = w0 + i
+                        if period < tile:
+                            col %= period
+                        elif col >= period:
+                            col -= period
+                        assert 0 <= i * sp + m < wbuf * sp
+                        smem[buf * wbuf * sp + i * sp + m] = src[n, col] if n < n_tok and col < a_cols else 0
+
+            def write(tt, acc=acc, r0=r0, by=by):
+                for ty in range(0, warps_tokens * ksplit, ksplit):  # ks == 0 threads
+                    tw = ty // ksplit
+                    n_base = (by + tt * grid_y) * bm + tw * km
+                    for m in range(km):
+                        for j in range(tr):
+                            r = r0 + lanes + 32 * j
+                            ok = (r < b_cols) & (n_base + m < n_tok)
+                            if n_base + m < n_tok:
+                                dst[n_base + m, r[ok]] = acc[ty, ok, m, j]
+                acc.zero_()
+
+            if nchunk == 0:
+                for tt in range(my_tt):
+                    write(tt)
+                continue
+            stages = my_tt * nchunk
+            if stages > 0:
+                stage(0, plan.chunks[cb].tolist(), by * bm)
+            tt, ch = 0, 0
+            tt1, ch1 = (1, 0) if nchunk == 1 else (0, 1)
+            for s in range(stages):
+                if s + 1 < stages:
+                    stage((s + 1) & 1, plan.chunks[cb + ch1].tolist(), (by + tt1 * grid_y) * bm)
+                chunk = plan.chunks[cb + ch].tolist()
+                base = (s & 1) * wbuf * sp
+                for ty in range(warps_tokens * ksplit):
+                    tw, ks = ty // ksplit, ty % ksplit
+                    for e in range(chunk[0] + ks, chunk[1], ksplit):
+                        sh = int(plan.shifts[e])
+                        for j in range(tr):
+                            v = vpack[e, lanes + 32 * j]  # [32]
+                            col = sh + lanes + 32 * j
+                            assert int(col.max()) < wbuf, "entry reads past the staging buffer"
+                            x = smem[base + col[:, None] * sp + tw * km + torch.arange(km)[None, :]]  # [32, 8]
+                            acc[ty, :, :, j] += v[:, None] * x
+                if ch == nchunk - 1:
+                    for ty in range(0, warps_tokens * ksplit, ksplit):
+                        for q in range(1, ksplit):  # fixed order, as the kernel adds red[q - 1]
+                            acc[ty] += acc[ty + q]
+                            acc[ty + q].zero_()
+                    write(tt)
+                tt, ch = tt1, ch1
+                ch1 += 1
+                if ch1 == nchunk:
+                    ch1, tt1 = 0, tt1 + 1
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("in_f", "out_f", "k", "n"), [(40, 40, 6, 21), (20, 70, 9, 40), (70, 20, 9, 17), (5, 37, 3, 9)]
+)
+@pytest.mark.parametrize(("warps", "ksplit", "grid_y"), [(1, 4, 1), (1, 4, 2), (4, 1, 1), (4, 1, 3)])
+def test_apply_kernel_index_mirror_matches_reference(in_f, out_f, k, n, warps, ksplit, grid_y):
+    from dynadiag.kernels.plan import pack_values, plan_apply
+
+    x, values, offsets = _problem(in_f, out_f, k, n)
+    weight = place_diagonals(values, offsets, in_f, out_f)
+    grad_y = torch.randn(n, out_f, dtype=torch.float64)
+    for src, a_cols, b_cols, tall, want in [
+        (x, in_f, out_f, out_f >= in_f, x @ weight.T),
+        (grad_y, out_f, in_f, not out_f >= in_f, grad_y @ weight),
+    ]:
+        for wmax in (128, 1000):  # windowed chunks and whole rows
+            plan = plan_apply(offsets, a_cols, b_cols, tall, 128, wmax)
+            got = _mirror_apply(src, pack_values(values, plan), plan, warps, ksplit, grid_y)
+            assert torch.allclose(got, want, atol=1e-12)
+
+
+def _mirror_sddmm(s_mat, q_mat, offsets, num_sms=4):
+    """sddmm_v2_config + sddmm_v2_kernel: partial [slices, K, D], then the fixed-order sum over slices."""
+    n_tok, d_len = s_mat.shape
+    m_len = q_mat.shape[1]
+    k_count = offsets.numel()
+    ttk, tt, bt, bn = 8, 4, 128, 4
+    cdiv = lambda a, b: (a + b - 1) // b  # noqa: E731
+    k_tiles = cdiv(k_count, 8 * ttk)
+    kb = cdiv(cdiv(k_count, k_tiles), ttk) * ttk
+    gx, gy = cdiv(d_len, bt), cdiv(k_count, kb)
+    slices = max(1, (2 * num_sms + gx * gy - 1) // (gx * gy))
+    slices = min(slices, max(1, n_tok // 64), 65535)
+    per_slice = cdiv(cdiv(n_tok, slices), bn) * bn
+    gz = cdiv(n_tok, per_slice)
+    wbuf = 2 * bt + m_len - 1
+    partial = torch.full((gz, k_count, d_len), float("nan"), dtype=s_mat.dtype)
+    lanes = torch.arange(32)
+    for bz in range(gz):
+        for by in range(gy):
+            for bx in range(gx):
+                t0, k0 = bx * bt, by * kb
+                k1 = min(k_count, k0 + kb)
+                nb, ne = bz * per_slice, min(n_tok, bz * per_slice + per_slice)
+                p_first = int(offsets[k0])
+                width = int(offsets[k1 - 1]) - p_first + bt
+                w0 = t0 + p_first
+                if w0 >= m_len:
+                    w0 -= m_len
+                smem = torch.full((2 * wbuf * bn,), float("nan"), dtype=s_mat.dtype)
+                threads_y = kb // ttk
+                base = torch.zeros(threads_y, ttk, dtype=torch.long)
+                for ty in range(threads_y):
+                    for i in range(ttk):
+                        kk = k0 + ty * ttk + i
+                        base[ty, i] = int(offsets[kk]) - p_first if kk < k1 else 0
+                acc = torch.zeros(threads_y, ttk, tt, 32, dtype=s_mat.dtype)
+
+                def stage(buf, n0, smem=smem, ne=ne, t0=t0, w0=w0, width=width):
+                    for q in range((bt + width) * bn):
+                        m, i = q & (bn - 1), q >> 2
+                        n = n0 + m
+                        val = 0.0
+                        if n < ne:
+                            if i < bt:
+                                if t0 + i < d_len:
+                                    val = s_mat[n, t0 + i]
+                            else:
+                                col = w0 + (i - bt)
+                                if m_len < bt:
+                                    col %= m_len
+                                elif col >= m_len:
+                                    col -= m_len
+                                val = q_mat[n, col]
+                        assert q < wbuf * bn
+                        smem[buf * wbuf * bn + q] = val
+
+                stages = cdiv(ne - nb, bn) if ne > nb else 0
+                if stages > 0:
+                    stage(0, nb)
+                for s in range(stages):
+                    if s + 1 < stages:
+                        stage((s + 1) & 1, nb + (s + 1) * bn)
+                    buf = (s & 1) * wbuf * bn
+                    sv = torch.stack(
+                        [smem[buf + ((lanes + 32 * j) * bn)[:, None] + torch.arange(bn)] for j in range(tt)]
+                    )
+                    for ty in range(threads_y):
+                        for i in range(ttk):
+                            for j in range(tt):
+                                qv = smem[buf + ((bt + base[ty, i] + lanes + 32 * j) * bn)[:, None] + torch.arange(bn)]
+                                acc[ty, i, j] += (sv[j] * qv).sum(1)
+                for ty in range(threads_y):
+                    for i in range(ttk):
+                        kk = k0 + ty * ttk + i
+                        for j in range(tt):
+                            t = t0 + lanes + 32 * j
+                            ok = t < d_len
+                            if kk < k1:
+                                partial[bz, kk, t[ok]] = acc[ty, i, j, ok]
+    return partial.sum(0)
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k", "n"), [(40, 130, 9, 70), (130, 40, 9, 131), (33, 33, 33, 9)])
+def test_sddmm_kernel_index_mirror_matches_reference(in_f, out_f, k, n):
+    from dynadiag.functional import diag_index
+
+    x, _values, offsets = _problem(in_f, out_f, k, n)
+    grad_y = torch.randn(n, out_f, dtype=torch.float64)
+    rows, cols = diag_index(in_f, out_f, offsets)
+    tall = out_f >= in_f
+    got = _mirror_sddmm(x if tall else grad_y, grad_y if tall else x, offsets)  # as diag_bwd_v_v2 calls it
+    assert torch.allclose(got, (grad_y.T @ x)[rows, cols], atol=1e-10)
