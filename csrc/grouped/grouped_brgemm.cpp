@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -368,21 +369,34 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
   const int64_t npad = (N + v - 1) / v * v;
   const int64_t ldq = M + kRows + max_len;  // windows start below M and are at most kRows + max_len - 1 wide
 
-  // S^T [D, npad] (A operand, rows = positions t, reduction over tokens) and Q periodic + VNNI-packed over tokens.
+  // S^T [D, npad] (A operand, rows = positions t, reduction over tokens) and Q periodic + VNNI-packed over tokens
+  // ([npad/2][ldq][2] for bf16), both with ATen's vectorised copies; padded tokens are zeros.
   at::Tensor st = at::zeros({D, npad}, s.options());
-  at::Tensor qv = at::zeros({npad / v, ldq, v}, s.options());
+  st.narrow(1, 0, N).copy_(s.t());
+  at::Tensor qv = at::empty({npad / v, ldq, v}, s.options());
   {
-    const T* sp = s.const_data_ptr<T>();
-    const T* qp = q.const_data_ptr<T>();
-    T* stp = st.mutable_data_ptr<T>();
-    T* qvp = qv.mutable_data_ptr<T>();
-    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
-      for (int64_t t = d0; t < d1; ++t)
-        for (int64_t n = 0; n < N; ++n) stp[t * npad + n] = sp[n * D + t];
-    });
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t c = 0; c < ldq; ++c) qvp[((n / v) * ldq + c) * v + n % v] = qp[n * M + c % M];
+    // qv[n / v][c][n % v] = q[n][c mod M] (0 for padded tokens): contiguous source segments, so the inner loops
+    // are plain (interleaving) copies the compiler vectorises.
+    using Raw = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+    const Raw* qp = reinterpret_cast<const Raw*>(q.const_data_ptr<T>());
+    Raw* qvp = reinterpret_cast<Raw*>(qv.mutable_data_ptr<T>());
+    at::parallel_for(0, npad / v, 8, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        Raw* dstrow = qvp + p * ldq * v;
+        for (int64_t lane = 0; lane < v; ++lane) {
+          const int64_t n = p * v + lane;
+          if (n >= N) {
+            for (int64_t c = 0; c < ldq; ++c) dstrow[c * v + lane] = Raw(0);
+            continue;
+          }
+          const Raw* srow = qp + n * M;
+          for (int64_t c0 = 0; c0 < ldq; c0 += M) {
+            const int64_t len = std::min(M, ldq - c0);
+            Raw* d = dstrow + c0 * v + lane;
+            for (int64_t c = 0; c < len; ++c) d[c * v] = srow[c];
+          }
+        }
+      }
     });
   }
   const int64_t nblocks = (D + kRows - 1) / kRows;
@@ -390,20 +404,35 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
   const T* stp = st.const_data_ptr<T>();
   const T* qvp = qv.const_data_ptr<T>();
   T* out = dv.mutable_data_ptr<T>();
-  at::parallel_for(0, nblocks * nruns, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kRows * (kRows + max_len));
+  // Token chunks outermost: each chunk's slice of S^T and Q stays in L2 while every (block, run) task adds its
+  // product into its own fp32 accumulator (all of them together: nblocks * nruns * 32 * ldc floats).
+  const int64_t ntasks = nblocks * nruns, ldc = kRows + max_len;
+  constexpr int64_t kChunk = 256;  // tokens per step (a multiple of the VNNI pair)
+  std::vector<float> acc(ntasks * kRows * ldc);
+  for (int64_t c0 = 0; c0 < npad; c0 += kChunk) {
+    const int64_t kc = std::min(kChunk, npad - c0);
+    at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t b = task / nruns;
+        const Run& run = runs[task % nruns];
+        const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0), w = kRows + run.len - 1;
+        const int64_t start = pmod(t_0 + run.p0, M);
+        at::native::cpublas::brgemm(rows, w, kc, npad, ldq, ldc, c0 > 0, stp + t_0 * npad + c0,
+                                    qvp + (c0 / v * ldq + start) * v, acc.data() + task * kRows * ldc, v > 1);
+      }
+      at::native::cpublas::brgemm_release(v > 1);
+    });
+  }
+  // Keep the band: dV[first + i, t_0 + rho] = acc[task][rho][rho + i].
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / nruns;
       const Run& run = runs[task % nruns];
-      const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0), w = kRows + run.len - 1;
-      const int64_t start = pmod(t_0 + run.p0, M);
-      at::native::cpublas::brgemm(rows, w, npad, npad, ldq, w, false, stp + t_0 * npad, qvp + start * v,
-                                  acc.data(), v > 1);
+      const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0);
+      const float* a = acc.data() + task * kRows * ldc;
       for (int64_t i = 0; i < run.len; ++i)
-        for (int64_t rho = 0; rho < rows; ++rho)
-          out[(run.first + i) * D + t_0 + rho] = static_cast<T>(acc[rho * w + rho + i]);
+        for (int64_t rho = 0; rho < rows; ++rho) out[(run.first + i) * D + t_0 + rho] = static_cast<T>(a[rho * ldc + rho + i]);
     }
-    at::native::cpublas::brgemm_release(v > 1);
   });
   return dv;
 }
