@@ -85,6 +85,15 @@ def test_tall_tiles_skip_diagonals_that_cannot_reach_them():
     assert entries_per_tile < 0.5 * 40
 
 
+def test_plan_without_diagonals_leaves_every_tile_empty():
+    plan = plan_apply(torch.empty(0, dtype=torch.long), 40, 70, True, 32, 64)
+    assert plan.shifts.numel() == 0 and plan.chunks.shape == (0, 4) and plan.max_window == 32
+    assert plan.tile_chunks.tolist() == [0, 0, 0, 0]
+    assert torch.equal(
+        emulate_apply(torch.randn(3, 40), pack_values(torch.empty(0, 40), plan), plan), torch.zeros(3, 70)
+    )
+
+
 def test_plan_rejects_a_window_smaller_than_a_tile():
     with pytest.raises(ValueError, match="wmax"):
         plan_apply(torch.tensor([0, 3]), 16, 16, True, 32, 16)

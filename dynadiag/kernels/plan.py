@@ -130,7 +130,7 @@ def plan_apply(offsets: torch.Tensor, A: int, B: int, tall: bool, tile: int, wma
         tall=tall,
         tile=tile,
         wmax=wmax,
-        max_window=max_window,
+        max_window=max(max_window, tile),  # no entries at all (K = 0): still a valid (unused) buffer width
         tile_chunks=torch.tensor(tile_chunks, dtype=torch.int32),
         chunks=torch.tensor(chunks, dtype=torch.int32).reshape(-1, 4),
         shifts=torch.tensor(shifts, dtype=torch.int32),
