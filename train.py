@@ -196,6 +196,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         logger=logger,
         run_config=resolved,
         info=info,
+        seed=int(cfg.seed),
     )
     try:
         summary = trainer.fit(resume=resume)

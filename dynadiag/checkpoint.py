@@ -1,7 +1,8 @@
 """Checkpoints as plain dicts, written atomically, with every RNG state needed for an exact resume.
 
 A checkpoint holds: ``format_version``, ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``method``
-(the sparse method's own state), ``step``, ``epoch``, ``best_metric``, ``rng`` and ``config`` (the resolved
+(the sparse method's own state), ``step``, ``epoch``, ``best_metric``, ``rng`` (rank 0's generators; under DDP also
+``rng_ranks``, every rank's, since each rank draws its own augmentation and dropout) and ``config`` (the resolved
 run config as a plain dict, so ``eval.py`` can rebuild the model). The file is first written next to the
 target and then renamed over it, so a crash or a full disk never leaves a half-written ``last.pt``.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "seed_rng_",
 ]
 
 FORMAT_VERSION = 1
@@ -43,6 +45,13 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_rng_(seed: int) -> None:
+    """Seed the Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

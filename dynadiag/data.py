@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dynadiag.distributed import rank_seed
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "DatasetNotFoundError", "build_datasets", "build_loaders"]
 
@@ -262,6 +265,13 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return _imagenet(cfg)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process: Slurm signals every process of a job, and a worker
+    killed mid-step would crash the loop before the trainer can checkpoint (:mod:`dynadiag.preemption`)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loaders(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Build the loaders. With ``world_size > 1`` each rank reads its own shard (``DistributedSampler``) and
     ``batch_size`` is the per-rank batch."""
@@ -275,15 +285,18 @@ def build_loaders(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int
         )
     sampler = ResumableSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     loader_kw: dict[str, Any] = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    if cfg.num_workers > 0:
+        loader_kw["worker_init_fn"] = _ignore_stop_signals
     # drop_last: every step sees a full batch, so steps per epoch is fixed and a resumed run can skip exactly
     # Own generators: creating a loader iterator draws a worker base seed, which must not move the global RNG
     # (it drives augmentation), or a run resumed mid-epoch would diverge from an uninterrupted one.
+    # Per rank: the workers' seeds come from this generator, so each rank augments with its own stream.
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(rank_seed(seed, rank)),
         **loader_kw,
     )
     val_sampler = DistributedSampler(val_ds, world_size, rank, shuffle=False) if world_size > 1 else None

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_object",
     "all_reduce_mean",
     "all_reduce_sum",
     "any_rank",
@@ -25,6 +26,7 @@ __all__ = [
     "is_main_process",
     "local_rank",
     "rank",
+    "rank_seed",
     "ranks_agree",
     "setup",
     "world_size",
@@ -164,6 +166,24 @@ def ranks_agree(tensors: list[torch.Tensor]) -> bool:
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     return bool(torch.equal(low, high))
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable, e.g. its RNG states), in rank order; ``[obj]`` in one process."""
+    if not is_dist():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of rank ``rank``'s own random streams (augmentation, dropout, data-loading workers).
+
+    Rank 0 keeps ``seed`` itself, so a single process draws exactly what it always drew; other ranks get a hash of
+    ``(seed, rank)`` (``hash`` of a tuple of ints does not depend on ``PYTHONHASHSEED``).
+    """
+    return int(seed) if rank == 0 else hash((int(seed), int(rank))) & (2**63 - 1)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

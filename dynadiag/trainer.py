@@ -37,12 +37,14 @@ from dynadiag.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    seed_rng_,
 )
 from dynadiag.data import DataBundle
 from dynadiag.evaluate import evaluate
 from dynadiag.loggers import Logger, NullLogger
 from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
+from dynadiag.preemption import StopSignals, requeue_slurm_job
 from dynadiag.selection_stats import SelectionMonitor
 from dynadiag.sparsity import kernel_summary, sparsity_report, sparsity_stats
 from dynadiag.throughput import StepTimer, measure_inference_throughput
@@ -123,6 +125,9 @@ class Trainer:
         logger: metric sink (rank 0); :class:`~dynadiag.loggers.NullLogger` elsewhere.
         run_config: the resolved run configuration, stored in checkpoints so ``eval.py`` can rebuild the model.
         info: extra fields for the summary (run name, model name, target sparsity, seed, ...).
+        seed: the run's seed; under DDP, ranks other than 0 re-seed their generators with
+            :func:`~dynadiag.distributed.rank_seed` after the model is built, so each rank draws its own augmentation
+            and dropout (``None``: leave the generators alone).
     """
 
     def __init__(
@@ -138,8 +143,10 @@ class Trainer:
         logger: Logger | None = None,
         run_config: dict[str, Any] | None = None,
         info: dict[str, Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.model, self.method, self.data, self.cfg = model, method, data, config
+        self.seed = seed
         self.optimizer_factory, self.lr_schedule = optimizer_factory, lr_schedule
         self.device, self.run_dir = device, run_dir
         self.logger = logger or NullLogger()
@@ -215,9 +222,21 @@ class Trainer:
             self.selection.load_state_dict(state.get("selection") or {})
             self.step, self.best_top1 = int(state["step"]), float(state.get("best_metric", -math.inf))
             self.last_eval = dict(state.get("last_eval") or {})
-            restore_rng_state(state["rng"])
             self._print(f"resumed from {resume} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+        self._seed_rank_streams(state)
         self.forward_model = self.wrap_model(self.model)
+
+    def _seed_rank_streams(self, state: dict[str, Any] | None) -> None:
+        """Give this rank its own generator states: the checkpoint's (``rng_ranks`` when it was written by as many
+        ranks), else a fresh stream per rank (rank 0 keeps its stream, so one process behaves as it always did)."""
+        rank, ranks = dist_utils.rank(), (state or {}).get("rng_ranks")
+        if state is not None and ranks is not None and len(ranks) == dist_utils.world_size():
+            restore_rng_state(ranks[rank])
+            return
+        if state is not None:
+            restore_rng_state(state["rng"])
+        if rank > 0 and self.seed is not None:  # at the resumed step, so a re-launch with other ranks differs
+            seed_rng_(dist_utils.rank_seed(self.seed + self.step, rank))
 
     def _check_compatible(self, state: dict[str, Any], path: str) -> None:
         old, new = state.get("config") or {}, self.run_config
@@ -237,7 +256,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: str | None = None) -> dict[str, Any]:
-        """Train to ``total_steps`` and return the summary (also written to ``summary.json``)."""
+        """Train to ``total_steps`` and return the summary (also written to ``summary.json``).
+
+        On SIGTERM / SIGUSR1 (:mod:`dynadiag.preemption`) it saves ``last.pt`` after the current step (after that
+        step's evaluation, if one is due) and returns early with ``stopped_by`` in the summary.
+        """
+        with StopSignals() as self._signals:
+            return self._fit(resume)
+
+    def _fit(self, resume: str | None) -> dict[str, Any]:
         t_start = time.perf_counter()
         self.setup(resume)
         if self.sparsify_report is not None and not resume:
@@ -246,7 +273,8 @@ class Trainer:
         show = show and dist_utils.is_main_process()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
-        while self.step < self.total_steps:
+        stop = False
+        while self.step < self.total_steps and not stop:
             epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
             self.data.train_sampler.set_epoch(epoch)
             bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
@@ -273,12 +301,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{avg:.3f}")
                 if self.cfg.ckpt_every_steps and self.step % self.cfg.ckpt_every_steps == 0:
                     self.save("last.pt")
-                if self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
+                stop = self._signals.requested(self.device)  # once per step on every rank (a collective)
+                if stop or self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
                     break
             epoch_done = self.step % self.steps_per_epoch == 0
             finished = self.step >= self.total_steps
             if finished or (epoch_done and (self.step // self.steps_per_epoch) % self.cfg.eval_every_epochs == 0):
                 self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
+        if stop and self.step < self.total_steps:
+            bar.close()
+            return self._stop(self._signals.name)
         bar.close()
         summary = self._summary(time.perf_counter() - t_start)
         report = sparsity_report(self.model)
@@ -300,6 +332,19 @@ class Trainer:
                 json.dump(summary, fh, indent=2)
             self.logger.log_summary(summary)
         return summary
+
+    def _stop(self, signal_name: str) -> dict[str, Any]:
+        """Checkpoint at this step boundary after a stop signal; SIGUSR1 under plain Slurm also requeues the job."""
+        if self.cfg.save_checkpoints:
+            self.save("last.pt")
+        where = f"step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})"
+        saved = "checkpoints/last.pt saved" if self.cfg.save_checkpoints else "no checkpoint (save_checkpoints=false)"
+        self._print(f"stopped by {signal_name} at {where}: {saved}; run the same command again to resume")
+        requeued = signal_name == "SIGUSR1" and requeue_slurm_job()
+        if requeued:
+            self._print("requeued the Slurm job (scontrol requeue)")
+        self.logger.log({"stopped_by_signal": 1.0}, self.step)
+        return {**self.info, "steps": self.step, "stopped_by": signal_name, "requeued": requeued}
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         step = self.step
@@ -437,16 +482,21 @@ class Trainer:
         }
 
     def save(self, name: str) -> str | None:
-        """Write ``checkpoints/<name>`` atomically (rank 0 only).
+        """Write ``checkpoints/<name>`` atomically (rank 0 writes; every rank calls this, at the same points, to
+        hand in its generator states).
 
         Raises:
             CheckpointError: the write failed (e.g. disk full); the previous file at that path is intact.
         """
+        rng_ranks = dist_utils.all_gather_object(capture_rng_state())  # a collective under DDP
         if not dist_utils.is_main_process():
             return None
         path = os.path.join(self.run_dir, "checkpoints", name)
+        state = self.checkpoint_state()
+        if len(rng_ranks) > 1:
+            state["rng_ranks"] = rng_ranks
         try:
-            return save_checkpoint(path, self.checkpoint_state())
+            return save_checkpoint(path, state)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {path} ({exc.strerror or exc}); the previous one there is intact"

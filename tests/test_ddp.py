@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +69,10 @@ def test_torchrun_two_ranks_rank0_writes_ranks_agree(tmp_path):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.pt", "last.pt"]
     state = load_checkpoint(run_dir)
     assert state["step"] == 8 and state["steps_per_epoch"] == 4  # the global batch, split over the ranks
+    # every rank's own generator states (augmentation, dropout): saved per rank, and the ranks' streams differ
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and torch.equal(ranks[0]["torch"], state["rng"]["torch"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]) and ranks[0]["python"] != ranks[1]["python"]
     # One process with the same global batch sees the same samples at every step (rank r of the sampler takes
     # every other index of the same permutation), so only the order of float sums differs.
     threads = torch.get_num_threads()
@@ -102,6 +107,7 @@ def _helpers_worker(rank: int, world_size: int, init_file: str, out_dir: str) ->
             "any_none": dist_utils.any_rank(False),
             "sum": dist_utils.all_reduce_sum(torch.tensor([1.0 + rank, 1.0])).tolist(),
             "broadcast": dist_utils.broadcast_object(f"dir-of-rank-{rank}"),
+            "gathered": dist_utils.all_gather_object(f"state-of-rank-{rank}"),
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
             json.dump(results, fh)
@@ -116,12 +122,32 @@ def test_helpers_on_two_gloo_ranks(tmp_path):
         assert r["same"] is True and r["permuted"] is False and r["nudged"] is False
         assert r["any_one"] is True and r["any_none"] is False
         assert r["sum"] == [3.0, 2.0] and r["broadcast"] == "dir-of-rank-0"
+        assert r["gathered"] == ["state-of-rank-0", "state-of-rank-1"]
+
+
+def test_rank_seed_keeps_rank_zero_and_separates_the_others():
+    assert dist_utils.rank_seed(7, 0) == 7  # one process draws what it always drew
+    seeds = {dist_utils.rank_seed(7, r) for r in range(1, 9)} | {dist_utils.rank_seed(8, 1), 7}
+    assert len(seeds) == 10  # distinct per (seed, rank)
+    # the same in every process whatever PYTHONHASHSEED says (the ranks and a resumed run must agree)
+    code = "from dynadiag.distributed import rank_seed; print(rank_seed(7, 3))"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": h},
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        for h in ("0", "1")
+    }
+    assert outs == {str(dist_utils.rank_seed(7, 3))}
 
 
 def test_single_process_helpers_are_no_ops():
     assert not dist_utils.is_dist() and dist_utils.world_size() == 1 and dist_utils.is_main_process()
     assert dist_utils.ranks_agree([torch.ones(2)]) and dist_utils.any_rank(True) and not dist_utils.any_rank(False)
-    assert dist_utils.broadcast_object("x") == "x"
+    assert dist_utils.broadcast_object("x") == "x" and dist_utils.all_gather_object({"a": 1}) == [{"a": 1}]
 
 
 @pytest.mark.parametrize(("env", "expected"), [({}, 1), ({"WORLD_SIZE": "4"}, 4)])
@@ -171,16 +197,21 @@ def _launch(run_dir, *overrides: str) -> subprocess.Popen:
     )
 
 
+#: dropout: every rank draws its own masks (from the same generators augmentation uses), which a resume must restore
+#: per rank
+RANDOM = ["+model.drop_rate=0.2", "+model.proj_drop_rate=0.2", "+model.attn_drop_rate=0.2"]
+
+
 @pytest.mark.slow
 def test_torchrun_resume_matches_uninterrupted_two_rank_run(tmp_path):
     """Two ranks stopped mid-epoch (step 3 of 8) and re-launched with the same command in the same directory end
-    bit for bit where an uninterrupted two-rank run ends."""
-    reference = _launch(tmp_path / "reference")
-    first = _launch(tmp_path / "resumed", "trainer.max_steps=3")
+    bit for bit where an uninterrupted two-rank run ends, with dropout drawn per rank."""
+    reference = _launch(tmp_path / "reference", *RANDOM)
+    first = _launch(tmp_path / "resumed", *RANDOM, "trainer.max_steps=3")
     for proc in (reference, first):
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
-    second = _launch(tmp_path / "resumed")  # resume=auto picks up checkpoints/last.pt at step 3
+    second = _launch(tmp_path / "resumed", *RANDOM)  # resume=auto picks up checkpoints/last.pt at step 3
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out[-3000:]
     assert "resumed from" in out and "at step 3" in out

@@ -118,3 +118,53 @@ def test_rerun_of_a_finished_run_resumes_at_its_end(tmp_path):
     assert again["val_loss_final"] == first["val_loss_final"]
     fresh = train.train(compose_cfg([*overrides, "resume=null"]), run_dir=str(tmp_path / "fresh"))
     assert fresh["val_loss_final"] == first["val_loss_final"]  # same seed, same result
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted run with OVERRIDES (shared by the signal tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path_factory.mktemp("reference")
+        return train.train(compose_cfg(OVERRIDES), run_dir=str(run_dir)), run_dir
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, sig, reference_run):
+    """Slurm pre-emption / scancel (SIGTERM) and the pre-timeout signal (SIGUSR1): the run saves ``last.pt`` at the
+    next step boundary and exits with status 0; re-running the command ends bit for bit like an uninterrupted run."""
+    run_dir = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    env.pop("SLURM_JOB_ID", None)  # never requeue a real job from a test
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *OVERRIDES, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, f"train.py ended before its first checkpoint: {proc.communicate()[0][-2000:]}"
+    first = int(load_checkpoint(last)["step"])
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = int(load_checkpoint(last)["step"])
+    assert first <= stopped < TOTAL, out[-2000:]
+    assert f"stopped by {sig.name} at step {stopped} " in out and "run the same command again to resume" in out
+    assert not (run_dir / "summary.json").exists()  # the run is not finished
+    resumed = train.train(compose_cfg(OVERRIDES), run_dir=str(run_dir))  # resume=auto
+    reference, reference_dir = reference_run
+    assert resumed["steps"] == reference["steps"] == TOTAL
+    for key in ("val_loss_final", "val_top1_final", "val_top5_final", "val_top1_best", "sparsity_effective"):
+        assert resumed[key] == reference[key], key
+    a, b = final_weights(run_dir), final_weights(reference_dir)
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
