@@ -131,3 +131,34 @@ def test_non_auto_backends_report_their_own_name():
     layer(torch.randn(2, 16))
     assert layer.kernel == "reference"
     assert get_backend("dense").name == "dense"
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for the cpu ops")
+def test_auto_backend_compiles_without_graph_breaks_across_token_counts(monkeypatch, strict_fp32):
+    """torch.compile(fullgraph=True) traces the choice (symbolic token counts after the first recompile)."""
+    from dynadiag.kernels import ops
+
+    ops.load_library()
+    dd = torch.ops.dynadiag
+    mixed = replace(H200_PRIOR, diag={"apply_wide": 400.0, "apply_tall": 400.0, "sddmm": 0.001})
+    auto = AutoBackend("cpu", DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v), mixed)
+    import dynadiag.layers
+
+    monkeypatch.setattr(dynadiag.layers, "get_backend", lambda name, device: auto)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DiagLinear(32, 64, sparsity=0.75), torch.nn.GELU(), DiagLinear(64, 32, sparsity=0.75))
+    for layer in model:
+        if isinstance(layer, DiagLinear):
+            layer.freeze_()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for n in (5, 7, 300):
+        x = torch.randn(n, 32, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        grad = model[0].V.grad.clone()
+        model.zero_grad()
+        assert torch.allclose(y, model(x), atol=1e-5)
+        model(x).sum().backward()
+        assert torch.allclose(grad, model[0].V.grad, atol=1e-5)
+        model.zero_grad()
+        assert model[0].kernel == "fwd=cpu,dx=cpu,dv=dense"

@@ -81,9 +81,14 @@ class OpCosts:
         return sum(self.dense_ms) / max(chosen, 1e-12)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: read once at trace time (changing it later needs a recompile)
+def _matmul_precision() -> str:
+    return torch.get_float32_matmul_precision()
+
+
 def _dense_key(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
-        return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+        return "tf32" if _matmul_precision() != "highest" else "fp32"
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}.get(dtype, "fp32")
 
 
@@ -180,8 +185,10 @@ class AutoBackend:
     def plan(
         self, in_features: int, out_features: int, k: int, tokens: int, dtype: torch.dtype, training: bool
     ) -> OpCosts:
-        """:func:`choose_plan` under this backend's profile (memoised: a model has a handful of shapes)."""
-        key = (in_features, out_features, k, tokens, dtype, training, torch.get_float32_matmul_precision())
+        """:func:`choose_plan` under this backend's profile (memoised in eager mode: a model has a few shapes)."""
+        if torch.compiler.is_compiling():  # traced: plain arithmetic on the (possibly symbolic) token count
+            return choose_plan(in_features, out_features, k, tokens, dtype, training, self.profile)
+        key = (in_features, out_features, k, tokens, dtype, training, _matmul_precision())
         if key not in self._plans:
             self._plans[key] = choose_plan(in_features, out_features, k, tokens, dtype, training, self.profile)
         return self._plans[key]
