@@ -10,10 +10,11 @@
 //   sddmm: dV[k, t] = sum_n S[n, t] Q[n, (t + p_k) mod M]
 // forward = apply in the layer's form, grad_x = apply in the other form on grad_y, grad_values = sddmm.
 //
-// Tiling. The sorted offsets are split into runs of consecutive values (at most `max_run` long). For an output
-// block of R rows and a run of L offsets the touched inputs are one window of W = R + L - 1 consecutive
-// (wrapping) columns, so the block's contribution is a dense GEMM [tokens x W] @ [W x R] whose B matrix is a
-// band (L of every W entries per column non-zero; density L / (R + L - 1)). The activations are staged once per
+// Tiling. The sorted offsets are split into clusters spanning at most `max_run` consecutive offset values (runs
+// of consecutive offsets, plus offsets a few apart, which share a window for free because a window costs whole
+// 32-wide k-steps). For an output block of R rows and a cluster spanning L offsets the touched inputs are one
+// window of W = R + L - 1 consecutive (wrapping) columns, so the block's contribution is a dense GEMM
+// [tokens x W] @ [W x R] whose B matrix is a band (at most L of every W entries per column non-zero). The activations are staged once per
 // call into a padded copy (wrap-around and the tall form's zero columns made explicit), so every window is a
 // plain pointer into it; the band tiles are built and packed (VNNI pairs for bf16) once per call, O(K * P)
 // against the O(N * K * P) product. Each (token block, row block) task accumulates all its runs in an fp32
@@ -49,8 +50,11 @@ namespace {
 
 constexpr int64_t kRows = 32;  // output rows per band tile (two AMX tiles wide)
 
+// A cluster of kept offsets p0 <= p < p0 + span (``count`` of them, rows first .. first + count - 1 of V). Runs of
+// consecutive offsets are the common case (span == count); offsets a few apart share a tile too, because a tile
+// costs whole 32-wide k-steps: one window of span <= max_run costs no more than two separate windows.
 struct Run {
-  int64_t first, p0, len;
+  int64_t first, p0, len, span;
 };
 
 std::vector<Run> offset_runs(const at::Tensor& offsets, int64_t period, int64_t max_run, const char* op) {
@@ -68,8 +72,8 @@ std::vector<Run> offset_runs(const at::Tensor& offsets, int64_t period, int64_t 
     DD_CHECK_VALUE(i == 0 || p[i] > p[i - 1], op, ": offsets must be strictly ascending and in [0, ", period,
                    "), got offsets[", i - 1, "] = ", p[i - 1], " then offsets[", i, "] = ", p[i]);
     const bool last = i + 1 == K;
-    if (last || p[i + 1] != p[i] + 1 || i + 1 - start >= max_run) {
-      runs.push_back({start, p[start], i + 1 - start});
+    if (last || p[i + 1] - p[start] + 1 > max_run) {
+      runs.push_back({start, p[start], i + 1 - start, p[i] - p[start] + 1});
       start = i + 1;
     }
   }
@@ -194,12 +198,14 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   DD_CHECK(D == std::min(A, B), op, ": values must be [K, min(in, out)]");
   const int64_t period = tall ? B : A;  // the source's periodic coordinate
   const std::vector<Run> runs = offset_runs(offsets, std::max(A, B), max_run, op);
+  const at::Tensor off_c = offsets.contiguous();
+  const int64_t* offp = off_c.const_data_ptr<int64_t>();
   DD_CHECK(static_cast<int64_t>(runs.empty() ? 0 : runs.back().first + runs.back().len) == K, op,
               ": one offset per diagonal");
   at::Tensor dst = at::empty({N, B}, src.options());
   if (N == 0) return dst;
   int64_t max_len = 1;
-  for (const Run& r : runs) max_len = std::max(max_len, r.len);
+  for (const Run& r : runs) max_len = std::max(max_len, r.span);
   // AMX (bf16 where the CPU has it): windows padded to whole 32-wide k-steps, tokens to whole 32-row blocks.
   const bool amx = std::is_same_v<T, c10::BFloat16> && g_allow_amx.load() && amx_ready();
   const int64_t kalign = amx ? 32 : vnni<T>();
@@ -242,10 +248,10 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   for (int64_t b = 0; b < nblocks; ++b) {
     for (int64_t j = 0; j < static_cast<int64_t>(runs.size()); ++j) {
       const Run& run = runs[j];
-      const int64_t w = kRows + run.len - 1, kdim = (w + kalign - 1) / kalign * kalign;
+      const int64_t w = kRows + run.span - 1, kdim = (w + kalign - 1) / kalign * kalign;
       int64_t rep;
       if (tall) {
-        const int64_t s = pmod(b * kRows - run.p0 - (run.len - 1), B);
+        const int64_t s = pmod(b * kRows - run.p0 - (run.span - 1), B);
         if (s < A) {
           rep = s;
         } else if (s + w > B) {
@@ -278,12 +284,13 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
         T* tile = pk + where[i];
         std::fill(tile, tile + pd.kdim * kRows, static_cast<T>(0.0f));
         const int64_t r0 = pd.block * kRows, rows = std::min(kRows, B - r0);
-        for (int64_t d = 0; d < run.len; ++d) {  // diagonal p0 + d of the run
-          const T* vrow = v + (run.first + d) * D;
-          if (tall) {  // row r0 + rho reads column (r0 + rho - p0 - d) mod B at window position rho + L - 1 - d
+        for (int64_t m = 0; m < run.len; ++m) {  // member m of the cluster: diagonal p0 + d
+          const int64_t d = offp[run.first + m] - run.p0;
+          const T* vrow = v + (run.first + m) * D;
+          if (tall) {  // row r0 + rho reads column (r0 + rho - p0 - d) mod B at window position rho + span - 1 - d
             int64_t col = pmod(r0 - run.p0 - d, B);
             for (int64_t rho = 0; rho < rows; ++rho, col = col + 1 == B ? 0 : col + 1) {
-              if (col < A) tile[pack_index<T>(rho + run.len - 1 - d, rho)] = vrow[col];
+              if (col < A) tile[pack_index<T>(rho + run.span - 1 - d, rho)] = vrow[col];
             }
           } else {  // row r0 + rho reads V[d, r0 + rho] at window position rho + d
             for (int64_t rho = 0; rho < rows; ++rho) tile[pack_index<T>(rho + d, rho)] = vrow[r0 + rho];
@@ -359,12 +366,14 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
   const int64_t N = s.size(0), D = s.size(1), M = q.size(1);
   DD_CHECK(q.size(0) == N && M >= D, op, ": s [N, D] and q [N, M] with M >= D");
   const std::vector<Run> runs = offset_runs(offsets, M, max_run, op);
+  const at::Tensor off_c = offsets.contiguous();
+  const int64_t* offp = off_c.const_data_ptr<int64_t>();
   const int64_t K = offsets.numel();
   at::Tensor dv = at::empty({K, D}, s.options());
   if (K == 0) return dv;
   if (N == 0) return dv.zero_();
   int64_t max_len = 1;
-  for (const Run& r : runs) max_len = std::max(max_len, r.len);
+  for (const Run& r : runs) max_len = std::max(max_len, r.span);
   constexpr int64_t v = vnni<T>();
   const int64_t npad = (N + v - 1) / v * v;
   const int64_t ldq = M + kRows + max_len;  // windows start below M and are at most kRows + max_len - 1 wide
@@ -415,7 +424,7 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t b = task / nruns;
         const Run& run = runs[task % nruns];
-        const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0), w = kRows + run.len - 1;
+        const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0), w = kRows + run.span - 1;
         const int64_t start = pmod(t_0 + run.p0, M);
         at::native::cpublas::brgemm(rows, w, kc, npad, ldq, ldc, c0 > 0, stp + t_0 * npad + c0,
                                     qvp + (c0 / v * ldq + start) * v, acc.data() + task * kRows * ldc, v > 1);
@@ -430,8 +439,10 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
       const Run& run = runs[task % nruns];
       const int64_t t_0 = b * kRows, rows = std::min(kRows, D - t_0);
       const float* a = acc.data() + task * kRows * ldc;
-      for (int64_t i = 0; i < run.len; ++i)
-        for (int64_t rho = 0; rho < rows; ++rho) out[(run.first + i) * D + t_0 + rho] = static_cast<T>(a[rho * ldc + rho + i]);
+      for (int64_t m = 0; m < run.len; ++m) {
+        const int64_t d = offp[run.first + m] - run.p0;
+        for (int64_t rho = 0; rho < rows; ++rho) out[(run.first + m) * D + t_0 + rho] = static_cast<T>(a[rho * ldc + rho + d]);
+      }
     }
   });
   return dv;
