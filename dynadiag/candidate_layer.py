@@ -35,7 +35,9 @@ from dynadiag.layers import DiagLinear
 __all__ = ["CandidateDiagLinear", "candidate_weights"]
 
 
-def candidate_weights(alpha: torch.Tensor, k: int, temperature: float, hardness: float) -> torch.Tensor:
+def candidate_weights(
+    alpha: torch.Tensor, k: int, temperature: float, hardness: float, normalize: bool = False
+) -> torch.Tensor:
     """Straight-through mix of soft and hard top-``k`` weights of candidate logits (see the module docstring).
 
     Args:
@@ -43,6 +45,8 @@ def candidate_weights(alpha: torch.Tensor, k: int, temperature: float, hardness:
         k: how many the hard selection keeps (``k <= K'``).
         temperature: unitless; the soft weights see ``(alpha - theta) / (temperature * std(alpha))``.
         hardness: ``h`` in ``[0, 1]``; forward value ``(1 - h) * soft + h * hard``, gradient that of ``soft``.
+        normalize: divide ``soft`` by the (detached) mean soft weight of the top ``k``, so the selected
+            diagonals weigh ~1 at every temperature instead of ~0.5-1.
 
     Returns:
         Per-candidate weights in ``[0, 1]``, ``[K']``; exactly the hard top-``k`` indicator when ``hardness == 1``.
@@ -59,6 +63,8 @@ def candidate_weights(alpha: torch.Tensor, k: int, temperature: float, hardness:
         hard = torch.zeros_like(logits)
         hard[ranked.indices[:k]] = 1.0
     soft = torch.sigmoid((logits - theta) / (temperature * sigma))
+    if normalize:
+        soft = soft / soft.detach()[ranked.indices[:k]].mean()
     weights = soft + float(hardness) * (hard - soft).detach()
     return weights.to(alpha.dtype)
 
@@ -73,6 +79,7 @@ class CandidateDiagLinear(DiagLinear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hardness = 0.0
+        self.normalize = False  # see candidate_weights
         self.register_buffer("candidates", torch.ones(self.num_diagonals, dtype=torch.bool, device=self.V.device))
         self._ids: torch.Tensor | None = None  # cached sorted candidate ids
         # alpha is trained by the method's own optimizer: a grad-requiring buffer keeps it out of model.parameters()
@@ -128,7 +135,7 @@ class CandidateDiagLinear(DiagLinear):
     def candidate_weights(self) -> torch.Tensor:  # [K']
         """Weights of the candidates (differentiable in ``alpha``)."""
         ids = self.candidate_ids()
-        return candidate_weights(self.alpha[ids], self.k, self.temperature, self.hardness)
+        return candidate_weights(self.alpha[ids], self.k, self.temperature, self.hardness, self.normalize)
 
     # ------------------------------------------------------------------ selection_stats hooks
     def selection_weights(self) -> torch.Tensor:  # [P]

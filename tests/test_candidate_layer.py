@@ -130,3 +130,10 @@ def test_from_diag_linear_copies_the_layer():
     new.set_candidates_(torch.arange(new.num_diagonals))
     new.hardness = 0.0
     assert new(x).shape == (2, 10)
+
+
+def test_normalized_soft_weights_average_one_over_the_top_k():
+    alpha = torch.tensor([0.3, -1.0, 2.0, 0.1, 1.5])
+    weights = candidate_weights(alpha, 2, temperature=0.5, hardness=0.0, normalize=True)
+    assert weights[[2, 4]].mean().item() == pytest.approx(1.0)
+    assert candidate_weights(alpha, 2, 0.5, 1.0, normalize=True).tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]

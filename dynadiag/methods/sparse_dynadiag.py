@@ -70,6 +70,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         drop_score: which candidates survive an update: ``alpha`` (the learned importance) or ``magnitude``
             (``w * ||V||`` of the diagonal, DiagHeur's criterion).
         grow_init: grown diagonals start at ``zero`` (RigL) or ``keep`` their stored values.
+        normalize: scale the soft weights so the top ``K`` average 1 (see ``candidate_weights``).
         include: module-name globs to convert (``None``: the DynaDiag defaults).
         exclude: module-name globs to leave dense.
         backend: kernel backend (soft and frozen phase).
@@ -93,6 +94,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         alpha_weight_decay: float = 0.0,
         drop_score: str = "alpha",
         grow_init: str = "zero",
+        normalize: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         backend: str = "auto",
@@ -122,7 +124,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         self.density_start, self.freeze_fraction = float(density_start), float(freeze_fraction)
         self.t_max, self.t_min, self.harden_power = float(t_max), float(t_min), float(harden_power)
         self.alpha_lr_mult, self.alpha_weight_decay = float(alpha_lr_mult), float(alpha_weight_decay)
-        self.drop_score, self.grow_init = drop_score, grow_init
+        self.drop_score, self.grow_init, self.normalize = drop_score, grow_init, bool(normalize)
         self.freeze_step = 1
         self._alpha_opt: torch.optim.Optimizer | None = None
         self._alpha_state: dict[str, Any] | None = None  # loaded before the alpha optimizer exists
@@ -169,7 +171,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             return {}
         temperature, hardness = self.temperature(step), self.hardness(step)
         for _, layer in soft:
-            layer.temperature, layer.hardness = temperature, hardness
+            layer.temperature, layer.hardness, layer.normalize = temperature, hardness, self.normalize
             if not layer.alpha.is_leaf:  # .to(device) of a grad-requiring buffer returns a non-leaf copy
                 layer.alpha = layer.alpha.detach().requires_grad_()
             layer.alpha.grad = None
