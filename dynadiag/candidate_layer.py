@@ -32,7 +32,15 @@ from dynadiag import functional as DF
 from dynadiag.kernels import get_backend
 from dynadiag.layers import DiagLinear
 
-__all__ = ["CandidateDiagLinear", "candidate_weights"]
+__all__ = ["CandidateDiagLinear", "candidate_weights", "hard_top_k"]
+
+
+def hard_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest ``logits`` (``[K']`` -> ``[k]``), ties broken by position.
+
+    The one ranking of the hard selection: the forward pass and the freeze both use it, so they keep the same set.
+    """
+    return torch.sort(logits.detach().float(), descending=True, stable=True).indices[:k]
 
 
 def candidate_weights(
@@ -56,15 +64,15 @@ def candidate_weights(
     logits = alpha.float()
     count = logits.numel()
     with torch.no_grad():
-        ranked = torch.sort(logits, descending=True)
-        top = ranked.values[: min(k + 1, count)]
+        order = torch.sort(logits, descending=True, stable=True)
+        top = order.values[: min(k + 1, count)]
         theta = (top[k - 1] + top[k]) / 2 if count > k else top[k - 1] - logits.std(unbiased=False)
         sigma = logits.std(unbiased=False).clamp_min(1e-6) if count > 1 else logits.new_tensor(1.0)
         hard = torch.zeros_like(logits)
-        hard[ranked.indices[:k]] = 1.0
+        hard[order.indices[:k]] = 1.0
     soft = torch.sigmoid((logits - theta) / (temperature * sigma))
     if normalize:
-        soft = soft / soft.detach()[ranked.indices[:k]].mean()
+        soft = soft / soft.detach()[order.indices[:k]].mean()
     weights = soft + float(hardness) * (hard - soft).detach()
     return weights.to(alpha.dtype)
 
@@ -183,11 +191,15 @@ class CandidateDiagLinear(DiagLinear):
         """Keep the ``k`` candidates with the largest ``alpha`` (the hard selection), with weight 1."""
         if self.is_frozen:
             return self
-        scores = self.selection_scores()
-        # DiagLinear.freeze_ keeps topk(alpha): hand it alpha with the non-candidates ranked last.
-        ranked = torch.where(self.candidates, self.alpha.detach(), scores[self.candidates].min() - 1.0)
-        self.alpha.detach().copy_(ranked)
+        ids = self.candidate_ids()
+        keep = torch.zeros_like(self.alpha, dtype=torch.bool)
+        keep[ids[hard_top_k(self.alpha[ids], self.k)]] = True
+        alpha = self.alpha.detach().clone()
+        # DiagLinear.freeze_ keeps topk(alpha): hand it the indicator of the hard set (exactly the forward's set,
+        # ties included), then put the real logits back into the (now informational) alpha buffer.
+        self.alpha.detach().copy_(keep.to(alpha.dtype))
         super().freeze_(fold_soft_weights)
+        self.alpha.copy_(alpha)
         self._ids = None
         return self
 

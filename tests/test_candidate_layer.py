@@ -137,3 +137,15 @@ def test_normalized_soft_weights_average_one_over_the_top_k():
     weights = candidate_weights(alpha, 2, temperature=0.5, hardness=0.0, normalize=True)
     assert weights[[2, 4]].mean().item() == pytest.approx(1.0)
     assert candidate_weights(alpha, 2, 0.5, 1.0, normalize=True).tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_freeze_with_tied_alpha_keeps_the_forward_set():
+    layer = make_layer(10, 16, "cpu")
+    with torch.no_grad():
+        layer.alpha.zero_()  # every candidate tied: the forward's and the freeze's tie-breaking must agree
+    layer.hardness = 1.0
+    x = torch.randn(5, 10)
+    before = layer(x).detach()
+    layer.freeze_()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    assert (layer.alpha == 0).all()  # the real logits are back in the buffer

@@ -90,7 +90,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         t_max: float = 1.0,
         t_min: float = 0.05,
         harden_power: float = 1.0,
-        alpha_lr_mult: float = 10.0,
+        alpha_lr_mult: float = 1.0,
         alpha_weight_decay: float = 0.0,
         drop_score: str = "alpha",
         grow_init: str = "zero",
@@ -239,9 +239,11 @@ class SparseDynaDiagMethod(DiagHeurMethod):
                 layer.V[grow] = 0.0
             reset_optimizer_state_(optimizer, layer.V, fresh[:, None].expand_as(layer.V))
             if grow.numel():
-                # a grown diagonal enters at the K-boundary of the kept ones: a fair chance to be selected
-                boundary = torch.topk(alpha[keep], min(layer.k, keep.numel())).values[-1]
-                alpha[grow] = boundary
+                # a grown diagonal enters just below the K-boundary of the kept ones (midway to the next): a fair
+                # chance to be selected, without tying with (and so displacing) a kept diagonal of the hard set
+                ranked = torch.sort(alpha[keep], descending=True).values
+                k_th = ranked[min(layer.k, ranked.numel()) - 1]
+                alpha[grow] = (k_th + ranked[layer.k]) / 2 if ranked.numel() > layer.k else k_th - 1.0
                 self._reset_alpha_state(layer.alpha, fresh)
             layer.set_candidates_(torch.cat([keep, grow]))
             grown_total += int(grow.numel())
