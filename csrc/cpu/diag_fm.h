@@ -40,6 +40,10 @@ namespace dynadiag {
 constexpr int kFmR = DD_FM_R;              // output rows per register tile
 constexpr int kFmTV = DD_FM_TV;            // 16-token vectors per register tile
 constexpr int kFmTB = 16 * kFmTV;          // tokens per staged block
+#ifndef DD_FM_PF
+#define DD_FM_PF 8
+#endif
+constexpr int64_t kFmPrefetch = DD_FM_PF;  // entries ahead whose value window is prefetched
 constexpr int64_t kFmL1Bytes = DD_FM_L1;   // target L1 footprint of one chunk's sliding window of xT
 constexpr int64_t kFmSpan = std::max<int64_t>(16, kFmL1Bytes / (kFmTB * 4) - kFmR);  // offset span per chunk
 
@@ -210,6 +214,8 @@ static inline void fm_tile(const float* xT, const float* vb, const int64_t* vo, 
   for (int64_t e = 0; e < cnt; ++e) {
     const float* vr = vb + vo[e];
     const float* xr = xT + xo[e];
+    // The value windows of consecutive entries sit in different rows of vbuf (L2): fetch a few entries ahead.
+    if (e + kFmPrefetch < cnt) _mm_prefetch(reinterpret_cast<const char*>(vb + vo[e + kFmPrefetch]), _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(vr[r]);
@@ -280,14 +286,17 @@ template <class E>
 void fm_run(const typename E::T* z, int64_t N, int64_t ldz, int64_t P, int64_t zvalid, const FmPlan& pl,
             typename E::T* out, int64_t n_out, const float* bias) {
   constexpr int R = kFmR, TB = kFmTB;
-  const int64_t n_blocks = (N + TB - 1) / TB;
+  const int64_t n_vec = (N + 15) / 16;
   const int64_t x_rows = P + R;
   const int64_t y_rows = std::max(pl.n_rt * R, ((n_out + 15) / 16) * 16);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Threads split the 16-token vectors (not whole blocks) evenly, then walk their range in blocks of TB tokens:
+  // with 197 tokens and 2 threads that is 112 + 85 tokens instead of 144 + 53.
+  at::parallel_for(0, n_vec, 1, [&](int64_t v0, int64_t v1) {
     Scratch xs = alloc_scratch(x_rows * TB), ys = alloc_scratch(y_rows * TB);
     std::fill(xs.get(), xs.get() + x_rows * TB, 0.f);  // rows [zvalid, P) stay zero for every block
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * TB, nt = std::min<int64_t>(TB, N - n0);
+    const int64_t end = std::min(N, 16 * v1);
+    for (int64_t n0 = 16 * v0; n0 < end; n0 += TB) {
+      const int64_t nt = std::min<int64_t>(TB, end - n0);
       fm_stage<E>(z + n0 * ldz, ldz, nt, zvalid, P, xs.get());
       std::fill(ys.get(), ys.get() + y_rows * TB, 0.f);
       for (int64_t c = 0; c < pl.n_ch; ++c)
