@@ -11,8 +11,9 @@ calls it and however deeply stages nest. That covers the attention and MLP layer
 token/channel MLPs, the pointwise convolutions of ConvNeXt/EfficientNet-style blocks and the convolutions of a
 ResNet block (its projection shortcut included, as before). Left dense, each with its reason in the report:
 
-- the stem / patch embedding (the first weight layer, or anything under ``stem*`` / ``patch_embed*``) and the
-  classifier head (``get_classifier()``, else the last ``nn.Linear``), as in the paper;
+- the stem / patch embedding (anything under ``stem*`` / ``patch_embed*``, or the first weight layer when it is
+  outside the blocks) and the classifier head (``get_classifier()``, else the last ``nn.Linear`` when it is outside
+  the blocks), as in the paper;
 - stage-level layers: a layer of a stage that is not inside one of the stage's blocks (Swin's patch merging,
   ConvNeXt's and PVT's downsampling between stages);
 - anything else outside the blocks (necks, pre-logits, position-bias tables);
@@ -141,10 +142,9 @@ def default_reasons(model: nn.Module) -> dict[str, str | None]:
     """For every ``nn.Linear`` / ``nn.Conv2d`` of ``model``: ``None`` if it is a default target, else why it stays
     dense (see the module docstring)."""
     first, head = first_and_head(model)
-    heads = {head}
     classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
     classifier = classifier if isinstance(classifier, tuple | list) else (classifier,)  # distilled: two heads
-    heads |= {n for n, m in model.named_modules() if n and any(m is c for c in classifier)}
+    heads = {n for n, m in model.named_modules() if n and any(m is c for c in classifier if c is not None)}
     blocks = block_names(model)
     stages = {b for b in blocks if any(o.startswith(b + ".") for o in blocks)}
     reasons: dict[str, str | None] = {}
@@ -154,12 +154,12 @@ def default_reasons(model: nn.Module) -> dict[str, str | None]:
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
         inside = [p for p in prefixes if p in blocks]
-        if any(name == h or name.startswith(f"{h}.") for h in heads if h):
+        if any(name == h or name.startswith(f"{h}.") for h in heads):  # the model's own classifier(s)
             reason = "classifier head"
-        elif name == first or any(matches(part, STEM_NAMES) for part in parts):
+        elif any(matches(part, STEM_NAMES) for part in parts):
             reason = "stem / patch embedding"
-        elif not inside:
-            reason = "outside the repeated blocks"
+        elif not inside:  # the first/last layer count as stem/head only outside the blocks (a model of blocks alone)
+            reason = {first: "stem / patch embedding", head: "classifier head"}.get(name, "outside the repeated blocks")
         elif inside[-1] in stages:
             reason = "stage-level layer (downsampling / transition between blocks)"
         elif _own_forward(module):

@@ -109,10 +109,14 @@ def test_bad_inputs():
         sparsify_(nn.Sequential(nn.Linear(3, 3)), DiagSparsifyConfig(0.5))
     grouped = nn.Sequential()
     grouped.add_module("layer1", nn.Sequential(nn.Module()))
-    grouped.layer1[0].conv1 = nn.Conv2d(8, 8, 3, groups=2)
+    grouped.layer1[0].conv1 = nn.Conv2d(8, 8, 3)
     grouped.layer1[0].conv2 = nn.Conv2d(8, 8, 3, groups=2)
-    with pytest.raises(ValueError, match=r"grouped/depthwise convolution \(groups > 1\): 1 \(e.g. layer1.0.conv2\)"):
-        sparsify_(grouped, DiagSparsifyConfig(0.5))  # conv1 is the first layer, conv2 grouped
+    report = sparsify_(grouped, DiagSparsifyConfig(0.5))  # a model of blocks alone: its first layer is a target
+    assert [r.name for r in report.layers] == ["layer1.0.conv1"]
+    assert report.dense == [("layer1.0.conv2", "grouped/depthwise convolution (groups > 1)")]
+    grouped.layer1[0].conv1 = nn.Conv2d(8, 8, 3, groups=4)
+    with pytest.raises(ValueError, match=r"grouped/depthwise convolution \(groups > 1\): 2 \(e.g. layer1.0.conv1, "):
+        sparsify_(grouped, DiagSparsifyConfig(0.5))
     with pytest.raises(ValueError, match=r"cannot convert 'layer1\.0\.conv2': grouped convolution"):
         sparsify_(grouped, DiagSparsifyConfig(0.5, include=["layer1.0.conv2"]))
     model = _vit()

@@ -21,7 +21,7 @@ from dynadiag.prune.dsnot import dsnot_mask
 from dynadiag.prune.magnitude import layer_mask, magnitude_mask
 from dynadiag.prune.masking import target_linears
 from dynadiag.prune.wanda import per_row_mask, wanda_mask, wanda_scores
-from dynadiag.sparsity import apply_mask_
+from dynadiag.sparsity import apply_mask_, layer_report
 from dynadiag.targets import replace_module_
 
 __all__ = ["PRUNE_METHODS", "LayerPruneReport", "PruneConfig", "PruneReport", "prune_model_"]
@@ -148,7 +148,7 @@ def prune_model_(model: nn.Module, config: PruneConfig, batches: Sequence[torch.
             diag = linear_to_diag(layer, config.sparsity, stats, score=config.diag_score, backend=config.backend)
             diag.layer_name = name
             replace_module_(model, name, diag)
-            report.nnz = diag.nnz
+            counted = layer_report(name, diag)
         else:
             if config.method == "magnitude":
                 mask = magnitude_mask(layer.weight, config.sparsity)
@@ -175,8 +175,8 @@ def prune_model_(model: nn.Module, config: PruneConfig, batches: Sequence[torch.
                 report.error_after = float(result.error_after.sum())
                 report.swaps = result.swaps
             apply_mask_(layer, mask)
-            report.nnz = int(mask.sum())
-        report.sparsity = 1.0 - report.nnz / (in_f * out_f)
+            counted = layer_report(name, layer)
+        report.nnz, report.sparsity = counted.nnz, counted.sparsity
         reports[name] = report
 
     if config.needs_data:
