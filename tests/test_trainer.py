@@ -118,6 +118,9 @@ def test_smoke_run_writes_metrics_summary_checkpoints_and_freezes(tmp_path):
     assert on_disk["val_top1_best"] == max(r["val/top1"] for r in evals)
     assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
     assert summary["sparsity_target_layers"] == pytest.approx(0.8, abs=0.05)
+    # Each frozen layer's kernel choice is in the summary ("cpu x24" here: every layer ran the cpu kernels).
+    assert all(layer.kernel for layer in layers)
+    assert summary["kernels"] == f"{layers[0].kernel} x{len(layers)}"
     for name in ("last.pt", "best.pt"):
         assert (tmp_path / "checkpoints" / name).is_file()
 
