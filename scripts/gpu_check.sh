@@ -126,11 +126,16 @@ else:
 print(f'dynadiag extension ready in {time.time() - t:.1f} s')"
 step validation 20 validation
 step probe 40 "${MEASURE[@]}" probe
-step tests_cuda 90 "${PYTEST[@]}" tests/test_kernels_cuda.py tests/test_kernels_registry.py -k "not input_validation"
-step ops 90 "${MEASURE[@]}" ops
-step determinism 10 "${MEASURE[@]}" determinism
-step ksweep 30 "${MEASURE[@]}" ksweep
-step profile 5 "${MEASURE[@]}" profile
+# v1 and the baselines first, v2 (never run on hardware before) in their own processes afterwards: a crash or a
+# sticky CUDA error in v2 must not cost the v1 numbers.
+step tests_cuda 90 "${PYTEST[@]}" tests/test_kernels_registry.py tests/test_kernels_cuda.py -k "not input_validation"
+step ops 60 "${MEASURE[@]}" ops --versions v1
+[ "$DEVICE" = cuda ] && step ops_v2 30 "${MEASURE[@]}" ops --versions v2 --no-baselines --tag _v2
+step determinism 10 "${MEASURE[@]}" determinism --versions v1
+[ "$DEVICE" = cuda ] && step determinism_v2 10 "${MEASURE[@]}" determinism --versions v2 --tag _v2
+step ksweep 20 "${MEASURE[@]}" ksweep --versions v1
+[ "$DEVICE" = cuda ] && step ksweep_v2 15 "${MEASURE[@]}" ksweep --versions v2 --tag _v2
+step profile 5 "${MEASURE[@]}" profile --versions $([ "$DEVICE" = cuda ] && echo v1 v2 || echo v1)
 step ncu 40 run_ncu
 if [ "$DEVICE" = cuda ]; then
   step model 60 "$PYTHON" scripts/bench_model.py --device cuda --batch 64 --models vit_base_patch16_224 \

@@ -78,8 +78,10 @@ class Results:
             return any(r.get("step") == step and r.get("status") == "done" for r in self.records)
         return any(r.get("step") == step and r.get("group") == group for r in self.records)
 
-    def of(self, step: str) -> list[dict]:
-        return [r for r in self.records if r.get("step") == step and "status" not in r]
+    def of(self, step: str, prefix: bool = False) -> list[dict]:
+        """Measurement records of ``step`` (``prefix``: also of its tagged runs, e.g. ``ops_v2``)."""
+        match = (lambda s: str(s).startswith(step)) if prefix else (lambda s: s == step)
+        return [r for r in self.records if match(r.get("step")) and "status" not in r]
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -210,27 +212,37 @@ def step_ops(res: Results, args) -> None:
         for n in tokens:
             for dtype in (torch.float32, torch.bfloat16):
                 group = f"{name}/{n}/{dtype}"
-                if res.done("ops", group):
+                if res.done(args.name, group):
                     continue
                 t0 = time.perf_counter()
                 x, values, offsets, gy = _problem(in_f, out_f, k, n, args.device)
-                methods = methods_for(in_f, out_f, k, x, values, offsets, gy, dtype, args.versions)
+                baselines = not args.no_baselines
+                methods = methods_for(
+                    in_f, out_f, k, x, values, offsets, gy, dtype, args.versions, dense=baselines, csr=baselines
+                )
                 best = time_methods(methods, args.device, args.reps)
                 useful = 2.0 * k * min(in_f, out_f) * n
-                dense_ms = best.get("dense_fp32" if dtype == torch.float32 else "dense_bf16", {})
+                dense_ms = best.get("dense_fp32" if dtype == torch.float32 else "dense_bf16") or _dense_from(res, group)
                 for method, times in best.items():
                     for op, ms in times.items():
                         tflops = useful / (ms * 1e9) if ms == ms and ms > 0 else None
                         ref = dense_ms.get(op)
                         res.add({
-                            "step": "ops", "group": group, "shape": name, "in": in_f, "out": out_f, "k": k,
+                            "step": args.name, "group": group, "shape": name, "in": in_f, "out": out_f, "k": k,
                             "tokens": n, "dtype": str(dtype).split(".")[-1], "method": method, "op": op, "ms": ms,
                             "useful_tflops": tflops,
                             "ceiling_frac": tflops / args.ceiling_tflops if tflops else None,
                             "vs_dense_same_dtype": ref / ms if ref and ms == ms and ms > 0 else None,
                         })  # fmt: skip
                 print(f"  ops {group}: {time.perf_counter() - t0:.1f} s", flush=True)
-    res.add({"step": "ops", "status": "done"})
+    res.add({"step": args.name, "status": "done"})
+
+
+def _dense_from(res: Results, group: str) -> dict[str, float]:
+    """Dense times of the same group measured by an earlier (untagged) ops run, for the speedup column."""
+    dtype = group.rsplit("/", 1)[-1].split(".")[-1]
+    method = "dense_fp32" if dtype == "float32" else "dense_bf16"
+    return {r["op"]: r["ms"] for r in res.of("ops", prefix=True) if r["group"] == group and r["method"] == method}
 
 
 def fit_line(ks: list[float], ms: list[float]) -> tuple[float, float, float]:
@@ -251,7 +263,7 @@ def step_ksweep(res: Results, args) -> None:
     for name in [s for s in ("proj", "fc1") if s in shapes]:
         in_f, out_f = shapes[name]
         group = f"{name}/{n}"
-        if res.done("ksweep", group):
+        if res.done(args.name, group):
             continue
         rows: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for s in SWEEP:
@@ -264,9 +276,9 @@ def step_ksweep(res: Results, args) -> None:
         for (method, op), pts in rows.items():
             pts = [(k, ms) for k, ms in pts if ms == ms]
             a, b, r2 = fit_line([k for k, _ in pts], [ms for _, ms in pts]) if len(pts) >= 2 else (None,) * 3
-            res.add({"step": "ksweep", "group": group, "shape": name, "tokens": n, "method": method, "op": op,
+            res.add({"step": args.name, "group": group, "shape": name, "tokens": n, "method": method, "op": op,
                      "points": pts, "a_ms": a, "b_ms_per_diag": b, "r2": r2})  # fmt: skip
-    res.add({"step": "ksweep", "status": "done"})
+    res.add({"step": args.name, "status": "done"})
 
 
 def step_determinism(res: Results, args) -> None:
@@ -278,20 +290,18 @@ def step_determinism(res: Results, args) -> None:
     x, _values, offsets, gy = _problem(in_f, out_f, k, n, args.device)
     for version in args.versions:
         group = f"{name}/{n}/{version}"
-        if res.done("determinism", group):
+        if res.done(args.name, group):
             continue
         bwd_v = _diag_ops(version)[2]
         try:
             runs = [bwd_v(gy, x, offsets) for _ in range(5)]
             same = all(torch.equal(runs[0], r) for r in runs[1:])
             spread = max(float((r - runs[0]).abs().max()) for r in runs[1:])
-            res.add({"step": "determinism", "group": group, "version": version, "bitwise_equal": same,
+            res.add({"step": args.name, "group": group, "version": version, "bitwise_equal": same,
                      "max_abs_diff": spread})  # fmt: skip
         except Exception as exc:
-            res.add(
-                {"step": "determinism", "group": group, "version": version, "error": f"{type(exc).__name__}: {exc}"}
-            )
-    res.add({"step": "determinism", "status": "done"})
+            res.add({"step": args.name, "group": group, "version": version, "error": f"{type(exc).__name__}: {exc}"})
+    res.add({"step": args.name, "status": "done"})
 
 
 def derive_profile(records: list[dict], version: str, name: str):
@@ -346,7 +356,7 @@ def step_profile(res: Results, args) -> None:
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-dry-run"
     for version in args.versions:
-        profile = derive_profile(res.of("ops"), version, name)
+        profile = derive_profile(res.of("ops", prefix=True), version, name)
         if profile is None:
             res.add({"step": "profile", "version": version, "error": "not enough ops records"})
             continue
@@ -441,7 +451,7 @@ def step_report(res: Results, args) -> None:
                   "| --- | --- | --- |"]  # fmt: skip
         lines += [f"| {r['group']} | {r['rc']} | {r['raised']} |" for r in probes]
         lines.append("")
-    ops = res.of("ops")
+    ops = res.of("ops", prefix=True)
     if ops:
         lines += ["Per-op times (ms, CUDA-graph replay), useful TFLOP/s (2 K D N / t), fraction of the "
                   f"{args.ceiling_tflops:g} TFLOP/s ceiling, speedup vs dense of the same dtype (strict fp32 / bf16):",
@@ -459,7 +469,7 @@ def step_report(res: Results, args) -> None:
                 f"{_fmt(v.get('vs_dense_same_dtype'), '.2f')} |"
             )
         lines.append("")
-    sweep = res.of("ksweep")
+    sweep = res.of("ksweep", prefix=True)
     if sweep:
         lines += ["K sweep (fp32, time = a + b K):", "", "| shape | tokens | method | op | a ms | b us/diag | r2 |",
                   "| --- " * 7 + "|"]  # fmt: skip
@@ -468,7 +478,7 @@ def step_report(res: Results, args) -> None:
             lines.append(f"| {r['shape']} | {r['tokens']} | {r['method']} | {r['op']} | {_fmt(r['a_ms'])} | "
                          f"{_fmt(b)} | {_fmt(r['r2'])} |")  # fmt: skip
         lines.append("")
-    det = res.of("determinism")
+    det = res.of("determinism", prefix=True)
     if det:
         lines += ["dV determinism (5 calls):", ""]
         lines += [f"- {r['group']}: bitwise equal {r.get('bitwise_equal')}, max diff {r.get('max_abs_diff')}"
@@ -504,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceiling-tflops", type=float, default=15.0)
     parser.add_argument("--op", default="fwd", choices=OPS)
     parser.add_argument("--method", default="diag_v1")
+    parser.add_argument("--tag", default="", help="suffix of the step's name in results.jsonl, e.g. _v2")
+    parser.add_argument("--no-baselines", action="store_true", help="ops: diagonal kernels only (no dense, no CSR)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    args.name = args.step + args.tag
     if args.versions is None:
         args.versions = ["v1", "v2"] if args.device.type == "cuda" else ["v1"]
     torch.set_float32_matmul_precision("highest")  # strict fp32 unless a method asks for TF32
@@ -525,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "report":
         step_report(res, args)
         return 0
-    if res.done(args.step):
-        print(f"{args.step}: already done in {res.path}, skipping")
+    if res.done(args.name):
+        print(f"{args.name}: already done in {res.path}, skipping")
         return 0
     {"env": step_env, "probe": step_probe, "ops": step_ops, "ksweep": step_ksweep, "determinism": step_determinism,
      "profile": step_profile}[args.step](res, args)  # fmt: skip

@@ -98,3 +98,14 @@ def test_gpu_check_dry_run_cut_off_then_resumed(tmp_path):
     assert len(done) == len(set(done))  # nothing done twice
     assert done_first < set(done) and {"ops:run", "ksweep:run", "profile:run"} <= set(done)
     assert (out / "README.md").exists()
+
+
+def test_tagged_diagonal_only_run_reuses_the_baselines(tmp_path):
+    """gpu_check.sh measures v2 in its own process (``--tag _v2 --no-baselines``) after v1 and the baselines."""
+    base = ["--device", "cpu", "--out", str(tmp_path), "--reps", "1"]
+    assert gpu_measure.main(["ops", *base]) == 0
+    assert gpu_measure.main(["ops", *base, "--no-baselines", "--tag", "_x"]) == 0
+    tagged = [r for r in _lines(tmp_path) if r.get("step") == "ops_x" and "method" in r]
+    assert tagged and {r["method"] for r in tagged} == {"diag_v1"}
+    assert all(r["vs_dense_same_dtype"] is not None for r in tagged)  # from the untagged run's dense times
+    assert len(gpu_measure.Results(tmp_path).of("ops", prefix=True)) > len(tagged)
