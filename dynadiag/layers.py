@@ -253,15 +253,20 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
                 f"DiagLinear{name} ({self.in_features}->{self.out_features}): input last dimension is "
                 f"{x.shape[-1]}, expected {self.in_features}"
             )
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)  # a gather; the diagonal pattern applies to the permuted features
+        backend = get_backend(self.backend, x.device) if self.is_frozen else None
+        # Backends that fuse the input permutation into their staging copy get it as an argument (grouped_cpu).
+        fuse_perm = self.perm is not None and getattr(backend, "fuses_permutation", False)
+        if self.perm is not None and not fuse_perm:
+            # The diagonal pattern applies to the permuted features. torch.gather along the last dimension is
+            # several times faster on CPU than index_select there (measured: 10 vs 138 ms on [8, 197, 3072]).
+            x = torch.gather(x, -1, self.perm.expand(*x.shape[:-1], -1))
         if not self.is_frozen:
             return F.linear(x, self.dense_weight(), self.bias)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)  # [N, in]
         bias = None if self.bias is None else self.bias.to(dtype)
-        backend = get_backend(self.backend, x.device)
-        y = backend.diag_linear(x2d, self.V.to(dtype), self.offsets, bias, self.in_features, self.out_features)
+        args = (x2d, self.V.to(dtype), self.offsets, bias, self.in_features, self.out_features)
+        y = backend.diag_linear(*args, perm=self.perm) if fuse_perm else backend.diag_linear(*args)
         kernel_name = getattr(backend, "kernel_name", None)
         if kernel_name is None:
             self.kernel = backend.name

@@ -126,3 +126,22 @@ def test_grouped_layer_on_grouped_cpu(permute):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fast(x)
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), layer(x), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("in_f,out_f", [(64, 192), (192, 64), (48, 48)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)])
+def test_fused_permutation_and_bias(in_f, out_f, dtype, tol):
+    backend = _grouped_cpu_or_skip()
+    x, values, offsets, bias = _problem(in_f, out_f, 8, 3, n=40, dtype=dtype)
+    perm = DG.input_permutation(in_f, 0, "layer")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, values, bias)]
+    y = backend.diag_linear(leaves[0], leaves[1], offsets, leaves[2], in_f, out_f, perm=perm)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, values, bias)]
+    ref = get_backend("reference").diag_linear(
+        ref_leaves[0][:, perm], ref_leaves[1], offsets, ref_leaves[2], in_f, out_f
+    )
+    ref.backward(grad_y.double())
+    for got, want in zip((y, *(t.grad for t in leaves)), (ref, *(t.grad for t in ref_leaves)), strict=True):
+        assert (got.double() - want).abs().max() / want.abs().max().clamp_min(1.0) <= tol

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <type_traits>
 #include <immintrin.h>
 #if defined(__linux__) && defined(__x86_64__)
@@ -99,8 +100,12 @@ inline int64_t pack_index(int64_t k, int64_t n) {
 
 // dst[i] = src[i] rounded to T (round-to-nearest-even for bf16; vectorised with AVX512-BF16 where available).
 template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
+inline void store_row(const float* src, T* dst, int64_t n, const float* bias) {
   int64_t i = 0;
+  if (bias != nullptr) {  // rare enough (one pass per output row block) to keep a plain loop
+    for (; i < n; ++i) dst[i] = static_cast<T>(src[i] + bias[i]);
+    return;
+  }
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (; i + 16 <= n; i += 16) {
@@ -189,7 +194,8 @@ struct Tile {
 
 template <typename T>
 at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, const at::Tensor& offsets, int64_t B,
-                      bool tall, int64_t max_run, int64_t token_block) {
+                      bool tall, int64_t max_run, int64_t token_block, const std::optional<at::Tensor>& perm,
+                      const std::optional<at::Tensor>& bias) {
   const char* op = "grouped_apply";
   const at::Tensor src = src_in.contiguous();
   const at::Tensor values = values_in.contiguous();
@@ -216,7 +222,27 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   // Stage the source: staged[n, padl + c] = src[n, c mod period] if that column is < A, else 0.
   at::Tensor staged = at::empty({nrows, width}, src.options());
   if (nrows > N) staged.narrow(0, N, nrows - N).zero_();
-  {
+  if (perm.has_value()) {
+    // Input permutation fused into the staging copy: staged[n, padl + c] = src[n, perm[c mod period]] (a gather
+    // from one L1-resident source row instead of a separate pass over the activations).
+    const at::Tensor pm = perm->contiguous();
+    DD_CHECK(pm.scalar_type() == at::kLong && pm.numel() == A, op, ": perm must be int64 [in_cols]");
+    const int64_t* pp = pm.const_data_ptr<int64_t>();
+    std::vector<int32_t> map(width);  // source column per staged column; A = the zero column
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t c = pmod(j - padl, period);
+      map[j] = static_cast<int32_t>(c < A ? pp[c] : A);
+    }
+    const T* s = src.const_data_ptr<T>();
+    T* st = staged.mutable_data_ptr<T>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        T* row = st + n * width;
+        const T* srow = s + n * A;
+        for (int64_t j = 0; j < width; ++j) row[j] = map[j] < A ? srow[map[j]] : static_cast<T>(0.0f);
+      }
+    });
+  } else {
     const T* s = src.const_data_ptr<T>();
     T* st = staged.mutable_data_ptr<T>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -304,6 +330,12 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   const T* st = staged.const_data_ptr<T>();
   const T* pk = packed.const_data_ptr<T>();
   T* out = dst.mutable_data_ptr<T>();
+  at::Tensor bias_f;  // fp32 copy of the bias, added to the fp32 accumulators before the output is rounded
+  if (bias.has_value()) {
+    DD_CHECK(bias->numel() == B, op, ": bias must have out_cols elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* biasp = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
 #if DYNADIAG_AMX
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (amx) {
@@ -326,7 +358,8 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
           amx_block(st + tb * 32 * width, width, pk, starts.data(), offs.data(), kdims.data(),
                     static_cast<int64_t>(list.size()), acc);
           const int64_t r0 = b * kRows, cols = std::min(kRows, B - r0), m = std::min<int64_t>(32, N - tb * 32);
-          for (int64_t n = 0; n < m; ++n) store_row<T>(acc + n * kRows, out + (tb * 32 + n) * B + r0, cols);
+          const float* bb = biasp == nullptr ? nullptr : biasp + r0;
+          for (int64_t n = 0; n < m; ++n) store_row<T>(acc + n * kRows, out + (tb * 32 + n) * B + r0, cols, bb);
         }
         amx_release();
       });
@@ -351,7 +384,7 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
       const int64_t r0 = b * kRows, cols = std::min(kRows, B - r0);
       for (int64_t n = 0; n < m; ++n) {
         T* orow = out + (n0 + n) * B + r0;
-        store_row<T>(acc.data() + n * kRows, orow, cols);  // zeros when no run touches this block
+        store_row<T>(acc.data() + n * kRows, orow, cols, biasp == nullptr ? nullptr : biasp + r0);
       }
     }
     at::native::cpublas::brgemm_release(vnni<T>() > 1);
@@ -449,13 +482,15 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
 }
 
 at::Tensor grouped_apply(const at::Tensor& src, const at::Tensor& values, const at::Tensor& offsets, int64_t out_cols,
-                         bool tall, int64_t max_run, int64_t token_block) {
+                         bool tall, int64_t max_run, int64_t token_block, const std::optional<at::Tensor>& perm,
+                         const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(src.dim() == 2 && values.dim() == 2, "grouped_apply: src [N, A] and values [K, D]");
   TORCH_CHECK(src.scalar_type() == values.scalar_type(), "grouped_apply: dtype mismatch");
   TORCH_CHECK(token_block >= 1, "grouped_apply: token_block must be >= 1");
   if (src.scalar_type() == at::kBFloat16)
-    return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block);
-  if (src.scalar_type() == at::kFloat) return apply_impl<float>(src, values, offsets, out_cols, tall, max_run, token_block);
+    return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias);
+  if (src.scalar_type() == at::kFloat)
+    return apply_impl<float>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias);
   DD_CHECK(false, "grouped_apply: bf16 or fp32 only, got ", src.scalar_type());
 }
 
@@ -481,8 +516,10 @@ bool grouped_supported(int64_t dtype_code) {
 
 TORCH_LIBRARY(dynadiag_grouped, m) {
   // src [N, A] -> dst [N, out_cols]; tall: out_cols >= A, wide: out_cols <= A (see the header comment).
-  m.def("apply(Tensor src, Tensor values, Tensor offsets, int out_cols, bool tall, int max_run, int token_block)"
-        " -> Tensor");
+  // perm (optional, int64 [A]): read src[n, perm[c]] for column c (the layer's input permutation, fused into
+  // staging); bias (optional, [out_cols]): added to the fp32 accumulators before rounding.
+  m.def("apply(Tensor src, Tensor values, Tensor offsets, int out_cols, bool tall, int max_run, int token_block,"
+        " Tensor? perm=None, Tensor? bias=None) -> Tensor");
   // s [N, D], q [N, M] -> dV [K, D].
   m.def("sddmm(Tensor s, Tensor q, Tensor offsets, int max_run) -> Tensor");
   // Whether oneDNN's brgemm micro-kernel runs this dtype here (AMX or AVX512-BF16 for bf16).

@@ -37,10 +37,21 @@ def load_grouped_library() -> None:
             _LOADED = True
 
 
-def grouped_apply(src: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_cols: int, tall: bool):
+def grouped_apply(
+    src: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    out_cols: int,
+    tall: bool,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``tall``: ``dst[n, r] = sum_k V[k, c] src[n, c]``, ``c = (r - p_k) mod B`` if ``c < A``; wide:
-    ``dst[n, r] = sum_k V[k, r] src[n, (r + p_k) mod A]``. ``src [N, A]``, ``values [K, D]`` -> ``[N, B]``."""
-    return torch.ops.dynadiag_grouped.apply(src, values, offsets, out_cols, tall, MAX_RUN, TOKEN_BLOCK)
+    ``dst[n, r] = sum_k V[k, r] src[n, (r + p_k) mod A]``. ``src [N, A]``, ``values [K, D]`` -> ``[N, B]``.
+
+    ``perm`` (``[A]``) reads ``src[:, perm]`` instead of ``src`` (fused into the staging copy); ``bias`` (``[B]``)
+    is added to the fp32 accumulators before rounding."""
+    return torch.ops.dynadiag_grouped.apply(src, values, offsets, out_cols, tall, MAX_RUN, TOKEN_BLOCK, perm, bias)
 
 
 def grouped_sddmm(s: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # [K, D]
@@ -50,28 +61,35 @@ def grouped_sddmm(s: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> to
 
 class _GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, offsets, out_features):  # x [N, in], values [K, D]
-        ctx.save_for_backward(x, values, offsets)
-        return grouped_apply(x, values, offsets, out_features, tall=out_features >= x.shape[1])
+    def forward(ctx, x, values, offsets, bias, perm, out_features):  # x [N, in], values [K, D]
+        ctx.save_for_backward(x, values, offsets, perm)
+        return grouped_apply(x, values, offsets, out_features, out_features >= x.shape[1], perm, bias)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y [N, out]
-        x, values, offsets = ctx.saved_tensors
+        x, values, offsets, perm = ctx.saved_tensors
         in_features, out_features = x.shape[1], grad_y.shape[1]
         tall = out_features >= in_features
         grad_y = grad_y.contiguous()
-        grad_x = grad_v = None
+        grad_x = grad_v = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_apply(grad_y, values, offsets, in_features, tall=not tall)
+            grad_x = grouped_apply(grad_y, values, offsets, in_features, tall=not tall)  # w.r.t. x[:, perm]
+            if perm is not None:
+                grad_x = grad_x[:, torch.argsort(perm)]
         if ctx.needs_input_grad[1]:
-            grad_v = grouped_sddmm(x, grad_y, offsets) if tall else grouped_sddmm(grad_y, x, offsets)
-        return grad_x, grad_v, None, None
+            xp = x if perm is None else x[:, perm].contiguous()
+            grad_v = grouped_sddmm(xp, grad_y, offsets) if tall else grouped_sddmm(grad_y, xp, offsets)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_y.float().sum(0).to(grad_y.dtype)
+        return grad_x, grad_v, None, grad_b, None, None
 
 
 class GroupedCpuBackend:
     """oneDNN brgemm band tiles for grouped diagonal layers on CPU tensors (bf16, fp32)."""
 
     name = "grouped_cpu"
+    #: DiagLinear passes its input permutation (``perm=``) instead of gathering the activations itself.
+    fuses_permutation = True
 
     def is_available(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -93,13 +111,19 @@ class GroupedCpuBackend:
         bias: torch.Tensor | None,  # [out]
         in_features: int,
         out_features: int,
+        perm: torch.Tensor | None = None,  # [in] int64
     ) -> torch.Tensor:  # [..., out]
-        """``y = x W^T + b`` for a frozen (grouped) diagonal layer; differentiable in x, values, bias."""
+        """``y = x[..., perm] W^T + b`` (``x W^T + b`` without ``perm``) for a frozen (grouped) diagonal layer;
+        differentiable in x, values, bias. The permutation and the bias are fused into the kernel's staging and
+        output store."""
         if not _LOADED:
             load_grouped_library()
-        return ops.diag_linear(
-            "grouped_cpu", "cpu", _DTYPES, x, values, offsets, bias, in_features, out_features, _GroupedFn.apply
-        )
+
+        def fwd(x2, values, offsets, out_features):  # bias and permutation inside the op
+            b = None if bias is None else bias.to(x2.dtype)
+            return _GroupedFn.apply(x2, values, offsets, b, perm, out_features)
+
+        return ops.diag_linear("grouped_cpu", "cpu", _DTYPES, x, values, offsets, None, in_features, out_features, fwd)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
