@@ -26,7 +26,7 @@ BAD_CONFIGS = [
     pytest.param(["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1", id="sparsity-negative"),
     pytest.param(
         ["backend=fast"],
-        "unknown backend 'fast'; choose one of ['auto', 'reference', 'cpu', 'triton', 'cuda']",
+        "unknown backend 'fast'; choose one of ['auto', 'reference', 'cpu', 'triton', 'cuda', 'dense'",
         id="backend",
     ),
     pytest.param(["backend=cuda"], "backend 'cuda' cannot run on cpu", id="backend-cuda-no-gpu", marks=NO_GPU),
