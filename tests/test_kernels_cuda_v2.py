@@ -24,7 +24,10 @@ def test_kernel_version_defaults_to_v1_and_rejects_typos(monkeypatch):
     monkeypatch.delenv(cuda_v2.KERNELS_ENV, raising=False)
     assert cuda_v2.kernel_version() == "v1"
     monkeypatch.setenv(cuda_v2.KERNELS_ENV, "V2")
-    assert cuda_v2.kernel_version() == "v2"
+    monkeypatch.setattr(cuda_v2, "_WARNED", False)
+    with pytest.warns(UserWarning, match="not been validated on a GPU"):
+        assert cuda_v2.kernel_version() == "v2"
+    assert cuda_v2.kernel_version() == "v2"  # warned once
     monkeypatch.setenv(cuda_v2.KERNELS_ENV, "v3")
     with pytest.raises(ValueError, match="v1' or 'v2"):
         cuda_v2.kernel_version()

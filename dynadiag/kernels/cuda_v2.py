@@ -13,6 +13,7 @@ coordinates on every call (one gather, so a training step's updated ``V`` is alw
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from dynadiag.kernels.plan import ApplyPlan, pack_values, plan_apply
 __all__ = ["BATCH1_TOKENS", "DIAG_OPS", "LaunchShape", "apply", "kernel_version", "launch_shape", "prepare"]
 
 KERNELS_ENV = "DYNADIAG_CUDA_KERNELS"
+_WARNED = False
 #: Token counts up to this take the batch-1 path (one warp of tokens per tile, four warps splitting the diagonals).
 BATCH1_TOKENS = 2048
 
@@ -34,6 +36,14 @@ def kernel_version() -> str:
     version = os.environ.get(KERNELS_ENV, "v1").strip().lower() or "v1"
     if version not in ("v1", "v2"):
         raise ValueError(f"{KERNELS_ENV} must be 'v1' or 'v2', got {version!r}")
+    global _WARNED
+    if version == "v2" and not _WARNED:
+        _WARNED = True
+        warnings.warn(
+            "dynadiag: DYNADIAG_CUDA_KERNELS=v2 selects CUDA kernels that have not been validated on a GPU yet "
+            "(compiled and checked on CPU mirrors only); run scripts/gpu_check.sh before trusting them",
+            stacklevel=2,
+        )
     return version
 
 
