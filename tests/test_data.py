@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -48,6 +49,26 @@ def test_synthetic_loader_shapes_and_full_batches():
     batches = list(bundle.train_loader)
     assert len(batches) == 3 and all(x.shape == (16, 3, 8, 8) for x, _ in batches)  # drop_last
     assert sum(len(y) for _, y in bundle.val_loader) == 20
+
+
+class _SignalProbe(torch.utils.data.Dataset):
+    """Reports, from inside a loader worker, whether SIGTERM and SIGUSR1 are ignored there."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1)]
+        return torch.tensor(ignored)
+
+
+def test_each_rank_seeds_its_own_loader_workers_and_workers_leave_signals_to_the_trainer():
+    cfg = DataConfig(name="synthetic", img_size=8, batch_size=8, num_train=64, num_val=16, num_workers=1)
+    loaders = [build_loaders(cfg, seed=5, rank=r, world_size=2).train_loader for r in (0, 1)]
+    seeds = [loader.generator.initial_seed() for loader in loaders]
+    assert seeds[0] == 5 and seeds[1] != 5  # rank 0 as a single process; rank 1 its own worker seeds
+    probe = torch.utils.data.DataLoader(_SignalProbe(), num_workers=1, worker_init_fn=loaders[0].worker_init_fn)
+    assert next(iter(probe)).tolist() == [[True, True]]
 
 
 def _write_cifar(root: str, num_classes: int, n_train: int = 10, n_test: int = 6) -> dict[str, np.ndarray]:
