@@ -149,3 +149,42 @@ def test_diag_heur_on_a_resnet_keeps_exactly_k_diagonals_per_conv():
         assert layer.offsets.unique().numel() == layer.k, name
         assert int(torch.count_nonzero(layer.weight.detach())) <= layer.nnz, name
     assert sum(not torch.equal(start[n], m.offsets) for n, m in convs) > len(convs) // 2  # diagonals were swapped
+
+
+def test_grouped_diag_heur_swaps_whole_groups():
+    model = tiny_vit()
+    method = DiagHeurMethod(0.5, delta_t=2, t_end=0.75, backend="reference", group=8, permute=True)
+    method.apply_(model)
+    method.bind(steps_per_epoch=4, total_steps=12)
+    start = {n: layer.offsets.clone() for n, layer in method.layers}
+
+    def whole_groups(step, metrics):
+        _check_k(method)
+        for name, layer in method.layers:
+            assert layer.perm is not None, name
+            counts = torch.bincount(layer.offsets // 8)
+            assert set(counts[counts > 0].tolist()) == {8}, name  # only whole groups of 8 consecutive offsets
+            assert (counts > 0).sum() == layer.k_groups, name
+
+    whole_groups(0, {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    run_steps(model, method, optimizer, 12, after_step=whole_groups)
+    assert any(not torch.equal(start[n], layer.offsets) for n, layer in method.layers)
+
+
+def test_captured_dense_gradient_with_permutation():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(8, 16))
+    method = DiagHeurMethod(0.5, include=["fc"], delta_t=1, t_end=1.0, backend="reference", group=2, permute=True)
+    method.apply_(model)
+    method.bind(steps_per_epoch=2, total_steps=2)
+    layer = model.fc
+    dense = layer.to_linear()
+    x, target = torch.randn(3, 8), torch.randn(3, 16)
+    method.on_step_start(0, model)
+    (layer(x) - target).pow(2).sum().backward()
+    (dense(x) - target).pow(2).sum().backward()
+    # the captured gradient is that of the diagonal matrix, which acts on x[:, perm]
+    torch.testing.assert_close(method._grads["fc"], dense.weight.grad[:, layer.perm], rtol=1e-5, atol=1e-5)
+    method.on_after_backward(0, model, None)

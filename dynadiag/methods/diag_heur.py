@@ -32,6 +32,7 @@ from torch import nn
 from dynadiag.conv import DiagConv2d
 from dynadiag.distributed import all_reduce_mean
 from dynadiag.functional import gather_diagonals
+from dynadiag.groups import group_offsets, group_scores
 from dynadiag.layers import DiagLinear
 from dynadiag.methods.base import SparseMethod
 from dynadiag.methods.regrow import RegrowSchedule
@@ -73,6 +74,26 @@ def swap_diagonals_(
     layer.offsets.copy_(offsets[order])
 
 
+def _group_swap(
+    layer: DiagLinear, drop_score: torch.Tensor, grow_score: torch.Tensor, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiagHeur on whole groups: drop the kept groups with the smallest L2 norm, grow the inactive groups whose dense
+    gradient has the largest L2 norm. Returns the kept rows of ``V`` and the grown diagonal offsets."""
+    g = layer.group
+    row_group = layer.offsets // g  # [K] group of each kept row
+    kept = row_group.unique()  # [Gk] ascending
+    n_drop = int(fraction * kept.numel())
+    if n_drop == 0:
+        return torch.arange(layer.k, device=layer.offsets.device), layer.offsets.new_zeros(0)
+    norms = torch.zeros(layer.num_groups, device=drop_score.device).index_add_(0, row_group, drop_score.square())
+    keep_groups = kept[torch.topk(norms[kept], kept.numel() - n_drop, sorted=False).indices]
+    grow_groups_score = group_scores(grow_score, g)  # [G]
+    grow_groups_score[kept] = torch.finfo(torch.float32).min  # kept groups cannot be grown again
+    grow_groups = torch.topk(grow_groups_score, n_drop, sorted=False).indices
+    keep_rows = torch.isin(row_group, keep_groups).nonzero().flatten()
+    return keep_rows, group_offsets(grow_groups, layer.num_diagonals, g)
+
+
 class DiagHeurMethod(SparseMethod):
     """DiagHeur baseline.
 
@@ -87,6 +108,10 @@ class DiagHeurMethod(SparseMethod):
         backend: kernel backend of the (always frozen) diagonal linear layers.
         convs: also convert the target ``nn.Conv2d`` layers (ResNet blocks) to frozen :class:`DiagConv2d`.
         seed: seeds the initial random choice of diagonals (the same on every rank).
+        group: drop and grow whole groups of this many consecutive offsets (:mod:`dynadiag.groups`; linear layers
+            only, and ``group`` must divide every layer's ``P`` so each swap keeps ``k`` diagonals); 1 = diagonals.
+        permute: fixed random input permutation per linear layer (seeded by ``permute_seed`` and the layer name).
+        permute_seed: seed of the permutations.
     """
 
     name = "diag_heur"
@@ -103,10 +128,20 @@ class DiagHeurMethod(SparseMethod):
         backend: str = "auto",
         seed: int = 0,
         convs: bool = True,
+        group: int = 1,
+        permute: bool = False,
+        permute_seed: int = 0,
     ) -> None:
         super().__init__()
         self.config = DiagSparsifyConfig(
-            sparsity=sparsity, include=include, exclude=tuple(exclude), backend=backend, convs=convs
+            sparsity=sparsity,
+            include=include,
+            exclude=tuple(exclude),
+            backend=backend,
+            convs=convs,
+            group=group,
+            permute=permute,
+            permute_seed=permute_seed,
         )
         self.schedule = RegrowSchedule(delta_t=delta_t, drop_fraction=drop_fraction, t_end=t_end, decay=decay)
         self.seed = int(seed)
@@ -127,8 +162,13 @@ class DiagHeurMethod(SparseMethod):
         generator = torch.Generator().manual_seed(self.seed)
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DiagLinear | DiagConv2d)]
         for name, layer in self.layers:
-            # random importance -> freeze keeps K uniformly random diagonals (RigL's random initial topology)
-            layer.alpha.copy_(torch.rand(layer.num_diagonals, generator=generator))
+            if layer.group > 1 and layer.num_diagonals % layer.group:
+                raise ValueError(
+                    f"diag_heur: group={layer.group} does not divide P={layer.num_diagonals} of '{name}' (a swap "
+                    "involving the short last group would change the layer's diagonal count)"
+                )
+            # random importance -> freeze keeps K uniformly random diagonals (groups) (RigL's random initial topology)
+            layer.alpha.copy_(torch.rand(layer.alpha.numel(), generator=generator))
             layer.freeze_()
             self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
         report = sparsity_report(model)
@@ -140,6 +180,8 @@ class DiagHeurMethod(SparseMethod):
             if not self._armed or not output.requires_grad:
                 return
             x = inputs[0].detach()  # [..., in] or [B, C_in, H, W]
+            if getattr(module, "perm", None) is not None:  # the diagonals act on the permuted features
+                x = torch.gather(x, -1, module.perm.expand(*x.shape[:-1], -1))
 
             def accumulate(grad: torch.Tensor) -> None:
                 if isinstance(module, DiagConv2d):  # [out, in, kh, kw]
@@ -189,14 +231,20 @@ class DiagHeurMethod(SparseMethod):
         for name, layer in self.layers:
             if name not in self._grads:
                 continue
-            n_drop = int(fraction * layer.k)
             grow_score = self.diagonal_grad_norms(name, layer).nan_to_num(0.0)  # [P]
-            if n_drop == 0:
-                continue
             drop_score = all_reduce_mean(layer.V.detach().float().flatten(1).norm(dim=1))  # [K]
-            keep_rows = torch.topk(drop_score, layer.k - n_drop, sorted=False).indices
-            grow_score[layer.offsets[keep_rows]] = lowest  # kept diagonals cannot be grown again
-            grow = torch.topk(grow_score, n_drop, sorted=False).indices
+            if layer.group > 1:
+                keep_rows, grow = _group_swap(layer, drop_score, grow_score, fraction)
+                n_drop = grow.numel()
+                if n_drop == 0:
+                    continue
+            else:
+                n_drop = int(fraction * layer.k)
+                if n_drop == 0:
+                    continue
+                keep_rows = torch.topk(drop_score, layer.k - n_drop, sorted=False).indices
+                grow_score[layer.offsets[keep_rows]] = lowest  # kept diagonals cannot be grown again
+                grow = torch.topk(grow_score, n_drop, sorted=False).indices
             new += int((~torch.isin(grow, layer.offsets)).sum())
             swap_diagonals_(layer, keep_rows, grow, optimizer)
             regrown += n_drop
