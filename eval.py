@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see train.py)
 from typing import Any
@@ -21,17 +20,14 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import composition as comp
 from dynadiag.checkpoint import CheckpointError, load_checkpoint
-from dynadiag.data import build_loaders
 from dynadiag.evaluate import evaluate
-from dynadiag.kernels import backend_names, get_backend
 from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import measure_inference_throughput
 from dynadiag.trainer import format_summary
-from train import build_model_and_method, error_message, resolve_device
 
 
 def load_model(state: dict[str, Any], backend: str | None, device: torch.device, path: str) -> torch.nn.Module:
@@ -39,8 +35,7 @@ def load_model(state: dict[str, Any], backend: str | None, device: torch.device,
     config = copy.deepcopy(state["config"])
     if backend is not None and "backend" in (config.get("sparsifier") or {}):
         config["sparsifier"]["backend"] = backend
-    model, method = build_model_and_method(config)
-    method.apply_(model)
+    model, _, _ = comp.build_sparse_model(config["model"], config["sparsifier"])
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:
@@ -58,18 +53,14 @@ def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt``; returns (and writes ``eval.json`` into ``out_dir``) the results."""
     if cfg.ckpt is None:
         raise ValueError("give a checkpoint: python eval.py ckpt=<run dir>/checkpoints/best.pt")
-    device = resolve_device(str(cfg.device))
+    device = comp.resolve_device(str(cfg.device))
     backend = None if cfg.backend is None else str(cfg.backend)
     if backend is not None:
-        if backend not in backend_names():
-            raise ValueError(f"unknown backend '{backend}'; choose one of {backend_names()}")
-        if backend != "auto":
-            get_backend(backend, device)
+        comp.validate_backend(backend, device)
     state = load_checkpoint(str(cfg.ckpt), map_location="cpu")
     model = load_model(state, backend, device, str(cfg.ckpt))
-    data_cfg_dict = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else state["config"]["data"]
-    data_cfg = instantiate(data_cfg_dict, _convert_="all")
-    data = build_loaders(data_cfg, seed=0)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else state["config"]["data"]
+    data = comp.build_data(data_cfg, seed=0)
     autocast = None
     amp = (state["config"].get("trainer") or {}).get("amp", "off") if cfg.amp is None else str(cfg.amp)
     if amp in ("bf16", "fp16"):
@@ -83,7 +74,7 @@ def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     summary = {
         "checkpoint": os.path.abspath(str(cfg.ckpt)),
         "step": int(state["step"]),
-        "data": data_cfg.name,
+        "data": data_cfg["name"],
         "backend": backend or state["config"].get("backend", "auto"),
         "val_top1": result["top1"],
         "val_top5": result["top5"],
@@ -105,15 +96,7 @@ def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        out_dir = HydraConfig.get().runtime.output_dir
-        summary = run_eval(cfg, out_dir)
-    except Exception as exc:
-        message = error_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    summary = comp.run_job(lambda c: run_eval(c, HydraConfig.get().runtime.output_dir), cfg)
     print(format_summary(summary))
 
 

@@ -22,23 +22,23 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from typing import Any
 from urllib.parse import urlparse
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import train as train_app
+import composition as comp
 from dynadiag.checkpoint import load_checkpoint, save_checkpoint
 from dynadiag.evaluate import evaluate
-from dynadiag.loggers import build_logger
 from dynadiag.prune import PruneConfig, calibration_batches, prune_model_
 from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import measure_inference_throughput
+from dynadiag.trainer import format_summary
 
 TIMM_PREFIX = "timm:"
 PATCH_MODELS = ("vit_", "deit_", "deit3_")  # as dynadiag.models.create_model: these take img_size
@@ -146,33 +146,25 @@ def run_name(cfg: DictConfig, model: str, epochs: int) -> str:
     if cfg.run_name:
         return str(cfg.run_name)
     name = f"{model}-{cfg.method}-s{float(cfg.sparsity):g}-ft{epochs}-seed{cfg.seed}"
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if comp.is_multirun():
         name += f"-j{HydraConfig.get().job.num}"
     return name
 
 
 def prune(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one pruning job; returns the summary (also written to ``<run_dir>/summary.json``)."""
-    from hydra.core.hydra_config import HydraConfig
-
     t_start = time.perf_counter()
-    device = train_app.validate_config(cfg)
+    device = comp.validate_config(cfg)
     epochs = int(cfg.finetune.epochs)
     if epochs < 0:
         raise ValueError(f"finetune.epochs must be >= 0, got {epochs}")
     config = prune_config(cfg)
-    if run_dir is None:
-        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
+    run_dir = comp.run_dir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    train_app.seed_everything(int(cfg.seed))
+    comp.seed_everything(int(cfg.seed))
 
     model, model_cfg, data_dict, model_name = load_dense_model(cfg)
-    from dynadiag.data import build_loaders
-
-    data = build_loaders(instantiate(data_dict, _convert_="all"), seed=int(cfg.seed))
+    data = comp.build_data(data_dict, seed=int(cfg.seed))
     model.to(device)
     max_batches = cfg.trainer.eval_max_batches
     dense_eval = evaluate(model, data.val_loader, device, max_batches=max_batches)
@@ -192,20 +184,10 @@ def prune(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.update(model=model_cfg, data=data_dict, sparsifier=sparsifier_config(config))
-    resolved["choices"] = {**train_app.group_choices(), "model": model_name, "sparsifier": f"prune_{config.method}"}
+    resolved["choices"] = {**comp.group_choices(), "model": model_name, "sparsifier": f"prune_{config.method}"}
     resolved["trainer"]["epochs"] = max(1, epochs)
     name = run_name(cfg, model_name, epochs)
-    logger = build_logger(
-        run_dir,
-        list(cfg.logger.backends),
-        project=cfg.logger.project,
-        name=name,
-        group=cfg.logger.group,
-        mode=cfg.logger.mode,
-        entity=cfg.logger.entity,
-        tags=list(cfg.logger.tags),
-        config=resolved,
-    )
+    logger = comp.build_run_logger(cfg.logger, run_dir, name, resolved)
     info = {
         "run_name": name,
         "model": model_name,
@@ -233,28 +215,16 @@ def prune(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         logger.finish()
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
-    print(train_app.format_summary(summary))
+    print(format_summary(summary))
     print(f"run directory: {run_dir}")
     return summary
 
 
 def _finetune(model, resolved, data, device, run_dir, logger, info) -> dict[str, Any]:
-    from dynadiag.trainer import Trainer
-
+    """Fine-tune the pruned model with its structure held fixed by the matching ``prune.masking`` method."""
     method = instantiate(resolved["sparsifier"], _convert_="all")
-    trainer = Trainer(
-        model,
-        method,
-        instantiate(resolved["optim"], _convert_="all"),
-        instantiate(resolved["lr_schedule"], _convert_="all"),
-        data,
-        instantiate(resolved["trainer"], _convert_="all"),
-        device,
-        run_dir,
-        logger=logger,
-        run_config=resolved,
-        info=info,
-    )
+    print(method.apply_(model), flush=True)  # adopts the masks / frozen diagonals the pruner left in the model
+    trainer = comp.build_trainer(resolved, model, method, data, device, run_dir, logger, resolved, info)
     summary = trainer.fit()
     summary["method"] = f"{info['prune_method']}+ft"
     return summary
@@ -301,15 +271,7 @@ def _finish_oneshot(model, config, result, data, device, run_dir, resolved, logg
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prune")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        summary = prune(cfg)
-    except Exception as exc:
-        message = train_app.error_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("val_top1_best")
+    return comp.run_job(prune, cfg).get("val_top1_best")
 
 
 if __name__ == "__main__":

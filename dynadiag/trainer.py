@@ -114,8 +114,8 @@ class Trainer:
     """Trains ``model`` with ``method``; :meth:`fit` returns the run summary.
 
     Args:
-        model: the dense model (the method makes it sparse in :meth:`setup`).
-        method: the sparse-training method (``SparseMethod()`` for dense training).
+        model: the model, already made sparse by ``method.apply_`` (see ``composition.build_sparse_model``).
+        method: the sparse-training method that was applied to ``model`` (``SparseMethod()`` for dense training).
         optimizer_factory: builds the optimizer from the (sparsified, possibly resumed) model.
         lr_schedule: warm-up/decay of the learning rate.
         data: loaders, Mixup and loss from :func:`dynadiag.data.build_loaders`.
@@ -158,7 +158,6 @@ class Trainer:
         self.total_steps = min(self.planned_steps, config.max_steps or self.planned_steps)
         self.step, self.best_top1 = 0, -math.inf
         self.last_eval: dict[str, Any] = {}
-        self.sparsify_report: Any = None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
         self.train_timer = StepTimer(device, config.throughput_warmup_steps)  # current topology only
@@ -195,9 +194,8 @@ class Trainer:
         return compile_(ddp) if self.cfg.compile else ddp
 
     def setup(self, resume: str | None = None) -> None:
-        """Bind schedules to the run length, sparsify, move to device, build the optimizer, maybe resume."""
+        """Bind schedules to the run length, move to device, build the optimizer, maybe resume."""
         self.method.bind(self.steps_per_epoch, self.planned_steps)
-        self.sparsify_report = self.method.apply_(self.model)
         self.model.to(self.device)
         state = None
         if resume:
@@ -267,8 +265,6 @@ class Trainer:
     def _fit(self, resume: str | None) -> dict[str, Any]:
         t_start = time.perf_counter()
         self.setup(resume)
-        if self.sparsify_report is not None and not resume:
-            self._print(str(self.sparsify_report))
         show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
         show = show and dist_utils.is_main_process()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)

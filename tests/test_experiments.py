@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # train.py and scripts/ are not part of the package
 import train  # noqa: E402
+from dynadiag.functional import validate_sparsity  # noqa: E402
 from scripts import make_tables  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -107,7 +108,7 @@ def test_sweep_grid_composes(name):
                 cfg = base.copy()
                 OmegaConf.update(cfg, key, yaml.safe_load(value))
                 if key == "sparsity":
-                    train.validate_sparsity(cfg.sparsity, where="")
+                    validate_sparsity(cfg.sparsity, where="")
             continue
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             for value in values:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import composition
 import dynadiag.checkpoint as checkpoint_mod
 import train
 from dynadiag.checkpoint import CheckpointError, load_checkpoint
@@ -51,7 +52,7 @@ def run(run_dir, *overrides: str) -> dict:
 
 
 def user_error(exc_info) -> str:
-    message = train.error_message(exc_info.value)
+    message = composition.error_message(exc_info.value)
     assert message is not None and "\n" not in message, exc_info.value
     return message
 

@@ -65,7 +65,7 @@ def test_sweep_gives_distinct_jobs_and_a_collected_table(tmp_path):
 
 def test_user_error_is_one_line(tmp_path):
     result = run_train(*SMOKE, "sparsity=1.2", f"hydra.run.dir={tmp_path}")
-    expected = "error: sparsity must be in [0, 1), got 1.2"
+    expected = "error: DiagSparsifyConfig: sparsity must be in [0, 1), got 1.2"
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith(expected), result.stderr
@@ -81,21 +81,22 @@ def test_unknown_group_option_lists_choices(tmp_path):
 def test_error_message_looks_through_instantiate_wrappers(tmp_path):
     from hydra.utils import instantiate
 
+    import composition
     import train
 
     try:
         instantiate({"_target_": "dynadiag.data.DataConfig", "name": "mnist"})
     except Exception as exc:
-        assert train.error_message(exc).startswith("unknown dataset 'mnist'; choose one of")
+        assert composition.error_message(exc).startswith("unknown dataset 'mnist'; choose one of")
     else:
         raise AssertionError("expected an error")
     try:
         train.train(_compose_missing_cifar(tmp_path), run_dir=str(tmp_path))
     except Exception as exc:
-        assert train.error_message(exc).startswith("CIFAR-10 not found")
+        assert composition.error_message(exc).startswith("CIFAR-10 not found")
     else:
         raise AssertionError("expected an error")
-    assert train.error_message(RuntimeError("a bug")) is None  # bugs keep their traceback
+    assert composition.error_message(RuntimeError("a bug")) is None  # bugs keep their traceback
 
 
 def _compose_missing_cifar(tmp_path):

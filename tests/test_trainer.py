@@ -28,6 +28,7 @@ def make_trainer(run_dir, method=None, epochs=3, max_steps=None, seed=0, embed_d
     data = build_loaders(DataConfig(**DATA, num_val=32, eval_batch_size=32), seed=seed)  # 4 steps per epoch
     model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=embed_dim, depth=2, num_heads=2)
     method = method if method is not None else DynaDiagMethod(0.8, freeze_epoch=1)
+    method.apply_(model)  # the trainer takes a model its method has already made sparse (composition.py)
     config = TrainerConfig(
         epochs=epochs,
         max_steps=max_steps,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import composition
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +23,8 @@ def compose_cfg(overrides: list[str]):
 
 
 BAD_CONFIGS = [
-    pytest.param(["sparsity=1.0"], "sparsity must be in [0, 1), got 1.0", id="sparsity-one"),
-    pytest.param(["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1", id="sparsity-negative"),
+    pytest.param(["sparsity=1.0"], "DiagSparsifyConfig: sparsity must be in [0, 1), got 1.0", id="sparsity-one"),
+    pytest.param(["sparsity=-0.1"], "DiagSparsifyConfig: sparsity must be in [0, 1), got -0.1", id="sparsity-neg"),
     pytest.param(
         ["backend=fast"],
         "unknown backend 'fast'; choose one of ['auto', 'reference', 'cpu', 'triton', 'cuda', 'dense'",
@@ -51,7 +52,7 @@ BAD_CONFIGS = [
 def test_bad_config_is_one_clear_line(tmp_path, overrides, expected):
     with pytest.raises(Exception) as info:
         train.train(compose_cfg(overrides), run_dir=str(tmp_path))
-    message = train.error_message(info.value)  # what main() prints after "error: " (exit status 2)
+    message = composition.error_message(info.value)  # what main() prints after "error: " (exit status 2)
     assert message is not None, f"not reported as a user error: {info.value!r}"
     assert "\n" not in message
     assert message.startswith(expected), message
@@ -62,11 +63,11 @@ def test_batch_not_divisible_across_ranks(monkeypatch):
     # WORLD_SIZE is what torchrun sets for every rank; validation reads it before any process group exists.
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError) as info:
-        train.validate_config(compose_cfg(["data.batch_size=32"]))
+        composition.validate_config(compose_cfg(["data.batch_size=32"]))
     assert (
         str(info.value) == "data.batch_size=32 (the global batch) is not divisible by the 3 ranks; use a multiple of 3"
     )
-    train.validate_config(compose_cfg(["data.batch_size=48"]))  # divisible: fine
+    composition.validate_config(compose_cfg(["data.batch_size=48"]))  # divisible: fine
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,7 @@ def test_batch_not_divisible_across_ranks(monkeypatch):
     ],
 )
 def test_unknown_group_option_lists_the_choices(args, expected):
-    message = train.check_group_overrides(["sparsity=0.9", *args])
+    message = composition.check_group_overrides(["sparsity=0.9", *args])
     assert message is not None and message.startswith(expected), message
 
 
@@ -96,7 +97,7 @@ def test_unknown_group_option_lists_the_choices(args, expected):
     ],
 )
 def test_valid_overrides_pass_the_group_check(args):
-    assert train.check_group_overrides(args) is None
+    assert composition.check_group_overrides(args) is None
 
 
 def test_slurm_launcher_config_composes():
