@@ -3,7 +3,8 @@
 The entry scripts stay thin and never import one another: each composes its config, calls the builders here and
 hands plain objects (dataclasses, modules, callables) to :mod:`dynadiag`, which never sees Hydra or OmegaConf.
 This module and the entry scripts are the only callers of ``hydra.utils.instantiate`` (always with
-``_convert_="all"``, so no OmegaConf container leaks into the library). Importing it has no side effect.
+``_convert_="all"``, so no OmegaConf container leaks into the library). Importing it has no side effect, and
+the configs need no custom resolver.
 
 Route of a run (``train.py``)::
 
@@ -29,7 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from dynadiag import distributed as dist_utils
@@ -51,7 +52,6 @@ __all__ = [
     "error_message",
     "group_choices",
     "is_multirun",
-    "register_resolvers",
     "resolve_device",
     "run_dir",
     "run_job",
@@ -67,14 +67,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, BackendUnavailabl
 
 
 # ------------------------------------------------------------------------------------------------ errors and CLI
-def register_resolvers() -> None:
-    """Register the OmegaConf resolvers the configs use; call before a config is resolved (idempotent).
-
-    ``${mul:a,b}`` lets a group derive a value from another group (freeze epoch = fraction x trainer.epochs).
-    """
-    OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b), replace=True)
-
-
 def error_message(exc: BaseException) -> str | None:
     """The one-line message of a user error, looking through Hydra's instantiate wrappers; None otherwise."""
     seen = exc

@@ -33,8 +33,9 @@ from dynadiag.trainer import format_summary
 def load_model(state: dict[str, Any], backend: str | None, device: torch.device, path: str) -> torch.nn.Module:
     """Rebuild the checkpoint's model (sparsified like in training) and load its weights strictly."""
     config = copy.deepcopy(state["config"])
-    if backend is not None and "backend" in (config.get("sparsifier") or {}):
-        config["sparsifier"]["backend"] = backend
+    sparsify_config = (config.get("sparsifier") or {}).get("config") or {}
+    if backend is not None and "backend" in sparsify_config:
+        sparsify_config["backend"] = backend
     model, _, _ = comp.build_sparse_model(config["model"], config["sparsifier"])
     try:
         model.load_state_dict(state["model"], strict=True)

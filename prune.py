@@ -45,6 +45,7 @@ PATCH_MODELS = ("vit_", "deit_", "deit3_")  # as dynadiag.models.create_model: t
 DENSE_TARGET = "dynadiag.methods.base.SparseMethod"
 MASK_METHOD = "dynadiag.prune.masking.FixedMaskMethod"
 DIAG_METHOD = "dynadiag.prune.masking.FixedDiagMethod"
+DIAG_CONFIG = "dynadiag.sparsify.DiagSparsifyConfig"
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -138,7 +139,8 @@ def sparsifier_config(config: PruneConfig) -> dict[str, Any]:
     """The ``sparsifier`` entry of the output config: rebuilds the pruned structure for eval.py / fine-tuning."""
     common = {"sparsity": config.sparsity, "include": config.include, "exclude": list(config.exclude)}
     if config.method == "diag":
-        return {"_target_": DIAG_METHOD, **common, "backend": config.backend, "score": config.diag_score}
+        sparsify = {"_target_": DIAG_CONFIG, **common, "backend": config.backend, "convs": False}
+        return {"_target_": DIAG_METHOD, "config": sparsify, "score": config.diag_score}
     return {"_target_": MASK_METHOD, **common, "pruner": config.method}
 
 

@@ -40,7 +40,6 @@ def default_run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
 
 def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one training job; returns the summary. ``run_dir`` defaults to Hydra's output directory."""
-    comp.register_resolvers()
     device = comp.validate_config(cfg)
     owns_group = not dist_utils.is_dist()
     device = dist_utils.setup(device)  # torchrun/Slurm ranks join the process group; cuda -> cuda:<local rank>
@@ -73,7 +72,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         "model": choices.get("model", cfg.model.get("name")),
         "data": str(cfg.data.name),
         # the method's own target: a dense run is at 0 in tables and plots whatever the top-level knob says
-        "sparsity": float(cfg.sparsifier.get("sparsity", 0.0)),
+        "sparsity": float(method.sparsity),
         "seed": int(cfg.seed),
         "backend": str(cfg.backend),
     }

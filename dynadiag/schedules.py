@@ -17,37 +17,66 @@ SCHEDULES = ("constant", "linear", "cosine", "exponential", "step", "warmup_cosi
 
 @dataclass
 class TemperatureSchedule:
-    """Temperature ``T(step)`` annealed from ``t_max`` to ``t_min`` over ``[0, end_step]``.
+    """Temperature ``T(step)`` annealed from ``t_max`` to ``t_min`` over ``[0, end_step]``, ending at the freeze.
+
+    The config group ``schedule/`` instantiates this class; :meth:`bind` lays it over a run. The end of the
+    annealing is DynaDiag's freeze point (``freeze_epoch``, else ``freeze_fraction`` of the planned epochs).
 
     Attributes:
         kind: one of :data:`SCHEDULES`.
         t_max: starting (exploring) temperature.
         t_min: final (exploiting) temperature, reached at ``end_step`` and held afterwards.
-        end_step: step at which ``t_min`` is reached (typically the freeze step).
-        steps_per_epoch: used by ``per_epoch`` and to express ``warmup``/``step_size``/``cycles`` in epochs.
         per_epoch: evaluate at the start of each epoch only (piecewise constant within an epoch).
+        freeze_fraction: the freeze (and ``t_min``) after this fraction of the planned epochs ...
+        freeze_epoch: ... or after this epoch, when set (may be fractional; 0 freezes after the first step).
         warmup_epochs: ``warmup_cosine``: epochs held at ``t_max`` before the cosine decay.
         step_epochs: ``step``: epochs between decays by ``gamma``.
         gamma: ``step``: multiplicative decay per period.
         cycles: ``cyclic``: number of cosine cycles between ``t_max`` and ``t_min`` before ``end_step``.
+        end_step: step at which ``t_min`` is reached (set by :meth:`bind`, or directly).
+        steps_per_epoch: used by ``per_epoch`` and to express ``warmup``/``step_size``/``cycles`` in epochs.
     """
 
     kind: str = "cosine"
     t_max: float = 5.0
     t_min: float = 0.05
-    end_step: int = 1
-    steps_per_epoch: int = 1
     per_epoch: bool = False
+    freeze_fraction: float = 0.2
+    freeze_epoch: float | None = None
     warmup_epochs: float = 0.0
     step_epochs: float = 1.0
     gamma: float = 0.5
     cycles: int = 2
+    end_step: int = 1
+    steps_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown temperature schedule '{self.kind}'; choose one of {list(SCHEDULES)}")
         if not 0 < self.t_min <= self.t_max:
             raise ValueError(f"temperatures need 0 < t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.freeze_fraction < 0:
+            raise ValueError(f"schedule.freeze_fraction must be >= 0, got {self.freeze_fraction}")
+        if self.freeze_epoch is not None and float(self.freeze_epoch) < 0:
+            raise ValueError(f"schedule.freeze_epoch must be >= 0, got {self.freeze_epoch}")
+
+    def bind(self, steps_per_epoch: int, total_steps: int) -> int:
+        """Lay the schedule over a run of ``total_steps`` planned steps; returns the freeze step.
+
+        Raises:
+            ValueError: the freeze point lies beyond the run.
+        """
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        epochs = total_steps / self.steps_per_epoch
+        freeze_epoch = epochs * self.freeze_fraction if self.freeze_epoch is None else float(self.freeze_epoch)
+        freeze_step = round(freeze_epoch * self.steps_per_epoch)
+        if freeze_step > total_steps:
+            raise ValueError(
+                f"freeze_epoch={freeze_epoch:g} is beyond the run ({epochs:g} epochs): "
+                "lower schedule.freeze_epoch (or schedule.freeze_fraction) or train longer"
+            )
+        self.end_step = max(1, freeze_step)
+        return freeze_step
 
     def __call__(self, step: int) -> float:
         if self.per_epoch:

@@ -238,8 +238,14 @@ class Trainer:
 
     def _check_compatible(self, state: dict[str, Any], path: str) -> None:
         old, new = state.get("config") or {}, self.run_config
-        for key in ("model", "sparsifier", "data"):
-            a, b = (old.get(key) or {}), (new.get(key) or {})
+
+        def node(config: dict[str, Any], path: str) -> dict[str, Any]:
+            for key in path.split("."):
+                config = config.get(key) if isinstance(config, dict) else None
+            return config if isinstance(config, dict) else {}
+
+        for key in ("model", "sparsifier", "sparsifier.config", "data"):
+            a, b = node(old, key), node(new, key)
             for field in ("_target_", "name", "sparsity", "num_classes", "img_size", "patch_size", "in_chans"):
                 if field in a and field in b and a[field] != b[field]:
                     raise ValueError(

@@ -14,11 +14,3 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _resolvers():
-    """The OmegaConf resolvers the configs use, registered as the entry scripts register them."""
-    import composition
-
-    composition.register_resolvers()

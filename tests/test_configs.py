@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -15,6 +16,8 @@ import composition
 from dynadiag.data import DataConfig
 from dynadiag.lr_schedule import LRSchedule
 from dynadiag.methods.base import SparseMethod
+from dynadiag.schedules import TemperatureSchedule
+from dynadiag.sparsify import DiagSparsifyConfig
 from dynadiag.trainer import TrainerConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -37,7 +40,21 @@ def test_every_group_has_options_and_defaults_compose():
     cfg = _compose([])
     assert cfg.sparsity == 0.9 and cfg.data.name == "digits" and cfg.model.depth == 6
     assert cfg.sparsifier._target_.endswith("DynaDiagMethod")
-    assert cfg.sparsifier.freeze_epoch == pytest.approx(cfg.trainer.epochs * cfg.schedule.freeze_fraction)
+
+
+def test_default_temperature_schedule_by_value():
+    """The default run's DynaDiag recipe: cosine 5 -> 0.05, constant within an epoch, freeze at 20 % of 50 epochs."""
+    cfg = _compose([])
+    method = instantiate(cfg.sparsifier, _convert_="all")
+    assert isinstance(method.config, DiagSparsifyConfig) and method.config.sparsity == 0.9
+    assert isinstance(method.schedule, TemperatureSchedule)
+    method.bind(steps_per_epoch=10, total_steps=10 * cfg.trainer.epochs)  # 50 epochs of 10 steps
+    assert method.freeze_step == 100  # epoch 10
+    temperature = method.schedule
+    assert [temperature(s) for s in (0, 9)] == [5.0, 5.0]  # held for the whole first epoch
+    assert temperature(10) == pytest.approx(0.05 + 0.5 * 4.95 * (1 + math.cos(math.pi * 0.1)), rel=1e-12)
+    assert temperature(55) == temperature(50) == pytest.approx(0.05 + 0.5 * 4.95, rel=1e-12)  # half-way: cos = 0
+    assert temperature(100) == pytest.approx(0.05) and temperature(499) == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("option", options("data"))

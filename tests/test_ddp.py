@@ -33,7 +33,7 @@ OVERRIDES = [
     "trainer.epochs=2",
     "trainer.inference_iters=0",
     "trainer.final_inference_iters=0",
-    "sparsifier.freeze_epoch=1",  # a freeze (new parameters, DDP rebuilt) half-way through
+    "schedule.freeze_epoch=1",  # a freeze (new parameters, DDP rebuilt) half-way through
     "backend=reference",
     "logger=local",
 ]

@@ -31,7 +31,7 @@ SMOKE = [
     "trainer.epochs=2",
     "trainer.inference_iters=0",
     "trainer.final_inference_iters=0",
-    "sparsifier.freeze_epoch=1",
+    "schedule.freeze_epoch=1",
     "backend=reference",
     "logger=local",
 ]

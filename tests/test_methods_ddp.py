@@ -12,18 +12,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.gmp import GMPMethod
+from dynadiag.methods.masks import MaskSparsifyConfig
+from dynadiag.methods.regrow import RegrowSchedule
 from dynadiag.methods.rigl import RigLMethod
 from dynadiag.methods.set import SETMethod
 from dynadiag.methods.srigl import SRigLMethod
 from dynadiag.methods.static import StaticMethod
+from dynadiag.sparsify import DiagSparsifyConfig
 
 METHODS = {
-    "static": lambda: StaticMethod(0.8),
-    "set": lambda: SETMethod(0.8, delta_t=1, t_end=1.0),
-    "rigl": lambda: RigLMethod(0.8, delta_t=1, t_end=1.0),
-    "srigl": lambda: SRigLMethod(0.8, delta_t=1, t_end=1.0),
-    "gmp": lambda: GMPMethod(0.8, end_epoch=1, update_every=1),
-    "diag_heur": lambda: DiagHeurMethod(0.8, delta_t=1, t_end=1.0, backend="reference"),
+    "static": lambda: StaticMethod(MaskSparsifyConfig(0.8)),
+    "set": lambda: SETMethod(MaskSparsifyConfig(0.8), RegrowSchedule(delta_t=1, t_end=1.0)),
+    "rigl": lambda: RigLMethod(MaskSparsifyConfig(0.8), RegrowSchedule(delta_t=1, t_end=1.0)),
+    "srigl": lambda: SRigLMethod(MaskSparsifyConfig(0.8), RegrowSchedule(delta_t=1, t_end=1.0)),
+    "gmp": lambda: GMPMethod(MaskSparsifyConfig(0.8), end_epoch=1, update_every=1),
+    "diag_heur": lambda: DiagHeurMethod(
+        DiagSparsifyConfig(0.8, backend="reference"), RegrowSchedule(delta_t=1, t_end=1.0)
+    ),
 }
 STEPS = 3
 

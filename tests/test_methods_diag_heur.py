@@ -6,6 +6,8 @@ from torch import nn
 from dynadiag import DiagConv2d, DiagLinear
 from dynadiag.functional import gather_diagonals
 from dynadiag.methods.diag_heur import DiagHeurMethod
+from dynadiag.methods.regrow import RegrowSchedule
+from dynadiag.sparsify import DiagSparsifyConfig
 
 
 def _check_k(method):
@@ -17,7 +19,7 @@ def _check_k(method):
 
 def test_diag_heur_keeps_exactly_k_diagonals_through_training():
     model = tiny_vit()
-    method = DiagHeurMethod(0.9, delta_t=2, t_end=0.75, backend="reference")
+    method = DiagHeurMethod(DiagSparsifyConfig(0.9, backend="reference"), RegrowSchedule(delta_t=2, t_end=0.75))
     report = method.apply_(model)
     names = [r.name for r in report.layers]
     assert names == [f"blocks.{b}.{p}" for b in range(2) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
@@ -44,7 +46,9 @@ def test_captured_dense_gradient_matches_autograd():
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(6, 10))
-    method = DiagHeurMethod(0.7, include=["fc"], delta_t=1, t_end=1.0, backend="reference")
+    method = DiagHeurMethod(
+        DiagSparsifyConfig(0.7, include=["fc"], backend="reference"), RegrowSchedule(delta_t=1, t_end=1.0)
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=2, total_steps=2)
     layer = model.fc
@@ -68,7 +72,10 @@ def test_captured_dense_gradient_matches_autograd():
 def test_diag_heur_drops_smallest_and_grows_largest_gradient_diagonals():
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(4, 4, bias=False))
-    method = DiagHeurMethod(0.5, include=["fc"], delta_t=1, drop_fraction=0.5, t_end=1.0, decay="constant")
+    method = DiagHeurMethod(
+        DiagSparsifyConfig(0.5, include=["fc"]),
+        RegrowSchedule(delta_t=1, drop_fraction=0.5, t_end=1.0, decay="constant"),
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=4, total_steps=4)
     layer: DiagLinear = model.fc
@@ -100,12 +107,12 @@ def test_diag_heur_drops_smallest_and_grows_largest_gradient_diagonals():
 
 def test_diag_heur_state_round_trip():
     model = tiny_vit()
-    method = DiagHeurMethod(0.8, delta_t=1, t_end=1.0, seed=1)
+    method = DiagHeurMethod(DiagSparsifyConfig(0.8), RegrowSchedule(delta_t=1, t_end=1.0), seed=1)
     method.apply_(model)
     method.bind(steps_per_epoch=2, total_steps=2)
     run_steps(model, method, torch.optim.SGD(model.parameters(), lr=0.1), 1)
     fresh = tiny_vit()
-    DiagHeurMethod(0.8, seed=2).apply_(fresh)
+    DiagHeurMethod(DiagSparsifyConfig(0.8), seed=2).apply_(fresh)
     fresh.load_state_dict(model.state_dict())
     for (name, a), b in zip(method.layers, (m for m in fresh.modules() if isinstance(m, DiagLinear))):
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.V, b.V), name
@@ -116,7 +123,7 @@ def test_captured_conv_gradient_matches_autograd_and_scores_all_taps():
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(6, 10, 3, stride=2, padding=1))
-    method = DiagHeurMethod(0.7, include=["conv"], delta_t=1, t_end=1.0)
+    method = DiagHeurMethod(DiagSparsifyConfig(0.7, include=["conv"]), RegrowSchedule(delta_t=1, t_end=1.0))
     method.apply_(model)
     method.bind(steps_per_epoch=2, total_steps=2)
     layer = model.conv
@@ -135,7 +142,9 @@ def test_captured_conv_gradient_matches_autograd_and_scores_all_taps():
 
 def test_diag_heur_on_a_resnet_keeps_exactly_k_diagonals_per_conv():
     model = timm.create_model("resnet18", num_classes=5, in_chans=3)
-    method = DiagHeurMethod(0.9, delta_t=1, t_end=1.0, drop_fraction=0.5, backend="reference")
+    method = DiagHeurMethod(
+        DiagSparsifyConfig(0.9, backend="reference"), RegrowSchedule(delta_t=1, t_end=1.0, drop_fraction=0.5)
+    )
     report = method.apply_(model)
     convs = [(n, m) for n, m in method.layers if isinstance(m, DiagConv2d)]
     assert len(convs) == len(method.layers) == 19  # every block conv and shortcut; stem and fc stay dense
@@ -153,7 +162,9 @@ def test_diag_heur_on_a_resnet_keeps_exactly_k_diagonals_per_conv():
 
 def test_grouped_diag_heur_swaps_whole_groups():
     model = tiny_vit()
-    method = DiagHeurMethod(0.5, delta_t=2, t_end=0.75, backend="reference", group=8, permute=True)
+    method = DiagHeurMethod(
+        DiagSparsifyConfig(0.5, backend="reference", group=8, permute=True), RegrowSchedule(delta_t=2, t_end=0.75)
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=4, total_steps=12)
     start = {n: layer.offsets.clone() for n, layer in method.layers}
@@ -176,7 +187,10 @@ def test_captured_dense_gradient_with_permutation():
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(8, 16))
-    method = DiagHeurMethod(0.5, include=["fc"], delta_t=1, t_end=1.0, backend="reference", group=2, permute=True)
+    method = DiagHeurMethod(
+        DiagSparsifyConfig(0.5, include=["fc"], backend="reference", group=2, permute=True),
+        RegrowSchedule(delta_t=1, t_end=1.0),
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=2, total_steps=2)
     layer = model.fc

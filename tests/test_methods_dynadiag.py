@@ -6,6 +6,8 @@ from torch import nn
 
 from dynadiag import DiagLinear
 from dynadiag.methods.dynadiag import DynaDiagMethod, diagonal_layers
+from dynadiag.schedules import TemperatureSchedule
+from dynadiag.sparsify import DiagSparsifyConfig
 
 
 def _model():
@@ -21,7 +23,9 @@ def _model():
 
 def test_method_hooks_anneal_and_freeze_with_optimizer_consistency():
     model = _model()
-    method = DynaDiagMethod(sparsity=0.75, t_max=4.0, t_min=0.1, freeze_epoch=2, per_epoch=False)
+    method = DynaDiagMethod(
+        DiagSparsifyConfig(0.75), TemperatureSchedule(t_max=4.0, t_min=0.1, freeze_epoch=2, per_epoch=False)
+    )
     method.bind(steps_per_epoch=5, total_steps=20)
     report = method.apply_(model)
     assert len(report.layers) == 2
@@ -50,12 +54,12 @@ def test_method_hooks_anneal_and_freeze_with_optimizer_consistency():
 
 
 def test_freeze_epoch_beyond_run_is_rejected():
-    method = DynaDiagMethod(sparsity=0.9, freeze_epoch=50)
+    method = DynaDiagMethod(DiagSparsifyConfig(0.9), TemperatureSchedule(freeze_epoch=50, per_epoch=True))
     with pytest.raises(ValueError, match="freeze_epoch=50 is beyond the run"):
         method.bind(steps_per_epoch=10, total_steps=100)
 
 
 def test_layers_are_diaglinear():
     model = _model()
-    DynaDiagMethod(sparsity=0.5).apply_(model)
+    DynaDiagMethod(DiagSparsifyConfig(0.5), TemperatureSchedule(per_epoch=True)).apply_(model)
     assert isinstance(model.blocks[0].mlp.fc1, DiagLinear)

@@ -4,6 +4,7 @@ from _methods_common import run_steps, tiny_vit
 
 from dynadiag.methods.density import num_kept
 from dynadiag.methods.gmp import GMPMethod, cubic_sparsity
+from dynadiag.methods.masks import MaskSparsifyConfig
 
 
 def test_cubic_schedule():
@@ -16,7 +17,7 @@ def test_cubic_schedule():
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_gmp_prunes_on_schedule_from_dense(distribution):
     model = tiny_vit()
-    method = GMPMethod(0.9, distribution=distribution, start_epoch=1, end_epoch=3, update_every=2)
+    method = GMPMethod(MaskSparsifyConfig(0.9, distribution=distribution), start_epoch=1, end_epoch=3, update_every=2)
     report = method.apply_(model)
     assert report.sparsity == 0.0  # starts dense
     method.bind(steps_per_epoch=2, total_steps=10)  # prune between steps 2 and 6
@@ -46,7 +47,7 @@ def test_gmp_prunes_on_schedule_from_dense(distribution):
 
 def test_gmp_prunes_the_smallest_weights():
     model = tiny_vit()
-    method = GMPMethod(0.5, end_epoch=1, update_every=1)
+    method = GMPMethod(MaskSparsifyConfig(0.5), end_epoch=1, update_every=1)
     method.apply_(model)
     method.bind(steps_per_epoch=1, total_steps=2)
     _, layer = method.layers[0]
@@ -61,6 +62,6 @@ def test_gmp_prunes_the_smallest_weights():
 
 
 def test_bad_window():
-    method = GMPMethod(0.9, start_epoch=3, end_epoch=2)
+    method = GMPMethod(MaskSparsifyConfig(0.9), start_epoch=3, end_epoch=2)
     with pytest.raises(ValueError, match="start_epoch"):
         method.bind(steps_per_epoch=10, total_steps=100)

@@ -7,7 +7,7 @@ from _methods_common import run_steps, tiny_vit
 from torch import nn
 
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import reset_optimizer_state_
+from dynadiag.methods.masks import MaskSparsifyConfig, reset_optimizer_state_
 from dynadiag.methods.static import StaticMethod
 from dynadiag.sparsity import MASK_BUFFER, MaskReport, masked_layers
 from dynadiag.targets import select_layers
@@ -46,7 +46,7 @@ def test_select_layers_defaults_match_dynadiag_targets():
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.95])
 def test_static_masks_hit_the_target(distribution, sparsity):
     model = tiny_vit()
-    method = StaticMethod(sparsity, distribution=distribution, first_layer="sparse", head="sparse")
+    method = StaticMethod(MaskSparsifyConfig(sparsity, distribution=distribution, first_layer="sparse", head="sparse"))
     report = method.apply_(model)
     assert isinstance(report, MaskReport) and len(report.layers) == 10
     _assert_layer_targets(method)
@@ -62,7 +62,7 @@ def test_static_masks_hit_the_target(distribution, sparsity):
 
 def test_masked_weights_stay_zero_through_adamw():
     model = tiny_vit()
-    method = StaticMethod(0.9, distribution="erk")
+    method = StaticMethod(MaskSparsifyConfig(0.9, distribution="erk"))
     method.apply_(model)
     method.bind(steps_per_epoch=5, total_steps=10)
     before = {n: m.weight_mask.clone() for n, m in method.layers}
@@ -88,12 +88,12 @@ def test_masked_weights_stay_zero_through_adamw():
 
 def test_masks_round_trip_through_state_dict():
     model = tiny_vit()
-    method = StaticMethod(0.8, distribution="erk", seed=1)
+    method = StaticMethod(MaskSparsifyConfig(0.8, distribution="erk"), seed=1)
     method.apply_(model)
     state = model.state_dict()
     assert all(f"{name}.{MASK_BUFFER}" in state for name, _ in method.layers)
     fresh = tiny_vit()
-    other = StaticMethod(0.8, distribution="erk", seed=2)
+    other = StaticMethod(MaskSparsifyConfig(0.8, distribution="erk"), seed=2)
     other.apply_(fresh)
     assert not all(torch.equal(a.weight_mask, b.weight_mask) for (_, a), (_, b) in zip(method.layers, other.layers))
     fresh.load_state_dict(state)
@@ -105,12 +105,12 @@ def test_masks_round_trip_through_state_dict():
 
 def test_same_seed_same_masks_and_apply_once():
     a, b = tiny_vit(), tiny_vit()
-    ma, mb = StaticMethod(0.9, seed=3), StaticMethod(0.9, seed=3)
+    ma, mb = StaticMethod(MaskSparsifyConfig(0.9), seed=3), StaticMethod(MaskSparsifyConfig(0.9), seed=3)
     ma.apply_(a)
     mb.apply_(b)
     assert all(torch.equal(x.weight_mask, y.weight_mask) for (_, x), (_, y) in zip(ma.layers, mb.layers))
     with pytest.raises(ValueError, match="only once"):
-        StaticMethod(0.9).apply_(a)
+        StaticMethod(MaskSparsifyConfig(0.9)).apply_(a)
 
 
 def test_reset_optimizer_state():
@@ -128,7 +128,7 @@ def test_reset_optimizer_state():
 
 def test_conv_layers_are_masked_too():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(256, 4))
-    method = StaticMethod(0.75, include=["1"])
+    method = StaticMethod(MaskSparsifyConfig(0.75, include=["1"]))
     report = method.apply_(model)
     assert [r.name for r in report.layers] == ["1"] and report.layers[0].kind == "conv3x3"
     assert int(model[1].weight_mask.sum()) == num_kept(math.prod(model[1].weight.shape), 0.25)

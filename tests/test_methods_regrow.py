@@ -7,6 +7,7 @@ from _methods_common import run_steps, tiny_vit
 from torch import nn
 
 from dynadiag.methods.density import num_kept
+from dynadiag.methods.masks import MaskSparsifyConfig
 from dynadiag.methods.regrow import RegrowSchedule, drop_and_grow
 from dynadiag.methods.rigl import RigLMethod
 from dynadiag.methods.set import SETMethod
@@ -50,14 +51,8 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     model = nn.Sequential()
     model.add_module("fc", layer)
     method = RigLMethod(
-        0.5,
-        include=["fc"],
-        head="sparse",
-        first_layer="sparse",
-        delta_t=1,
-        drop_fraction=0.5,
-        t_end=1.0,
-        decay="constant",
+        MaskSparsifyConfig(0.5, include=["fc"], head="sparse", first_layer="sparse"),
+        RegrowSchedule(delta_t=1, drop_fraction=0.5, t_end=1.0, decay="constant"),
     )
     method.apply_(model)
     method.bind(steps_per_epoch=10, total_steps=10)
@@ -100,7 +95,7 @@ def _sparsity_checker(method, expected_updates):
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_drop_grow_training_keeps_sparsity_and_zeros(cls, distribution):
     model = tiny_vit()
-    method = cls(0.9, distribution=distribution, delta_t=2, t_end=0.75)
+    method = cls(MaskSparsifyConfig(0.9, distribution=distribution), RegrowSchedule(delta_t=2, t_end=0.75))
     method.apply_(model)
     method.bind(steps_per_epoch=4, total_steps=12)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -124,7 +119,7 @@ def test_set_regrowth_is_seeded_by_step():
     def final_masks(seed):
         torch.manual_seed(0)
         model = tiny_vit()
-        method = SETMethod(0.8, delta_t=1, t_end=1.0, seed=seed)
+        method = SETMethod(MaskSparsifyConfig(0.8), RegrowSchedule(delta_t=1, t_end=1.0), seed=seed)
         method.apply_(model)
         method.bind(steps_per_epoch=3, total_steps=3)
         torch.manual_seed(1)  # the same data and initial weights for both runs

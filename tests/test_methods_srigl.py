@@ -3,6 +3,8 @@ import torch
 from _methods_common import run_steps, tiny_vit
 
 from dynadiag.methods.density import num_kept
+from dynadiag.methods.masks import MaskSparsifyConfig
+from dynadiag.methods.regrow import RegrowSchedule
 from dynadiag.methods.srigl import SRigLMethod, constant_fan_in_update
 
 
@@ -23,7 +25,10 @@ def _assert_constant_fan_in(method):
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_constant_fan_in_through_training(distribution):
     model = tiny_vit()
-    method = SRigLMethod(0.8, distribution=distribution, delta_t=2, t_end=0.75, first_layer="sparse", head="sparse")
+    method = SRigLMethod(
+        MaskSparsifyConfig(0.8, distribution=distribution, first_layer="sparse", head="sparse"),
+        RegrowSchedule(delta_t=2, t_end=0.75),
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=4, total_steps=12)
     _assert_constant_fan_in(method)
@@ -65,7 +70,7 @@ def test_hand_made_update_ablates_unsalient_neuron_and_follows_gradients():
 
 def test_no_ablation_keeps_nnz_constant():
     model = tiny_vit()
-    method = SRigLMethod(0.9, gamma_sal=None, delta_t=1, t_end=1.0)
+    method = SRigLMethod(MaskSparsifyConfig(0.9), RegrowSchedule(delta_t=1, t_end=1.0), gamma_sal=None)
     method.apply_(model)
     method.bind(steps_per_epoch=3, total_steps=3)
     before = {n: int(m.weight_mask.sum()) for n, m in method.layers}
@@ -80,7 +85,7 @@ def test_no_ablation_keeps_nnz_constant():
     run_steps(model, method, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 3, after_step=check)
     assert len(changed) == 2 and sum(changed) > 0
     with pytest.raises(ValueError, match="gamma_sal"):
-        SRigLMethod(0.9, gamma_sal=2.0)
+        SRigLMethod(MaskSparsifyConfig(0.9), gamma_sal=2.0)
 
 
 def test_conv_fan_in_counts_every_kernel_tap():
@@ -88,7 +93,7 @@ def test_conv_fan_in_counts_every_kernel_tap():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4)
     )
-    method = SRigLMethod(0.75, include=["2"], delta_t=1, t_end=1.0, gamma_sal=None)
+    method = SRigLMethod(MaskSparsifyConfig(0.75, include=["2"]), RegrowSchedule(delta_t=1, t_end=1.0), gamma_sal=None)
     method.apply_(model)
     method.bind(steps_per_epoch=3, total_steps=3)
     conv = model[2]

@@ -6,6 +6,7 @@ from torch import nn
 from dynadiag import DiagLinear
 from dynadiag.prune.masking import FixedDiagMethod, FixedMaskMethod
 from dynadiag.prune.pipeline import PruneConfig, prune_model_
+from dynadiag.sparsify import DiagSparsifyConfig
 from dynadiag.sparsity import MASK_BUFFER, mask_sparsity, masked_layers
 
 
@@ -89,7 +90,7 @@ def test_fixed_mask_finetune_keeps_masks_and_loads_into_fresh_model():
 def test_fixed_diag_loads_into_fresh_model_and_trains():
     model, _, batches = _pruned("diag", 0.9)
     fresh = _tiny_vit()
-    method = FixedDiagMethod(sparsity=0.9, backend="reference")
+    method = FixedDiagMethod(DiagSparsifyConfig(0.9, backend="reference"))
     method.apply_(fresh)
     fresh.load_state_dict(model.state_dict(), strict=True)
     fresh.eval()
@@ -106,8 +107,8 @@ def test_fixed_diag_loads_into_fresh_model_and_trains():
     assert all(torch.equal(m.offsets, o) for m, o in zip(layers, offsets))
     with pytest.raises(RuntimeError, match="not frozen"):
         other = _tiny_vit()
-        FixedDiagMethod(sparsity=0.9).apply_(other)
-        FixedDiagMethod(sparsity=0.9).on_step_start(0, other)
+        FixedDiagMethod(DiagSparsifyConfig(0.9)).apply_(other)
+        FixedDiagMethod(DiagSparsifyConfig(0.9)).on_step_start(0, other)
 
 
 def test_bad_config():

@@ -33,7 +33,7 @@ OVERRIDES = [
     "trainer.epochs=3",
     "trainer.eval_every_epochs=100",
     "trainer.ckpt_every_steps=3",
-    "sparsifier.freeze_epoch=1",
+    "schedule.freeze_epoch=1",
     "trainer.inference_iters=0",
     "trainer.final_inference_iters=0",
     "backend=reference",
@@ -111,7 +111,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_rerun_of_a_finished_run_resumes_at_its_end(tmp_path):
-    overrides = [*OVERRIDES, "trainer.epochs=1", "sparsifier.freeze_epoch=0.5", "trainer.ckpt_every_steps=0"]
+    overrides = [*OVERRIDES, "trainer.epochs=1", "schedule.freeze_epoch=0.5", "trainer.ckpt_every_steps=0"]
     first = train.train(compose_cfg(overrides), run_dir=str(tmp_path))
     again = train.train(compose_cfg(overrides), run_dir=str(tmp_path))  # auto-resume: no step is trained twice
     assert first["steps"] == again["steps"] == STEPS_PER_EPOCH

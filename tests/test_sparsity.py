@@ -3,13 +3,16 @@ import torch
 from _methods_common import tiny_vit
 
 from dynadiag.methods.dynadiag import DynaDiagMethod, freeze_all_
+from dynadiag.methods.masks import MaskSparsifyConfig
 from dynadiag.methods.static import StaticMethod
+from dynadiag.schedules import TemperatureSchedule
+from dynadiag.sparsify import DiagSparsifyConfig
 from dynadiag.sparsity import sparsity_stats
 
 
 def test_sparsity_stats_counts_masked_and_diagonal_targets_alike():
     masked = tiny_vit()
-    method = StaticMethod(sparsity=0.9)
+    method = StaticMethod(MaskSparsifyConfig(0.9))
     method.bind(steps_per_epoch=1, total_steps=1)
     method.apply_(masked)
     stats = sparsity_stats(masked)
@@ -17,7 +20,7 @@ def test_sparsity_stats_counts_masked_and_diagonal_targets_alike():
     assert 0.0 < stats["effective"] < stats["target"]  # patch embedding and head stay dense
 
     diagonal = tiny_vit()
-    DynaDiagMethod(sparsity=0.9).apply_(diagonal)
+    DynaDiagMethod(DiagSparsifyConfig(0.9), TemperatureSchedule(per_epoch=True)).apply_(diagonal)
     soft = sparsity_stats(diagonal)
     assert soft["effective"] == pytest.approx(0.0, abs=1e-6)  # every diagonal is live before the freeze
     freeze_all_(diagonal)

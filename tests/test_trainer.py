@@ -18,6 +18,8 @@ from dynadiag.lr_schedule import LRSchedule
 from dynadiag.methods.base import SparseMethod
 from dynadiag.methods.dynadiag import DynaDiagMethod
 from dynadiag.models import create_model
+from dynadiag.schedules import TemperatureSchedule
+from dynadiag.sparsify import DiagSparsifyConfig
 from dynadiag.trainer import Trainer, TrainerConfig
 
 DATA = dict(name="synthetic", img_size=8, in_chans=3, num_classes=4, patch_size=4, batch_size=16, num_train=64)
@@ -27,7 +29,11 @@ def make_trainer(run_dir, method=None, epochs=3, max_steps=None, seed=0, embed_d
     torch.manual_seed(seed)
     data = build_loaders(DataConfig(**DATA, num_val=32, eval_batch_size=32), seed=seed)  # 4 steps per epoch
     model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=embed_dim, depth=2, num_heads=2)
-    method = method if method is not None else DynaDiagMethod(0.8, freeze_epoch=1)
+    method = (
+        method
+        if method is not None
+        else DynaDiagMethod(DiagSparsifyConfig(0.8), TemperatureSchedule(freeze_epoch=1, per_epoch=True))
+    )
     method.apply_(model)  # the trainer takes a model its method has already made sparse (composition.py)
     config = TrainerConfig(
         epochs=epochs,

@@ -4,7 +4,8 @@ from dynadiag.methods.base import SparseMethod
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.dynadiag import DynaDiagMethod
 from dynadiag.methods.gmp import GMPMethod
-from dynadiag.methods.masks import MaskedMethod, MaskReport
+from dynadiag.methods.masks import MaskedMethod, MaskReport, MaskSparsifyConfig
+from dynadiag.methods.regrow import RegrowSchedule
 from dynadiag.methods.rigl import RigLMethod
 from dynadiag.methods.set import SETMethod
 from dynadiag.methods.sparse_dynadiag import SparseDynaDiagMethod
@@ -16,7 +17,9 @@ __all__ = [
     "DynaDiagMethod",
     "GMPMethod",
     "MaskReport",
+    "MaskSparsifyConfig",
     "MaskedMethod",
+    "RegrowSchedule",
     "RigLMethod",
     "SETMethod",
     "SRigLMethod",

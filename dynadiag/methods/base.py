@@ -26,6 +26,8 @@ class SparseMethod:
     """Base class: the dense method (does nothing). Subclasses override the hooks they need."""
 
     name: str = "dense"
+    #: the method's own target sparsity of the layers it sparsifies (0 for dense training)
+    sparsity: float = 0.0
 
     def __init__(self) -> None:
         self.steps_per_epoch = 1

@@ -23,7 +23,6 @@ compiled graphs keep their references; nothing is re-created.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -98,57 +97,30 @@ class DiagHeurMethod(SparseMethod):
     """DiagHeur baseline.
 
     Args:
-        sparsity: target sparsity of every converted layer (``K`` as in DynaDiag).
-        delta_t: optimizer steps between updates.
-        drop_fraction: initial fraction of each layer's ``K`` diagonals replaced per update.
-        t_end: fraction of the run after which the diagonals stay fixed.
-        decay: ``cosine``, ``linear`` or ``constant`` decay of the drop fraction.
-        include: module-name globs to convert (``None``: the DynaDiag defaults).
-        exclude: module-name globs to leave dense.
-        backend: kernel backend of the (always frozen) diagonal linear layers.
-        convs: also convert the target ``nn.Conv2d`` layers (ResNet blocks) to frozen :class:`DiagConv2d`.
+        config: which layers become (always frozen) diagonal layers (``config.convs``: the target ``nn.Conv2d``
+            layers too, as :class:`DiagConv2d`), at what sparsity (``K`` as in DynaDiag), with which kernel backend;
+            ``config.group``: drop and grow whole groups of that many consecutive offsets (:mod:`dynadiag.groups`;
+            linear layers only, and the group must divide every layer's ``P`` so each swap keeps ``k`` diagonals);
+            ``config.permute``: a fixed random input permutation per linear layer.
+        schedule: when to drop/grow and what fraction of each layer's ``K`` diagonals (default: RigL's).
         seed: seeds the initial random choice of diagonals (the same on every rank).
-        group: drop and grow whole groups of this many consecutive offsets (:mod:`dynadiag.groups`; linear layers
-            only, and ``group`` must divide every layer's ``P`` so each swap keeps ``k`` diagonals); 1 = diagonals.
-        permute: fixed random input permutation per linear layer (seeded by ``permute_seed`` and the layer name).
-        permute_seed: seed of the permutations.
     """
 
     name = "diag_heur"
 
-    def __init__(
-        self,
-        sparsity: float,
-        delta_t: int = 100,
-        drop_fraction: float = 0.3,
-        t_end: float = 0.75,
-        decay: str = "cosine",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        backend: str = "auto",
-        seed: int = 0,
-        convs: bool = True,
-        group: int = 1,
-        permute: bool = False,
-        permute_seed: int = 0,
-    ) -> None:
+    def __init__(self, config: DiagSparsifyConfig, schedule: RegrowSchedule | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.config = DiagSparsifyConfig(
-            sparsity=sparsity,
-            include=include,
-            exclude=tuple(exclude),
-            backend=backend,
-            convs=convs,
-            group=group,
-            permute=permute,
-            permute_seed=permute_seed,
-        )
-        self.schedule = RegrowSchedule(delta_t=delta_t, drop_fraction=drop_fraction, t_end=t_end, decay=decay)
+        self.config = config
+        self.schedule = schedule if schedule is not None else RegrowSchedule()
         self.seed = int(seed)
         self.layers: list[tuple[str, DiagLinear | DiagConv2d]] = []
         self._armed = False
         self._grads: dict[str, torch.Tensor] = {}  # name -> accumulated dense dL/dW, [out, in(, kh, kw)] fp32
         self._handles: list[Any] = []
+
+    @property
+    def sparsity(self) -> float:
+        return self.config.sparsity
 
     def bind(self, steps_per_epoch: int, total_steps: int) -> None:
         super().bind(steps_per_epoch, total_steps)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -48,77 +45,34 @@ class DynaDiagMethod(SparseMethod):
     """Dynamic sparse training of diagonal layers (DynaDiag, ICML 2025).
 
     Args:
-        sparsity: target sparsity of every converted layer.
-        t_max: starting temperature (explore).
-        t_min: temperature reached at the freeze point (exploit).
-        temperature_schedule: one of :data:`dynadiag.schedules.SCHEDULES`.
-        freeze_epoch: epoch after which every layer keeps exactly its top-``k`` diagonals.
-        per_epoch: update the temperature once per epoch (the reference recipe) instead of every step.
-        include: module-name globs to convert (``None``: the layers inside the blocks, :mod:`dynadiag.targets`).
-        exclude: module-name globs to leave dense.
-        backend: kernel backend for frozen layers.
-        init: ``"kaiming"`` (from scratch) or ``"copy"`` (from the dense weights).
-        convs: convert matching ``nn.Conv2d`` layers too.
+        config: which layers become diagonal, at what sparsity, with which init and kernel backend.
+        schedule: the temperature annealing; its end is the freeze point, after which every layer keeps exactly
+            its top-``k`` diagonals (default: :class:`~dynadiag.schedules.TemperatureSchedule`'s defaults).
         fold_soft_weights: at the freeze, scale each kept diagonal by its soft weight instead of jumping to weight
             1 (keeps the function continuous across the freeze; the paper's freeze is ``False``).
-        group: select groups of this many consecutive diagonal offsets (:mod:`dynadiag.groups`); 1 = the paper.
-        permute: fixed random input permutation per layer (seeded by ``permute_seed`` and the layer name).
-        permute_seed: seed of the permutations.
     """
 
     name = "dynadiag"
 
     def __init__(
         self,
-        sparsity: float,
-        t_max: float = 5.0,
-        t_min: float = 0.05,
-        temperature_schedule: str = "cosine",
-        freeze_epoch: float = 30,
-        per_epoch: bool = True,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        backend: str = "auto",
-        init: str = "kaiming",
-        convs: bool = True,
+        config: DiagSparsifyConfig,
+        schedule: TemperatureSchedule | None = None,
         fold_soft_weights: bool = False,
-        group: int = 1,
-        permute: bool = False,
-        permute_seed: int = 0,
-        **schedule_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.config = config
+        self.schedule = schedule if schedule is not None else TemperatureSchedule()
         self.fold_soft_weights = bool(fold_soft_weights)
-        self.config = DiagSparsifyConfig(
-            sparsity=sparsity,
-            include=include,
-            exclude=tuple(exclude),
-            backend=backend,
-            convs=convs,
-            init=init,
-            group=group,
-            permute=permute,
-            permute_seed=permute_seed,
-        )
-        if float(freeze_epoch) < 0:
-            raise ValueError(f"freeze_epoch must be >= 0, got {freeze_epoch}")
-        self.freeze_epoch = float(freeze_epoch)
-        self.schedule = TemperatureSchedule(
-            kind=temperature_schedule, t_max=t_max, t_min=t_min, per_epoch=per_epoch, **schedule_kwargs
-        )
         self.freeze_step = 0
+
+    @property
+    def sparsity(self) -> float:
+        return self.config.sparsity
 
     def bind(self, steps_per_epoch: int, total_steps: int) -> None:
         super().bind(steps_per_epoch, total_steps)
-        self.freeze_step = self.epochs_to_steps(self.freeze_epoch)
-        if self.freeze_step > self.total_steps:
-            epochs = self.total_steps / self.steps_per_epoch
-            raise ValueError(
-                f"freeze_epoch={self.freeze_epoch:g} is beyond the run ({epochs:g} epochs): "
-                "lower sparsifier.freeze_epoch or train longer"
-            )
-        self.schedule.end_step = max(1, self.freeze_step)
-        self.schedule.steps_per_epoch = self.steps_per_epoch
+        self.freeze_step = self.schedule.bind(self.steps_per_epoch, self.total_steps)
 
     def apply_(self, model: nn.Module) -> SparsifyReport:
         return sparsify_(model, self.config)

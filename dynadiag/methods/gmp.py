@@ -13,14 +13,12 @@ mask-based baseline.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import MaskedMethod, reset_optimizer_state_
+from dynadiag.methods.masks import MaskedMethod, MaskSparsifyConfig, reset_optimizer_state_
 
 __all__ = ["GMPMethod", "cubic_sparsity"]
 
@@ -37,25 +35,24 @@ class GMPMethod(MaskedMethod):
     """Gradual magnitude pruning from dense.
 
     Args:
-        sparsity: final overall sparsity of the masked layers.
+        config: which layers are masked, the final overall sparsity, and the layer-wise density.
         start_epoch: epoch at which pruning starts (the model is dense until then).
         end_epoch: epoch at which the final sparsity is reached; ``None``: 75 % of the run.
         update_every: optimizer steps between pruning updates (Zhu & Gupta's ``delta t``).
-        **kwargs: :class:`~dynadiag.methods.masks.MaskedMethod` options (distribution, include, exclude,
-            first_layer, head, convs, erk_power_scale, seed).
+        seed: seeds the (unused, all-ones) initial masks, as for every masked method.
     """
 
     name = "gmp"
 
     def __init__(
         self,
-        sparsity: float,
+        config: MaskSparsifyConfig,
         start_epoch: float = 0.0,
         end_epoch: float | None = None,
         update_every: int = 100,
-        **kwargs: Any,
+        seed: int = 0,
     ) -> None:
-        super().__init__(sparsity, **kwargs)
+        super().__init__(config, seed=seed)
         if int(update_every) < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
         self.start_epoch = float(start_epoch)

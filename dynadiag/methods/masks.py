@@ -20,10 +20,12 @@ Under DDP every decision is taken from all-reduced scores (and random choices co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dynadiag.functional import validate_sparsity
 from dynadiag.methods.base import SparseMethod
 from dynadiag.methods.density import layer_densities, num_kept
 from dynadiag.sparsity import (
@@ -38,7 +40,7 @@ from dynadiag.sparsity import (
 )
 from dynadiag.targets import select_layers
 
-__all__ = ["MaskedMethod", "reset_optimizer_state_"]
+__all__ = ["MaskSparsifyConfig", "MaskedMethod", "reset_optimizer_state_"]
 
 
 @torch.no_grad()
@@ -57,10 +59,11 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch
             value.masked_fill_(where.to(value.device), 0)
 
 
-class MaskedMethod(SparseMethod):
-    """Base of the mask-based methods. On its own it is a fixed random mask (see :class:`StaticMethod`).
+@dataclass
+class MaskSparsifyConfig:
+    """What the mask-based methods sparsify, and how sparse (the ``config`` node of ``sparsifier/<masked>``).
 
-    Args:
+    Attributes:
         sparsity: overall target sparsity of the masked layers, in ``[0, 1)``.
         distribution: layer-wise density, ``"uniform"`` or ``"erk"`` (:mod:`dynadiag.methods.density`).
         include: module-name globs to sparsify (``None``: the same defaults as DynaDiag).
@@ -69,33 +72,42 @@ class MaskedMethod(SparseMethod):
         head: ``"dense"`` (default, as DynaDiag) or ``"sparse"``: the classifier.
         convs: sparsify matching ``nn.Conv2d`` layers (ResNet blocks) too.
         erk_power_scale: ERK exponent.
+    """
+
+    sparsity: float
+    distribution: str = "uniform"
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    first_layer: str = "dense"
+    head: str = "dense"
+    convs: bool = True
+    erk_power_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.sparsity = validate_sparsity(self.sparsity, where="MaskSparsifyConfig: ")
+        self.include = None if self.include is None else tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.erk_power_scale = float(self.erk_power_scale)
+
+
+class MaskedMethod(SparseMethod):
+    """Base of the mask-based methods. On its own it is a fixed random mask (see :class:`StaticMethod`).
+
+    Args:
+        config: which layers are masked, how sparse, and the layer-wise density.
         seed: seeds the initial masks and random regrowth (the same on every rank).
     """
 
     name = "masked"
 
-    def __init__(
-        self,
-        sparsity: float,
-        distribution: str = "uniform",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        first_layer: str = "dense",
-        head: str = "dense",
-        convs: bool = True,
-        erk_power_scale: float = 1.0,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, config: MaskSparsifyConfig, seed: int = 0) -> None:
         super().__init__()
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self.sparsity = float(sparsity)
-        self.distribution = distribution
-        self.include = None if include is None else tuple(include)
-        self.exclude = tuple(exclude)
-        self.first_layer, self.head = first_layer, head
-        self.convs = convs
-        self.erk_power_scale = float(erk_power_scale)
+        self.config = config
+        # flat copies of the config, read by apply_ and the updates
+        self.sparsity, self.distribution = config.sparsity, config.distribution
+        self.include, self.exclude = config.include, config.exclude
+        self.first_layer, self.head, self.convs = config.first_layer, config.head, config.convs
+        self.erk_power_scale = config.erk_power_scale
         self.seed = int(seed)
         #: ``(name, module)`` of the masked layers, in model order; set by :meth:`apply_`
         self.layers: list[tuple[str, nn.Module]] = []

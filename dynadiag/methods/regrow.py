@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dynadiag.distributed import all_reduce_mean
-from dynadiag.methods.masks import MaskedMethod, reset_optimizer_state_
+from dynadiag.methods.masks import MaskedMethod, MaskSparsifyConfig, reset_optimizer_state_
 
 __all__ = ["DECAYS", "DropGrowMethod", "RegrowSchedule", "drop_and_grow"]
 
@@ -28,7 +27,7 @@ DECAYS = ("cosine", "linear", "constant")
 
 @dataclass
 class RegrowSchedule:
-    """When to prune/regrow and how much.
+    """When to prune/regrow and how much (the config group ``regrow/`` instantiates it).
 
     Attributes:
         delta_t: optimizer steps between updates.
@@ -111,27 +110,16 @@ class DropGrowMethod(MaskedMethod):
     """A masked method that prunes by magnitude and regrows by :meth:`grow_score` on a :class:`RegrowSchedule`.
 
     Args:
-        sparsity: overall target sparsity.
-        delta_t: optimizer steps between updates.
-        drop_fraction: initial fraction of each layer's active weights replaced per update.
-        t_end: fraction of the run after which masks stay fixed.
-        decay: ``cosine``, ``linear`` or ``constant`` decay of the drop fraction.
-        **kwargs: :class:`~dynadiag.methods.masks.MaskedMethod` options (distribution, include, seed, ...).
+        config: which layers are masked, how sparse, and the layer-wise density.
+        schedule: when to update and how much to drop (default: RigL's, :class:`RegrowSchedule`'s defaults).
+        seed: seeds the initial masks and random regrowth (the same on every rank).
     """
 
     name = "drop_grow"
 
-    def __init__(
-        self,
-        sparsity: float,
-        delta_t: int = 100,
-        drop_fraction: float = 0.3,
-        t_end: float = 0.75,
-        decay: str = "cosine",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(sparsity, **kwargs)
-        self.schedule = RegrowSchedule(delta_t=delta_t, drop_fraction=drop_fraction, t_end=t_end, decay=decay)
+    def __init__(self, config: MaskSparsifyConfig, schedule: RegrowSchedule | None = None, seed: int = 0) -> None:
+        super().__init__(config, seed=seed)
+        self.schedule = schedule if schedule is not None else RegrowSchedule()
         #: per-layer grow scores captured from the dense gradients at an update step
         self._grow_scores: dict[str, torch.Tensor] = {}
 

@@ -19,14 +19,14 @@ non-zeros is ``k * n``, at most ``n - 1`` below the layer's budget.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.regrow import DropGrowMethod, drop_and_grow
+from dynadiag.methods.masks import MaskSparsifyConfig
+from dynadiag.methods.regrow import DropGrowMethod, RegrowSchedule, drop_and_grow
 from dynadiag.targets import first_and_head
 
 __all__ = ["SRigLMethod", "constant_fan_in_update"]
@@ -90,17 +90,23 @@ class SRigLMethod(DropGrowMethod):
     """Structured RigL: constant fan-in with dynamic neuron ablation.
 
     Args:
-        sparsity: overall target sparsity.
+        config: which layers are masked, how sparse, and the layer-wise density.
+        schedule: when to update and how much to drop (default: RigL's).
         gamma_sal: minimum fraction of a neuron's fan-in that must be salient for it to stay active
             (the paper's gamma_sal, 0.3); ``None`` or ``0`` disables ablation.
-        **kwargs: :class:`~dynadiag.methods.regrow.DropGrowMethod` options (delta_t, drop_fraction, t_end, decay,
-            distribution, include, exclude, first_layer, head, convs, seed).
+        seed: seeds the initial masks (the same on every rank).
     """
 
     name = "srigl"
 
-    def __init__(self, sparsity: float, gamma_sal: float | None = 0.3, **kwargs: Any) -> None:
-        super().__init__(sparsity, **kwargs)
+    def __init__(
+        self,
+        config: MaskSparsifyConfig,
+        schedule: RegrowSchedule | None = None,
+        gamma_sal: float | None = 0.3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(config, schedule, seed=seed)
         if gamma_sal is not None and not 0.0 <= float(gamma_sal) <= 1.0:
             raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal}")
         self.gamma_sal = float(gamma_sal) if gamma_sal else None

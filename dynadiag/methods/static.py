@@ -10,8 +10,8 @@ __all__ = ["StaticMethod"]
 class StaticMethod(MaskedMethod):
     """A random mask per layer, drawn once in ``apply_`` with the layer-wise density of ``distribution``.
 
-    Takes the :class:`~dynadiag.methods.masks.MaskedMethod` arguments (sparsity, distribution, include, exclude,
-    first_layer, head, convs, erk_power_scale, seed); the mask never changes.
+    Takes the :class:`~dynadiag.methods.masks.MaskedMethod` arguments (a ``MaskSparsifyConfig`` and a seed); the
+    mask never changes.
     """
 
     name = "static"

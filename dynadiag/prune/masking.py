@@ -87,26 +87,15 @@ class FixedDiagMethod(SparseMethod):
     """Train the kept diagonals of frozen :class:`DiagLinear` layers (after dense-to-diagonal conversion).
 
     Args:
-        sparsity: target sparsity of the converted layers.
-        include: module-name globs of the converted layers (``None``: the default targets).
-        exclude: globs removed from the matches.
-        backend: kernel backend of the diagonal layers.
+        config: the converted layers (``include``/``exclude``), their sparsity and kernel backend.
         score: which diagonal score chose the diagonals (recorded for reports).
     """
 
     name = "fixed_diag"
 
-    def __init__(
-        self,
-        sparsity: float,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        backend: str = "auto",
-        score: str = "energy",
-    ) -> None:
+    def __init__(self, config: DiagSparsifyConfig, score: str = "energy") -> None:
         super().__init__()
-        self.sparsity, self.include, self.exclude = float(sparsity), include, tuple(exclude)
-        self.backend, self.score = backend, score
+        self.config, self.score = config, score
         self._checked = False
 
     def apply_(self, model: nn.Module) -> str:
@@ -117,10 +106,11 @@ class FixedDiagMethod(SparseMethod):
         layers = [m for m in model.modules() if isinstance(m, DiagLinear)]
         if layers:
             return f"{len(layers)} diagonal layers kept as they are"
-        config = DiagSparsifyConfig(
-            sparsity=self.sparsity, include=self.include, exclude=self.exclude, backend=self.backend, convs=False
-        )
-        return str(sparsify_(model, config))
+        return str(sparsify_(model, self.config))
+
+    @property
+    def sparsity(self) -> float:
+        return self.config.sparsity
 
     def on_step_start(self, step: int, model: nn.Module) -> dict[str, float]:
         if not self._checked:
