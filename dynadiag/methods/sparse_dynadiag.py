@@ -36,7 +36,8 @@ from dynadiag.distributed import all_reduce_mean
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.dynadiag import freeze_all_
 from dynadiag.methods.masks import reset_optimizer_state_
-from dynadiag.sparsify import sparsify_
+from dynadiag.methods.regrow import RegrowSchedule
+from dynadiag.sparsify import DiagSparsifyConfig, sparsify_
 from dynadiag.sparsity import SparsifyReport, sparsity_report
 
 __all__ = ["SparseDynaDiagMethod", "candidate_count"]
@@ -103,14 +104,8 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         if not 0.0 < float(freeze_fraction) <= 1.0:
             raise ValueError(f"freeze_fraction must be in (0, 1], got {freeze_fraction}")
         super().__init__(
-            sparsity,
-            delta_t=delta_t,
-            drop_fraction=swap_fraction,
-            t_end=freeze_fraction,
-            decay=swap_decay,
-            include=include,
-            exclude=exclude,
-            backend=backend,
+            DiagSparsifyConfig(sparsity, include=include, exclude=exclude, backend=backend),
+            RegrowSchedule(delta_t=delta_t, drop_fraction=swap_fraction, t_end=freeze_fraction, decay=swap_decay),
             seed=seed,
         )
         if float(density_start) < 1.0:
