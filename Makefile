@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test wheel-test lint format bench clean
+WHEEL_TMP ?= $(or $(TMPDIR),/tmp)/dynadiag-wheel-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,18 @@ demo: setup  ## train the default model (small ViT, 90 % DynaDiag) on the bundle
 
 test: setup  ## the fast test suite (slow and GPU tests: `make test PYTEST_ARGS="-m slow"`)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+wheel-test: setup  ## build the wheel, install it in a fresh venv outside the checkout, check a frozen layer on `cpu`
+	rm -rf build $(WHEEL_TMP) && mkdir -p $(WHEEL_TMP)/cache
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(WHEEL_TMP)/dist .
+	$(PY) -m venv --without-pip $(WHEEL_TMP)/venv
+	# The fresh venv takes torch & co. from .venv through a path file (nothing downloaded); dynadiag comes from the
+	# wheel alone (.venv's editable install is not activated by a plain path entry).
+	$(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))" > \
+		"$$($(WHEEL_TMP)/venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/deps.pth"
+	$(PY) -m pip --python $(WHEEL_TMP)/venv/bin/python install --quiet --no-deps --no-index $(WHEEL_TMP)/dist/*.whl
+	cd $(WHEEL_TMP) && DYNADIAG_CACHE=$(WHEEL_TMP)/cache venv/bin/python $(CURDIR)/.ci/wheel_check.py $(CURDIR)
+	rm -rf build
 
 lint: setup
 	$(VENV)/bin/ruff check .

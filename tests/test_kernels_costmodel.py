@@ -91,9 +91,9 @@ def test_profile_json_round_trip_and_env_override(tmp_path, monkeypatch):
     ("profile", "dtype", "want"), [(FAST_DIAG, torch.float32, "cpu"), (SLOW_DIAG, torch.bfloat16, "dense")]
 )
 def test_auto_backend_runs_its_choice_and_the_layer_reports_it(profile, dtype, want, monkeypatch, strict_fp32):
-    from dynadiag.kernels import ops
+    from dynadiag.kernels.cpu import load_cpu_library
 
-    ops.load_library()
+    load_cpu_library()
     dd = torch.ops.dynadiag
     auto = AutoBackend("cpu", DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v), profile)
     torch.manual_seed(0)

@@ -165,9 +165,9 @@ def test_rejects_unsupported_inputs():
 
 def test_build_cache_is_reused_without_recompiling(tmp_path):
     """A second process loads the cached library without invoking the compiler (cpp_extension.load)."""
-    from dynadiag.kernels import ops
+    from dynadiag.kernels.cpu import load_cpu_library
 
-    ops.load_library()  # make sure the cache is populated for this cache root
+    load_cpu_library()  # make sure the cache is populated for this cache root
     script = textwrap.dedent(
         """
         import time, torch.utils.cpp_extension as ce
@@ -175,8 +175,8 @@ def test_build_cache_is_reused_without_recompiling(tmp_path):
             raise AssertionError("cpp_extension.load called: the build cache was not reused")
         ce.load = _no_build
         t = time.perf_counter()
-        from dynadiag.kernels import ops
-        ops.load_library()
+        from dynadiag.kernels.cpu import load_cpu_library
+        load_cpu_library()
         import torch
         x = torch.randn(2, 4)
         y = torch.ops.dynadiag.diag_fwd(x, torch.ones(1, 4), torch.zeros(1, dtype=torch.long), 4)
@@ -200,12 +200,35 @@ def test_build_error_carries_compiler_message(tmp_path, monkeypatch):
 
 
 def test_build_failure_makes_backend_unavailable_with_the_message(monkeypatch):
-    from dynadiag.kernels import cpu, ops
+    from dynadiag.kernels import cpu
     from dynadiag.kernels._build import ExtensionBuildError
 
     def broken():
         raise ExtensionBuildError("c++: error: something the compiler said")
 
-    monkeypatch.setattr(ops, "load_library", broken)
+    monkeypatch.setattr(cpu, "load_cpu_library", broken)
     ok, why = cpu.CpuBackend().is_available(torch.device("cpu"))
     assert not ok and "something the compiler said" in why
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning only appears without a CUDA runtime")
+def test_cpu_build_prints_no_cuda_runtime_warning():
+    """A CPU-only machine with a CUDA toolkit on PATH: importing cpp_extension for a CPU build stays quiet."""
+    script = "from dynadiag.kernels._build import _cpp_extension; _cpp_extension()"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_HOME": "/usr/local"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "No CUDA runtime" not in out.stderr
+    # the same import without the guard does warn here, so the check above can fail
+    plain = subprocess.run(
+        [sys.executable, "-c", "import torch.utils.cpp_extension"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert "No CUDA runtime" in plain.stderr
+
+
+def test_kernel_sources_found_in_the_checkout():
+    """An editable install or a checkout reads the repository's csrc/ (a wheel's copy is checked by make wheel-test)."""
+    from dynadiag.kernels import ops
+
+    assert Path(__file__).resolve().parents[1] / "csrc" == ops.CSRC
+    assert (ops.CSRC / "schema.cpp").is_file() and list((ops.CSRC / "cpu").glob("*.cpp"))

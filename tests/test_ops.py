@@ -12,8 +12,9 @@ if shutil.which("c++") is None:  # pragma: no cover
     pytest.skip("no C++ compiler: the dynadiag ops cannot be built here", allow_module_level=True)
 
 from dynadiag.kernels import ops
+from dynadiag.kernels.cpu import load_cpu_library
 
-ops.load_library()
+load_cpu_library()
 OPS = torch.ops.dynadiag
 
 

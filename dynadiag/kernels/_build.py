@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.resources
+import logging
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ExtensionBuildError", "cache_root", "extension_dir", "find_cuda_home", "load_extension"]
+__all__ = ["ExtensionBuildError", "cache_root", "extension_dir", "find_cuda_home", "load_extension", "source_dir"]
 
 _LOADED: dict[str, Path] = {}
 _HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inl")
@@ -35,6 +37,19 @@ _HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inl")
 
 class ExtensionBuildError(RuntimeError):
     """Building or loading a JIT extension failed; the message holds the compiler's output."""
+
+
+def source_dir() -> Path:
+    """The C++/CUDA sources (``csrc/``).
+
+    A wheel ships them as package data, ``dynadiag/csrc`` (``setup.py`` copies the top-level ``csrc/`` there at
+    build time), found with :mod:`importlib.resources`; an editable install or a plain checkout reads the
+    repository's ``csrc/`` next to the package.
+    """
+    packaged = importlib.resources.files("dynadiag") / "csrc"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "csrc"
 
 
 def cache_root() -> Path:
@@ -67,13 +82,29 @@ def find_cuda_home() -> str | None:
     return "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
 
 
+def _cpp_extension():  # -> the torch.utils.cpp_extension module
+    """``torch.utils.cpp_extension``, imported without its import-time "No CUDA runtime is found" warning.
+
+    The warning concerns CUDA builds; on a machine without a GPU every CPU build printed it. A CUDA build on such a
+    machine still fails loudly (:func:`_ensure_cuda_home`, nvcc's own errors).
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    if not torch.cuda.is_available():
+        logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _ensure_cuda_home() -> str:
     home = find_cuda_home()
     if home is None:
         raise ExtensionBuildError("cannot find the CUDA toolkit: set CUDA_HOME or put nvcc on PATH")
     os.environ["CUDA_HOME"] = home
-    import torch.utils.cpp_extension as cpp_extension
-
+    cpp_extension = _cpp_extension()
     # cpp_extension resolves CUDA_HOME once at import time; keep it in sync with the toolkit we found.
     cpp_extension.CUDA_HOME = home
     return home
@@ -182,9 +213,7 @@ def load_extension(
                 torch.ops.load_library(str(library))
             else:
                 build_dir.mkdir(parents=True, exist_ok=True)
-                from torch.utils.cpp_extension import load
-
-                load(
+                _cpp_extension().load(
                     name=name,
                     sources=[str(Path(s).resolve()) for s in sources],
                     extra_cflags=list(extra_cflags),

@@ -1,7 +1,8 @@
 """The ``torch.ops.dynadiag`` custom ops: loading, fake (meta) implementations and autograd.
 
 Schemas live in ``csrc/schema.cpp`` (its own tiny library, so device extensions such as ``csrc/cuda`` can load
-after it even when another device's build fails); CPU kernels in ``csrc/cpu``. Everything here is
+after it even when another device's build fails); each device's kernels are built and loaded by its backend module
+(``kernels/cpu.py``, ``kernels/cuda.py``, ``kernels/triton.py``). Everything here is
 device-agnostic: the fake functions only compute shapes, and the autograd formula calls the other two ops,
 which dispatch to whichever device implementation is registered.
 
@@ -19,27 +20,22 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from dynadiag.kernels._build import load_extension
+from dynadiag.kernels._build import load_extension, source_dir
 
 __all__ = [
     "CSRC",
     "check_offsets",
-    "cpu_library_error",
-    "is_loaded",
-    "load_cpu_library",
-    "load_library",
+    "diag_linear",
     "load_schema",
 ]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+#: the C++/CUDA sources: package data in a wheel, the repository's ``csrc/`` in a checkout
+CSRC = source_dir()
 _LOCK = threading.Lock()
 _REGISTERED = False
-_CPU_ERROR: str | None = None
-_CPU_TRIED = False
 # id(offsets) -> (weak reference, version, data pointer, P) of offsets tensors already checked on an accelerator.
 _CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
@@ -88,40 +84,6 @@ def load_schema() -> None:
         load_extension("dynadiag_schema", [CSRC / "schema.cpp"], extra_cflags=("-O2",), extra_ldflags=())
         _register_python_side()
         _REGISTERED = True
-
-
-def load_cpu_library() -> None:
-    """Load the schemas and the CPU kernels. Raises :class:`~dynadiag.kernels._build.ExtensionBuildError`."""
-    global _CPU_ERROR, _CPU_TRIED
-    load_schema()
-    with _LOCK:
-        if _CPU_TRIED and _CPU_ERROR is not None:
-            from dynadiag.kernels._build import ExtensionBuildError
-
-            raise ExtensionBuildError(_CPU_ERROR)
-        if _CPU_TRIED:
-            return
-        _CPU_TRIED = True
-        try:
-            load_extension("dynadiag_cpu", sorted((CSRC / "cpu").glob("*.cpp")))
-        except Exception as exc:
-            _CPU_ERROR = str(exc)
-            raise
-
-
-def load_library() -> None:
-    """Build (once, cached on disk) and load the op schemas and the CPU kernels."""
-    load_cpu_library()
-
-
-def is_loaded() -> bool:
-    """Whether the schemas and the CPU kernels are loaded in this process."""
-    return _CPU_TRIED and _CPU_ERROR is None
-
-
-def cpu_library_error() -> str | None:
-    """The CPU build's error message, or ``None`` (after a successful or not yet attempted load)."""
-    return _CPU_ERROR
 
 
 def _register_python_side() -> None:
