@@ -115,6 +115,16 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (x, values))
 
 
+@pytest.mark.parametrize(("in_f", "out_f", "k"), [(5, 8, 2), (8, 5, 3)])  # tall and wide
+def test_custom_ops_pass_opcheck(in_f, out_f, k):
+    """The Triton kernels are registered custom ops (schema, fake kernel, autograd), like the C++ ones."""
+    x, values, offsets = _problem(in_f, out_f, k, n=3, dtype=torch.float64)
+    grad_y = torch.randn(3, out_f, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(torch.ops.dynadiag.triton_fwd, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
+    torch.library.opcheck(torch.ops.dynadiag.triton_bwd_x, (grad_y, values.detach(), offsets, in_f))
+    torch.library.opcheck(torch.ops.dynadiag.triton_bwd_v, (grad_y, x.detach(), offsets))
+
+
 def test_registry_returns_triton_when_asked():
     assert get_backend("triton", DEVICE) is BACKEND
 

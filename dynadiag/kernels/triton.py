@@ -32,7 +32,7 @@ try:
 except ImportError:  # the backend reports itself unavailable; the kernels below are never decorated
     tl = None
 
-__all__ = ["BACKEND", "TritonBackend", "diag_apply", "diag_sddmm"]
+__all__ = ["BACKEND", "TritonBackend", "diag_apply", "diag_sddmm", "triton_bwd_v", "triton_bwd_x", "triton_fwd"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -194,27 +194,62 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-class _DiagLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, values, offsets, out_features):  # x [N, in], values [K, D]
-        in_features = x.shape[1]
-        ctx.save_for_backward(x, values, offsets)
-        ctx.in_features = in_features
-        return diag_apply(x, values, offsets, out_features, tall=out_features >= in_features)
+# The Triton kernels as torch custom ops (``torch.ops.dynadiag.triton_*``), like the C++ ones: opaque to
+# torch.compile (a fake kernel gives the shapes), differentiable through ``register_autograd``, checkable with
+# ``torch.library.opcheck``.
+@torch.library.custom_op("dynadiag::triton_fwd", mutates_args=())
+def triton_fwd(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x [N, in] @ W^T -> [N, out]`` with ``W`` given by ``values [K, D]`` on ``offsets [K]``."""
+    return diag_apply(x, values, offsets, out_features, tall=out_features >= x.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad_y):  # grad_y [N, out]
-        x, values, offsets = ctx.saved_tensors
-        in_features = ctx.in_features
-        out_features = grad_y.shape[1]
-        grad_y = grad_y.contiguous()
-        tall = out_features >= in_features
-        grad_x = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_x = diag_apply(grad_y, values, offsets, in_features, tall=not tall)
-        if ctx.needs_input_grad[1]:
-            grad_v = diag_sddmm(x, grad_y, offsets) if tall else diag_sddmm(grad_y, x, offsets)
-        return grad_x, grad_v, None, None
+
+@triton_fwd.register_fake
+def _(x, values, offsets, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("dynadiag::triton_bwd_x", mutates_args=())
+def triton_bwd_x(grad_y: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``grad_y [N, out] @ W -> grad_x [N, in]``: the other apply form on the transposed pattern."""
+    return diag_apply(grad_y, values, offsets, in_features, tall=grad_y.shape[1] < in_features)
+
+
+@triton_bwd_x.register_fake
+def _(grad_y, values, offsets, in_features):
+    return grad_y.new_empty(grad_y.shape[0], in_features)
+
+
+@torch.library.custom_op("dynadiag::triton_bwd_v", mutates_args=())
+def triton_bwd_v(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``grad_values [K, D]`` from ``grad_y [N, out]`` and ``x [N, in]``."""
+    if grad_y.shape[1] >= x.shape[1]:  # tall: D = in
+        return diag_sddmm(x, grad_y, offsets)
+    return diag_sddmm(grad_y, x, offsets)
+
+
+@triton_bwd_v.register_fake
+def _(grad_y, x, offsets):
+    return x.new_empty(offsets.shape[0], min(x.shape[1], grad_y.shape[1]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, values, offsets, _ = inputs
+    ctx.in_features = x.shape[1]
+    ctx.save_for_backward(x, values, offsets)
+
+
+def _backward(ctx, grad_y):
+    x, values, offsets = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    grad_x = grad_v = None
+    if ctx.needs_input_grad[0]:
+        grad_x = triton_bwd_x(grad_y, values, offsets, ctx.in_features)
+    if ctx.needs_input_grad[1]:
+        grad_v = triton_bwd_v(grad_y, x, offsets)
+    return grad_x, grad_v, None, None
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class TritonBackend:
@@ -261,7 +296,7 @@ class TritonBackend:
             bias,
             in_features,
             out_features,
-            _DiagLinearFn.apply,
+            triton_fwd,
         )
 
 
