@@ -7,6 +7,7 @@ method construction), which is what rots.
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -136,11 +137,43 @@ def test_experiment_trains_two_steps(name, tmp_path):
 def test_imagenet_recipe_follows_deit():
     cfg = _compose(["+experiment=paper_imagenet_vit"])
     assert cfg.data.name == "imagenet" and cfg.trainer.epochs == 300 and cfg.optim.opt == "adamw"
-    assert cfg.optim.lr == pytest.approx(5e-4 * 8 * cfg.data.batch_size / 512)  # 8 ranks
+    assert cfg.data.batch_size == 1024 and cfg.optim.lr == pytest.approx(5e-4 * cfg.data.batch_size / 512)
     assert cfg.optim.weight_decay == 0.05 and cfg.lr_schedule.warmup_epochs == 5
     assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.label_smoothing) == (0.8, 1.0, 0.1)
     assert cfg.data.auto_augment.startswith("rand-m9") and cfg.model.drop_path_rate == 0.1
     assert _grid("paper_imagenet_vit")["sparsity"] == ["0.6", "0.7", "0.8", "0.9", "0.95"]
+
+
+#: the machine-readable line of each paper experiment's "Recipe source" comment
+CITED = re.compile(r"^# Cited values: global batch (\d+), lr (\S+), epochs (\S+)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_has_the_global_batch_lr_and_epochs_its_source_cites(name):
+    """``data.batch_size`` is the global batch (train.py splits it over the ranks), so a paper recipe sets the
+    published global batch itself, next to the published lr and epochs; no per-rank batch hides in a comment."""
+    with open(os.path.join(CONFIGS, "experiment", f"{name}.yaml"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert "per rank" not in text
+    (cited,) = CITED.findall(text)
+    batch, lr, epochs = cited
+    cfg = _compose([f"+experiment={name}"])
+    assert cfg.data.batch_size == int(batch)
+    if lr != "n/a":
+        assert cfg.optim.lr == pytest.approx(float(lr), rel=1e-12)
+    if epochs != "n/a":
+        assert cfg.trainer.epochs == int(epochs)
+    assert name == "paper_speedup" or "n/a" not in cited  # only the throughput table cites no recipe
+
+
+def test_global_batch_is_split_over_the_ranks():
+    import composition
+
+    node = {"_target_": "dynadiag.data.DataConfig", "name": "synthetic", "batch_size": 32, "num_train": 64}
+    assert composition.build_data(node, seed=0).train_loader.batch_size == 32
+    for rank in range(4):
+        loaders = composition.build_data(node, seed=0, rank=rank, world_size=4)
+        assert loaders.train_loader.batch_size == 8 and len(loaders.train_loader) == 2  # same steps per epoch
 
 
 def test_digits_folds_partition_the_data():
