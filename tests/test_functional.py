@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -57,8 +55,24 @@ def test_k_formula_bounds(in_f, out_f, sparsity):
     k = DF.num_active_diagonals(in_f, out_f, sparsity)
     num_diag, length = DF.diag_dims(in_f, out_f)
     assert 1 <= k <= num_diag
-    assert k == min(num_diag, max(1, math.ceil(int((1 - sparsity) * in_f * out_f) / length)))
-    assert k * length >= min(int((1 - sparsity) * in_f * out_f), num_diag * length)
+    # K is the fewest diagonals holding the target number of weights int((1 - S) in out) (at least one)
+    target = int((1 - sparsity) * in_f * out_f)
+    assert k * length >= target and (k == 1 or (k - 1) * length < target)
+
+
+@pytest.mark.parametrize(
+    ("in_f", "out_f", "sparsity", "k"),
+    [  # worked by hand: P = max, D = min, target = int((1 - S) in out), K = ceil(target / D), at least 1
+        (13, 5, 0.5, 7),  # target 32, D 5
+        (8, 8, 0.5, 4),  # target 32, D 8
+        (12, 4, 0.0, 12),  # dense: all P diagonals
+        (4, 12, 0.9, 1),  # target int(4.8) = 4 <= D 4
+        (17, 17, 0.95, 1),  # target 14 < D 17
+        (20, 12, 0.75, 5),  # target 60, D 12
+    ],
+)
+def test_k_by_hand(in_f, out_f, sparsity, k):
+    assert DF.num_active_diagonals(in_f, out_f, sparsity) == k
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "x", None])
