@@ -41,7 +41,8 @@ def test_constant_fan_in_through_training(distribution):
         _assert_constant_fan_in(method)
         if "srigl/num_regrown" in metrics:
             updates.append(step)
-            assert metrics["srigl/ablated_neurons"] >= 0
+            empty = sum(int((_fan_ins(m.weight_mask) == 0).sum()) for _, m in method.layers)
+            assert metrics["srigl/ablated_neurons"] == empty  # the neurons with no weight left, counted exactly
         head = dict(method.layers)["head"]
         assert (_fan_ins(head.weight_mask) > 0).all()  # the classifier's neurons are never ablated
 
@@ -66,6 +67,28 @@ def test_hand_made_update_ablates_unsalient_neuron_and_follows_gradients():
     # without ablation every neuron keeps fan-in 2 and the count is exact
     new, _ = constant_fan_in_update(mask, weight.abs(), grad.abs(), n_drop=2, n_target=6, gamma_sal=None)
     assert new.sum(dim=1).tolist() == [2, 2, 2] and new[0, :2].all() and new[1, :2].all()
+
+
+def test_training_update_ablates_a_neuron_that_is_not_salient():
+    """Through the method's hooks (not just constant_fan_in_update): a neuron whose weights are the smallest and
+    whose gradient is zero loses all its weights, and its budget goes to the other neurons."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    config = MaskSparsifyConfig(0.5, include=["0"], first_layer="sparse")
+    schedule = RegrowSchedule(delta_t=1, drop_fraction=0.5, t_end=1.0, decay="constant")
+    method = SRigLMethod(config, schedule, gamma_sal=0.3)
+    method.apply_(model)
+    method.bind(steps_per_epoch=2, total_steps=2)  # one update, after step 0
+    layer = model[0]
+    assert _fan_ins(layer.weight_mask).tolist() == [3, 3, 3]  # budget 9 of 18 weights
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[5.0] * 6, [4.0] * 6, [1e-3] * 6]) * layer.weight_mask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    layer.weight.grad = torch.tensor([[1.0] * 6, [2.0] * 6, [0.0] * 6])  # neuron 2: no gradient signal
+    method.on_after_backward(0, model, optimizer)
+    metrics = method.on_after_optimizer_step(0, model, optimizer)
+    assert metrics["srigl/ablated_neurons"] == 1.0
+    assert _fan_ins(layer.weight_mask).tolist() == [4, 4, 0]  # 9 // 2 per surviving neuron
+    assert torch.all(layer.weight[2] == 0)
 
 
 def test_no_ablation_keeps_nnz_constant():
