@@ -110,6 +110,25 @@ class TrainerConfig:
         self.log_every_steps = max(1, int(self.log_every_steps))
 
 
+class _LossMeter:
+    """Mean training loss since the last log, over every rank's steps (a skipped non-finite step adds nothing)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.total, self.count = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor | None) -> None:
+        if loss is not None:
+            self.total += loss  # on the device: no synchronisation per step
+            self.count += 1
+
+    def mean_and_reset(self) -> float:
+        """All-reduced mean (a collective: every rank calls it at the same step)."""
+        totals = dist_utils.all_reduce_sum(torch.stack([self.total, self.total.new_tensor(self.count)]))
+        self.total.zero_()
+        self.count = 0
+        return (totals[0] / totals[1].clamp_min(1)).item()
+
+
 class Trainer:
     """Trains ``model`` with ``method``; :meth:`fit` returns the run summary.
 
@@ -269,52 +288,65 @@ class Trainer:
             return self._fit(resume)
 
     def _fit(self, resume: str | None) -> dict[str, Any]:
+        """The training loop: one pass over the data per epoch, logging, checkpoints and evaluation on schedule."""
         t_start = time.perf_counter()
         self.setup(resume)
-        show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
-        show = show and dist_utils.is_main_process()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
-        loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        bar = self._progress_bar()
+        losses = _LossMeter(self.device)
         stop = False
         while self.step < self.total_steps and not stop:
-            epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.data.train_sampler.set_epoch(epoch)
-            bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
-            self.data.train_sampler.skip(done_in_epoch * self.data.train_loader.batch_size)
-            self.model.train()
+            epoch = self._start_epoch(bar)
             for images, labels in self.data.train_loader:
                 loss, metrics = self._train_step(images, labels)
-                if loss is not None:
-                    loss_sum += loss
-                    loss_count += 1
+                losses.add(loss)
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
-                    # mean over every rank's steps since the last log (a collective: all ranks log together)
-                    totals = dist_utils.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(loss_count)]))
-                    avg = (totals[0] / totals[1].clamp_min(1)).item()
-                    loss_sum.zero_()
-                    loss_count = 0
-                    record = {"train/loss": avg, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
-                    record |= {f"train/{k}": v for k, v in metrics.items()}
-                    if self.train_timer.images:
-                        record["throughput/train_images_per_s"] = self.train_timer.images_per_second
-                    self.logger.log(record, self.step)
-                    bar.set_postfix(loss=f"{avg:.3f}")
+                    self._log_train(losses.mean_and_reset(), metrics, epoch, bar)
                 if self.cfg.ckpt_every_steps and self.step % self.cfg.ckpt_every_steps == 0:
                     self.save("last.pt")
                 stop = self._signals.requested(self.device)  # once per step on every rank (a collective)
                 if stop or self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
                     break
-            epoch_done = self.step % self.steps_per_epoch == 0
-            finished = self.step >= self.total_steps
-            if finished or (epoch_done and (self.step // self.steps_per_epoch) % self.cfg.eval_every_epochs == 0):
-                self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
-        if stop and self.step < self.total_steps:
-            bar.close()
-            return self._stop(self._signals.name)
+            self._evaluate_if_due(epoch)
         bar.close()
-        summary = self._summary(time.perf_counter() - t_start)
+        if stop and self.step < self.total_steps:
+            return self._stop(self._signals.name)
+        return self._finish(time.perf_counter() - t_start)
+
+    # ------------------------------------------------------- loop helpers
+    def _progress_bar(self) -> tqdm:
+        show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
+        show = show and dist_utils.is_main_process()
+        return tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
+
+    def _start_epoch(self, bar: tqdm) -> int:
+        """Position the sampler at ``self.step`` (mid-epoch after a resume); returns the 0-based epoch."""
+        epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
+        self.data.train_sampler.set_epoch(epoch)
+        self.data.train_sampler.skip(done_in_epoch * self.data.train_loader.batch_size)
+        bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
+        self.model.train()
+        return epoch
+
+    def _log_train(self, loss: float, metrics: dict[str, float], epoch: int, bar: tqdm) -> None:
+        record = {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
+        record |= {f"train/{k}": v for k, v in metrics.items()}
+        if self.train_timer.images:
+            record["throughput/train_images_per_s"] = self.train_timer.images_per_second
+        self.logger.log(record, self.step)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    def _evaluate_if_due(self, epoch: int) -> None:
+        """Evaluate (and checkpoint) at the end of every ``eval_every_epochs``-th epoch and at the end of the run."""
+        epoch_done = self.step % self.steps_per_epoch == 0
+        finished = self.step >= self.total_steps
+        if finished or (epoch_done and (self.step // self.steps_per_epoch) % self.cfg.eval_every_epochs == 0):
+            self._evaluate_and_checkpoint(epoch + (1 if epoch_done else 0), final=finished)
+
+    def _finish(self, wall_seconds: float) -> dict[str, Any]:
+        """The summary of a completed run, checked across ranks, written to ``summary.json`` and the logger."""
+        summary = self._summary(wall_seconds)
         report = sparsity_report(self.model)
         if any(layer.kernel for layer in report.layers):  # frozen layers ran: show each one's kernel choice
             self._print(str(report))
@@ -447,7 +479,7 @@ class Trainer:
             f"epoch {self.step / self.steps_per_epoch:6.2f}/{self.cfg.epochs} step {self.step:>6} | "
             f"val loss {result['loss']:.4f} "
             f"top1 {result['top1']:6.2f} (best {self.best_top1:6.2f}) | sparsity {stats['effective']:.3f} | "
-            f"train {self.train_timer.images_per_second:8.1f} img/s, infer {self.infer_images_per_s:8.1f} img/s"
+            f"train {self._train_rate_text()}, infer {self.infer_images_per_s:8.1f} img/s"
             + self._selection_text(selection)
         )
         if self.cfg.save_checkpoints:
@@ -464,6 +496,13 @@ class Trainer:
         if "selection/churn" in record:
             text += f", churn {record['selection/churn']:.3f}"
         return text
+
+    def _train_rate_text(self) -> str:
+        """Training images/s of the current topology; right after a topology change (the freeze) no step of it has
+        been timed yet, so the whole run's rate is shown, marked as such (not 0.0)."""
+        if self.train_timer.images:
+            return f"{self.train_timer.images_per_second:8.1f} img/s"
+        return f"{self.overall_timer.images_per_second:8.1f} img/s (run average)"
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume exactly (see :mod:`dynadiag.checkpoint`)."""

@@ -202,3 +202,14 @@ def test_nonfinite_skip_keeps_counting(tmp_path):
     trainer = make_trainer(tmp_path, NaNAtStep(7), epochs=2, nonfinite="skip", save_checkpoints=False)
     assert trainer.fit()["steps"] == 8
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_freeze_epoch_line_reports_a_training_rate(tmp_path, capsys):
+    """The evaluation right after the freeze has no timed step of the new topology yet: it shows the run's average
+    rate, marked as such, instead of 0.0 img/s."""
+    make_trainer(tmp_path, epochs=2).fit()  # freeze after step 4 = the end of epoch 1, evaluated right then
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and "(run average)" in lines[0] and "(run average)" not in lines[1]
+    for line in lines:
+        rate = float(line.split("train")[1].split("img/s")[0])
+        assert rate > 0, line
