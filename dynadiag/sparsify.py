@@ -35,8 +35,9 @@ class DiagSparsifyConfig:
         exclude: glob patterns removed from the matches.
         backend: kernel backend for frozen layers.
         convs: also convert matching ``nn.Conv2d`` layers to :class:`DiagConv2d`.
-        init: ``"kaiming"`` re-initialises ``V`` as the paper does (training from scratch); ``"copy"`` takes
-            ``V`` from the dense layer's diagonals (starting from a trained model).
+        init: ``"kaiming"`` builds fresh linear layers (kaiming-uniform ``V``) as the paper does (training from
+            scratch); ``"copy"`` takes ``V`` from the dense layer's diagonals (starting from a trained model).
+            Convolutions always copy.
         group: select groups of this many consecutive diagonal offsets (:mod:`dynadiag.groups`); 1 = single
             diagonals (the paper). Linear layers only.
         permute: give every converted linear layer a fixed random input permutation, drawn from ``permute_seed``
@@ -64,7 +65,24 @@ class DiagSparsifyConfig:
 def _convert(name: str, module: nn.Linear | nn.Conv2d, config: DiagSparsifyConfig) -> DiagLinear | DiagConv2d:
     if isinstance(module, nn.Linear):
         perm = input_permutation(module.in_features, config.permute_seed, name) if config.permute else None
-        return DiagLinear.from_linear(module, config.sparsity, backend=config.backend, group=config.group, perm=perm)
+        if config.init == "copy":
+            return DiagLinear.from_linear(
+                module, config.sparsity, backend=config.backend, group=config.group, perm=perm
+            )
+        # kaiming: a fresh layer (kaiming-uniform V, alpha = 1/P, zero bias); the dense weights are never read
+        layer = DiagLinear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            sparsity=config.sparsity,
+            backend=config.backend,
+            group=config.group,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        if perm is not None:
+            layer.set_permutation_(perm)
+        return layer
     if config.group > 1 or config.permute:
         raise ValueError(
             f"sparsify_: cannot convert '{name}': grouped/permuted diagonals are implemented for linear layers "
@@ -110,9 +128,7 @@ def sparsify_(
     reports = []
     for name, module in plan.targets:
         layer = _convert(name, module, config)
-        if config.init == "kaiming" and isinstance(layer, DiagLinear):
-            layer.reset_parameters()
-        reset_alpha_(layer)
+        reset_alpha_(layer)  # from_linear/from_conv rank the copied diagonals by norm; training starts neutral
         layer.layer_name = name
         replace_module_(model, name, layer)
         reports.append(layer_report(name, layer))

@@ -123,3 +123,23 @@ def test_bad_inputs():
     sparsify_(model, DiagSparsifyConfig(0.5))
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv"):
         model.blocks[0].attn.qkv(torch.randn(2, 3, 100))
+
+
+def test_init_kaiming_builds_each_layer_directly():
+    """init=kaiming: fresh layers (one kaiming draw each, alpha = 1/P, zero bias); the dense weights are not read."""
+    model = _vit()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.fill_(float("nan"))
+                module.bias.fill_(float("nan"))
+    torch.manual_seed(123)
+    sparsify_(model, DiagSparsifyConfig(sparsity=0.9))
+    layers = [m for m in model.modules() if isinstance(m, DiagLinear)]
+    torch.manual_seed(123)
+    first = DiagLinear(layers[0].in_features, layers[0].out_features, sparsity=0.9)
+    assert torch.equal(layers[0].V, first.V)  # the very first draw after the seed: no copy-then-reset
+    for layer in layers:
+        assert torch.isfinite(layer.V).all() and layer.V.abs().max() <= layer.diag_length**-0.5
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert torch.equal(layer.alpha, torch.full_like(layer.alpha, 1.0 / layer.num_diagonals))
