@@ -137,7 +137,8 @@ def test_compile_smoke_run_has_no_graph_breaks(tmp_path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     summary = run(tmp_path, "trainer.compile=true", "trainer.compile_backend=aot_eager")
-    assert summary["steps"] == 8 and summary["sparsity_target_layers"] > 0.8  # recompiled after the freeze
+    assert summary["steps"] == 8  # recompiled after the freeze: K * D of P * D per layer (vit_nano at 90 %)
+    assert summary["sparsity_target_layers"] == pytest.approx(1 - (10 + 4 + 13 + 13) * 32 / 12288, rel=1e-12)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # soft phase and frozen phase
 
