@@ -122,7 +122,7 @@ import time; t = time.time()
 if '$DEVICE' == 'cuda':
     from dynadiag.kernels import cuda; cuda.load_cuda_library(); print('flags', cuda.cuda_arch_flags())
 else:
-    from dynadiag.kernels import ops; ops.load_library()
+    from dynadiag.kernels.cpu import load_cpu_library; load_cpu_library()
 print(f'dynadiag extension ready in {time.time() - t:.1f} s')"
 step validation 20 validation
 step probe 40 "${MEASURE[@]}" probe

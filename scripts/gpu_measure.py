@@ -528,9 +528,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cuda.load_cuda_library()
         else:
-            from dynadiag.kernels import ops
+            from dynadiag.kernels.cpu import load_cpu_library
 
-            ops.load_library()
+            load_cpu_library()
     if args.step == "one":
         step_one(args)
         return 0

@@ -136,9 +136,9 @@ def test_non_auto_backends_report_their_own_name():
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler for the cpu ops")
 def test_auto_backend_compiles_without_graph_breaks_across_token_counts(monkeypatch, strict_fp32):
     """torch.compile(fullgraph=True) traces the choice (symbolic token counts after the first recompile)."""
-    from dynadiag.kernels import ops
+    from dynadiag.kernels.cpu import load_cpu_library
 
-    ops.load_library()
+    load_cpu_library()
     dd = torch.ops.dynadiag
     mixed = replace(H200_PRIOR, diag={"apply_wide": 400.0, "apply_tall": 400.0, "sddmm": 0.001})
     auto = AutoBackend("cpu", DiagOps(dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v), mixed)
