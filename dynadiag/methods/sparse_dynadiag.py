@@ -93,7 +93,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         harden_power: float = 1.0,
         alpha_lr_mult: float = 1.0,
         alpha_weight_decay: float = 0.0,
-        drop_score: str = "alpha",
+        drop_score: str = "magnitude",
         grow_init: str = "zero",
         normalize: bool = False,
         include: Sequence[str] | None = None,
