@@ -31,8 +31,9 @@ def make(steps=12, **kw):
     return model, method, optimizer
 
 
-def test_layers_run_candidates_grow_new_diagonals_and_end_with_exactly_k():
-    model, method, optimizer = make()
+@pytest.mark.parametrize("drop_score", ["magnitude", "alpha"])
+def test_layers_run_candidates_grow_new_diagonals_and_end_with_exactly_k(drop_score):
+    model, method, optimizer = make(drop_score=drop_score)
     assert method.freeze_step == 9
     layers = [m for m in model.modules() if isinstance(m, CandidateDiagLinear)]
     assert len(layers) == 8 and all(not isinstance(m.alpha, torch.nn.Parameter) for m in layers)
