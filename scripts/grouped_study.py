@@ -2,8 +2,9 @@
 
 Reads run directories (``summary.json`` + ``.hydra/config.yaml``) and/or ``runs.csv`` files written by
 ``scripts/make_tables.py`` (for committed baselines whose directories are gone). A ``dynadiag`` run is labelled by
-its ``sparsifier.group`` and ``sparsifier.permute`` (``g8``, ``g8+perm``; runs without those keys are ``g1``); other
-methods keep their name. Per sparsity it reports top-1 (final and mean of the last 5 evaluations) mean +- std, the
+its ``sparsifier.config.group`` and ``sparsifier.config.permute`` (``sparsifier.group``/``permute`` in older runs):
+``g8``, ``g8+perm``; runs without those keys are ``g1``; other methods keep their name.
+Per sparsity it reports top-1 (final and mean of the last 5 evaluations) mean +- std, the
 achieved sparsity of the sparsified layers, and paired differences ``label - g1`` and ``label - rigl`` over the
 (seed, fold) pairs both have, with 95 % t confidence intervals (``make_tables.paired_difference``).
 
@@ -36,6 +37,7 @@ def _label(run: dict[str, Any]) -> str:
     sparsifier = {}
     if cfg_path.is_file():
         sparsifier = (yaml.safe_load(cfg_path.read_text()) or {}).get("sparsifier") or {}
+    sparsifier = sparsifier.get("config") or sparsifier  # runs since 3799cf6 nest it in DiagSparsifyConfig
     group = int(sparsifier.get("group", 1) or 1)
     return f"g{group}" + ("+perm" if sparsifier.get("permute") else "")
 
