@@ -37,7 +37,7 @@ def _label(run: dict[str, Any]) -> str:
     sparsifier = {}
     if cfg_path.is_file():
         sparsifier = (yaml.safe_load(cfg_path.read_text()) or {}).get("sparsifier") or {}
-    sparsifier = sparsifier.get("config") or sparsifier  # runs since 3799cf6 nest it in DiagSparsifyConfig
+    sparsifier = sparsifier.get("config") or sparsifier  # runs since a338677 nest it in DiagSparsifyConfig
     group = int(sparsifier.get("group", 1) or 1)
     return f"g{group}" + ("+perm" if sparsifier.get("permute") else "")
 
