@@ -90,10 +90,27 @@ def markdown(rows: list[dict[str, Any]], metric: str) -> str:
     for r in rows:
         eff = "" if r["sparsity_effective"] is None else f"{r['sparsity_effective']:.3f}"
         lines.append(
-            f"| {r['sparsity']:.2f} | {r['label']} | {r['n']} | {r['mean']:.2f} +- {r['std']:.2f} | {eff} | "
+            f"| {r['sparsity']:.3f} | {r['label']} | {r['n']} | {r['mean']:.2f} +- {r['std']:.2f} | {eff} | "
             f"{_fmt_diff(r['vs_g1'])} | {_fmt_diff(r['vs_rigl'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def extra_pairs(runs: list[dict[str, Any]], metric: str, pairs: list[str]) -> str:
+    """Paired differences between arbitrary cells, ``"g8@0.9:g1@0.875"`` = (g8 at 90 %) - (g1 at 87.5 %)."""
+    if not pairs:
+        return ""
+    cells: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
+    for run in runs:
+        if run.get(metric) is not None:
+            cells[(run["label"], round(float(run["sparsity"]), 4))][(run["seed"], run["fold"])] = float(run[metric])
+    lines = ["| comparison | difference [95 % CI] | p |", "|---|---|---|"]
+    for pair in pairs:
+        (a, sa), (b, sb) = (item.split("@") for item in pair.split(":"))
+        d = paired_difference(cells.get((a, round(float(sa), 4)), {}), cells.get((b, round(float(sb), 4)), {}))
+        p = "" if d is None or d["n"] < 2 else f"{d['p']:.3f}"
+        lines.append(f"| {a} at {float(sa):.3f} - {b} at {float(sb):.3f} | {_fmt_diff(d)} | {p} |")
+    return "\nDensity-matched and other pairs (same (seed, fold)):\n\n" + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -102,7 +119,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sparsities = sorted({r["sparsity"] for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows if r["vs_g1"] is not None and r["vs_g1"]["n"] >= 2})
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5.5 * len(sparsities), 3.8), squeeze=False)
     for ax, s in zip(axes[0], sparsities, strict=True):
         rs = [r for r in rows if r["sparsity"] == s and r["vs_g1"] is not None and r["vs_g1"]["n"] >= 2]
@@ -122,6 +139,7 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", help="sweep/run directories and runs.csv files")
     parser.add_argument("--out", type=Path, default=Path("docs/results/grouped"))
     parser.add_argument("--model", default="vit_nano")
+    parser.add_argument("--pairs", nargs="*", default=[], help='extra paired differences, e.g. "g8@0.9:g1@0.875"')
     args = parser.parse_args()
     runs = [r for r in load_runs(args.paths) if r.get("model") == args.model]
     for run in runs:
@@ -138,7 +156,7 @@ def main() -> None:
     for metric in ("val_top1_final", "val_top1_last5"):
         rows = analyse(runs, metric)
         result[metric] = rows
-        text.append(f"### {metric}\n\n" + markdown(rows, metric))
+        text.append(f"### {metric}\n\n" + markdown(rows, metric) + extra_pairs(runs, metric, args.pairs))
     (args.out / "study.md").write_text("\n".join(text))
     (args.out / "study.json").write_text(json.dumps(result, indent=1))
     plot(result["val_top1_final"], args.out / "study.png")
