@@ -117,3 +117,12 @@ def test_trainer_resume_mid_soft_phase_is_exact(tmp_path, stop_at):
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for key, value in full_state.items():
         assert torch.equal(value, resumed_state[key]), key
+
+
+def test_label_names_a_variant_row():
+    assert SparseDynaDiagMethod(0.9).name == "sparse_dynadiag"
+    model, method, optimizer = make(label="sparse_dynadiag_norm", normalize=True)
+    assert method.name == "sparse_dynadiag_norm"
+    seen = []
+    run_steps(model, method, optimizer, 2, after_step=lambda step, metrics: seen.extend(metrics))
+    assert "sparse_dynadiag_norm/num_new" in seen

@@ -72,6 +72,8 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             (``w * ||V||`` of the diagonal, DiagHeur's criterion).
         grow_init: grown diagonals start at ``zero`` (RigL) or ``keep`` their stored values.
         normalize: scale the soft weights so the top ``K`` average 1 (see ``candidate_weights``).
+        label: the method's name in summaries, tables and metric prefixes (default ``sparse_dynadiag``), so a
+            variant run beside the default forms its own row.
         include: module-name globs to convert (``None``: the DynaDiag defaults).
         exclude: module-name globs to leave dense.
         backend: kernel backend (soft and frozen phase).
@@ -96,6 +98,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         drop_score: str = "magnitude",
         grow_init: str = "zero",
         normalize: bool = False,
+        label: str | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         backend: str = "auto",
@@ -121,6 +124,8 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         self.alpha_lr_mult, self.alpha_weight_decay = float(alpha_lr_mult), float(alpha_weight_decay)
         self.drop_score, self.grow_init, self.normalize = drop_score, grow_init, bool(normalize)
         self.freeze_step = 1
+        if label:
+            self.name = str(label)
         self._alpha_opt: torch.optim.Optimizer | None = None
         self._alpha_state: dict[str, Any] | None = None  # loaded before the alpha optimizer exists
 
