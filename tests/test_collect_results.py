@@ -40,7 +40,7 @@ def test_rows_tables_and_plot(sweep, tmp_path):
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
     assert rows[0]["overrides"] == "sparsity=0.5 seed=0"  # hydra.* overrides are left out
-    assert rows[2]["sparsity"] == 0.9 and rows[2]["method"] == "dynadiag"
+    assert rows[2]["sparsity"] == 0.9 and rows[2]["method"] == "sparse_dynadiag"
     assert isinstance(rows[0]["val_top1_best"], float) and rows[0]["infer_images_per_s"] > 0
     groups = collect_results.aggregate(rows)
     assert [(g["sparsity"], g["seeds"]) for g in groups] == [(0.5, 2), (0.9, 1)]

@@ -51,7 +51,7 @@ def test_importing_the_hydra_side_registers_no_resolver():
 
 def test_build_sparse_model_applies_the_method_once():
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=vit_nano", "data=synthetic"])
+        cfg = compose(config_name="config", overrides=["model=vit_nano", "data=synthetic", "sparsifier=dynadiag"])
     model, method, report = composition.build_sparse_model(cfg.model, cfg.sparsifier)
     layers = [m for m in model.modules() if isinstance(m, DiagLinear)]
     assert len(layers) == len(report.layers) == 8  # qkv, proj, fc1, fc2 of both blocks

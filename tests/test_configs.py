@@ -39,12 +39,21 @@ def test_every_group_has_options_and_defaults_compose():
         assert options(group), group
     cfg = _compose([])
     assert cfg.sparsity == 0.9 and cfg.data.name == "digits" and cfg.model.depth == 6
-    assert cfg.sparsifier._target_.endswith("DynaDiagMethod")
+    assert cfg.sparsifier._target_.endswith(".SparseDynaDiagMethod")  # the improved method is the default
+
+
+def test_default_sparsifier_is_sparse_dynadiag_by_value():
+    method = instantiate(_compose([]).sparsifier, _convert_="all")
+    assert method.name == "sparse_dynadiag" and method.sparsity == 0.9
+    assert (method.density_start, method.freeze_fraction, method.alpha_lr_mult) == (3.0, 0.5, 1.0)
+    assert (method.drop_score, method.normalize, method.t_max, method.t_min) == ("magnitude", False, 1.0, 0.05)
+    method.bind(steps_per_epoch=10, total_steps=500)
+    assert method.freeze_step == 250 and method.schedule.delta_t == 100  # regrow/cosine's cadence
 
 
 def test_default_temperature_schedule_by_value():
-    """The default run's DynaDiag recipe: cosine 5 -> 0.05, constant within an epoch, freeze at 20 % of 50 epochs."""
-    cfg = _compose([])
+    """The paper method's default recipe: cosine 5 -> 0.05, constant within an epoch, freeze at 20 % of 50 epochs."""
+    cfg = _compose(["sparsifier=dynadiag"])
     method = instantiate(cfg.sparsifier, _convert_="all")
     assert isinstance(method.config, DiagSparsifyConfig) and method.config.sparsity == 0.9
     assert isinstance(method.schedule, TemperatureSchedule)
@@ -99,7 +108,7 @@ def test_sparsifier_options_instantiate_and_apply(option):
 
 @pytest.mark.parametrize("option", options("schedule"))
 def test_schedule_options(option):
-    cfg = _compose([f"schedule={option}", "model=vit_nano"])
+    cfg = _compose([f"schedule={option}", "model=vit_nano", "sparsifier=dynadiag"])  # the paper method's group
     method = instantiate(cfg.sparsifier, _convert_="all")
     method.bind(steps_per_epoch=10, total_steps=10 * cfg.trainer.epochs)
     t0, t_end = method.schedule(0), method.schedule(method.freeze_step)

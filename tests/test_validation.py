@@ -35,7 +35,7 @@ BAD_CONFIGS = [
     pytest.param(["data.name=mnist"], "unknown dataset 'mnist'; choose one of ['digits', 'cifar10'", id="dataset"),
     pytest.param(["model.name=vit_nonexistent"], "unknown timm model 'vit_nonexistent'", id="model"),
     pytest.param(
-        ["trainer.epochs=2", "schedule.freeze_epoch=3"],
+        ["trainer.epochs=2", "sparsifier=dynadiag", "schedule.freeze_epoch=3"],
         "freeze_epoch=3 is beyond the run (2 epochs)",
         id="freeze-beyond-run",
     ),
