@@ -103,3 +103,11 @@ def test_grouped_layer_on_grouped_triton():
     x = torch.randn(3, 5, 32, device=DEVICE)
     assert _rel(fast(x), layer(x)) < (1e-5 if not _ON_GPU else 5e-3)
     assert get_backend("grouped_triton", DEVICE) is BACKEND
+
+
+@pytest.mark.parametrize("offsets", [[4, 2, 9], [1, 1, 5], [0, 3, 40]])
+def test_bad_offsets_are_one_clear_error(offsets):
+    """Unsorted, repeated or out-of-range offsets would silently drop diagonals in the band tiles."""
+    x, values, _ = _problem(40, 40, 1, 3, n=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="strictly ascending and in"):
+        BACKEND.diag_linear(x, values, torch.tensor(offsets, device=DEVICE), None, 40, 40)

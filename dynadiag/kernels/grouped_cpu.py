@@ -123,7 +123,19 @@ class GroupedCpuBackend:
             b = None if bias is None else bias.to(x2.dtype)
             return _GroupedFn.apply(x2, values, offsets, b, perm, out_features)
 
-        return ops.diag_linear("grouped_cpu", "cpu", _DTYPES, x, values, offsets, None, in_features, out_features, fwd)
+        return ops.diag_linear(
+            "grouped_cpu",
+            "cpu",
+            _DTYPES,
+            x,
+            values,
+            offsets,
+            None,
+            in_features,
+            out_features,
+            fwd,
+            fwd_checks_offsets=True,
+        )  # the grouped C++ ops check the offsets
 
 
 def _dtype_code(dtype: torch.dtype) -> int:

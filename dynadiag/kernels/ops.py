@@ -153,11 +153,13 @@ def diag_linear(
     in_features: int,
     out_features: int,
     fwd: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    fwd_checks_offsets: bool = False,
 ) -> torch.Tensor:  # [..., out]
     """Check inputs, flatten to ``[N, in]``, run ``fwd`` (default ``torch.ops.dynadiag.diag_fwd``), add the bias.
 
     Shared by every compiled backend. ``device_type=None`` accepts any device. With the default ``fwd`` the op
-    library must already be loaded for ``x``'s device; the caller does that with a cheap check.
+    library must already be loaded for ``x``'s device; the caller does that with a cheap check. A custom ``fwd``
+    gets the offsets checked here unless ``fwd_checks_offsets`` (its C++ op checks them, as the default ops do).
     """
     if device_type is not None and x.device.type != device_type:
         raise ValueError(f"{backend} backend got a tensor on {x.device}")
@@ -165,6 +167,8 @@ def diag_linear(
         raise TypeError(f"{backend} backend supports {dtypes}, got {x.dtype}")
     if x.shape[-1] != in_features:
         raise ValueError(f"expected {in_features} input features, got {tuple(x.shape)}")
+    if fwd is not None and not fwd_checks_offsets:
+        check_offsets(offsets, max(in_features, out_features), backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()  # [N, in]
     # values may be fp32 master weights under bf16 activations: the cast is differentiable.
