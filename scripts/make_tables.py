@@ -11,7 +11,9 @@ folds (``n`` runs). Dense does not depend on the sparsity, so its runs are poole
 
 Writes to ``--out``: ``runs.csv`` (one row per run), ``tables.md`` (accuracy, paired differences, throughput),
 ``accuracy.csv``, ``paired.csv``, ``throughput.csv``, ``accuracy.png``, ``throughput.png``, ``paired.png``
-(differences with CIs), ``curves.png`` (validation top-1 per epoch) and, with ``--bench``,
+(differences with CIs), ``curves.png`` (validation top-1 per epoch), for methods that select diagonals
+``selection.csv`` (freeze drop, top-K share at the freeze), ``selection_history.csv`` and ``selection.png`` (top-K
+share and live diagonals / K per epoch) and, with ``--bench``,
 ``layer_speedup.png`` (kernel speedup vs sparsity per ViT-B layer shape from ``scripts/bench_kernels.py``).
 
 Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
@@ -61,6 +63,25 @@ def _val_history(run_dir: Path) -> list[float]:
     return history
 
 
+#: per-evaluation selection quantities (dynadiag/selection_stats.py) that ``selection.png`` plots over training
+SELECTION_KEYS = ("topk_share", "live_over_k", "churn")
+
+
+def _selection_history(run_dir: Path) -> list[dict[str, float]]:
+    """``{"epoch", "topk_share", "live_over_k", "churn"}`` per evaluation of a method that selects (else ``[]``)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "val/top1" in record and f"selection/{SELECTION_KEYS[0]}" in record:
+            point = {"epoch": float(record.get("epoch", len(history) + 1))}
+            point |= {key: float(record.get(f"selection/{key}", math.nan)) for key in SELECTION_KEYS}
+            history.append(point)
+    return history
+
+
 _CSV_NUMBERS = {
     "sparsity": float,
     "seed": int,
@@ -70,20 +91,41 @@ _CSV_NUMBERS = {
     "val_top1_last5": float,
     "sparsity_effective": float,
     "train_images_per_s": float,
+    "train_images_per_s_overall": float,
+    "freeze_drop": float,
+    "topk_share_at_freeze": float,
     "infer_images_per_s": float,
     "wall_time_s": float,
 }
 
 
+def _run_key(row: dict[str, Any]) -> tuple:
+    fold = row.get("fold")
+    fold = None if fold in (None, "") else int(fold)
+    return (row["model"], row["data"], row["method"], float(row["sparsity"]), int(row["seed"]), fold)
+
+
 def load_runs_csv(path: Path) -> list[dict[str, Any]]:
-    """Runs from a ``runs.csv`` this script wrote earlier (the run directories may be gone; no per-epoch curve)."""
+    """Runs from a ``runs.csv`` this script wrote earlier (the run directories may be gone; no top-1 curve).
+
+    The selection curves come back from a ``selection_history.csv`` beside it, if there is one.
+    """
+    histories: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    history_path = path.with_name("selection_history.csv")
+    if history_path.is_file():
+        with history_path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                point = {
+                    k: float(row[k]) if row.get(k) not in (None, "") else math.nan for k in ("epoch", *SELECTION_KEYS)
+                }
+                histories[_run_key(row)].append(point)
     runs = []
     with path.open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             run: dict[str, Any] = dict(row)
             for key, kind in _CSV_NUMBERS.items():
                 run[key] = kind(row[key]) if row.get(key) not in (None, "") else None
-            run["history"] = []
+            run["history"], run["selection_history"] = [], histories.get(_run_key(run), [])
             runs.append(run)
     return runs
 
@@ -125,6 +167,7 @@ def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]
                     "wall_time_s": s.get("wall_time_s"),
                     "device": s.get("device"),
                     "history": history,  # val top-1 per evaluation (not written to runs.csv)
+                    "selection_history": _selection_history(run_dir),  # -> selection_history.csv
                 }
             )
     return runs
@@ -464,6 +507,56 @@ def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
     plt.close(fig)
 
 
+def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Long-format rows (one per run and evaluation) of the selection quantities, for ``selection_history.csv``."""
+    rows = []
+    for r in runs:
+        for point in r.get("selection_history") or []:
+            rows.append({k: r[k] for k in ("model", "data", "method", "sparsity", "seed", "fold")} | point)
+    return rows
+
+
+def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
+    """Top-K share and live diagonals / K per evaluation (mean over runs), per selecting method and sparsity.
+
+    One row of panels per (model, dataset) that has runs with selection metrics; returns False when none has.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keyed = {key: t for key, t in tables.items() if any(r.get("selection_history") for r in t.runs)}
+    if not keyed:
+        return False
+    fig, axes = plt.subplots(len(keyed), 2, figsize=(12, 4.2 * len(keyed)), squeeze=False)
+    for (ax_share, ax_live), (key, table) in zip(axes, keyed.items()):
+        for method in table.methods:
+            for s in table.sparsities:
+                histories = [r["selection_history"] for r in table.cell_runs(method, s) if r.get("selection_history")]
+                if not histories:
+                    continue
+                length = min(len(h) for h in histories)
+                epochs = [histories[0][i]["epoch"] for i in range(length)]
+                label = f"{method} {100 * s:g} % (n={len(histories)})"
+                for ax, name in ((ax_share, "topk_share"), (ax_live, "live_over_k")):
+                    mean = [statistics.fmean(h[i][name] for h in histories) for i in range(length)]
+                    ax.plot(epochs, mean, label=label)
+        ax_share.set_ylabel("top-K share (mass of the K largest soft weights)")
+        ax_share.axhline(0.9, color="gray", lw=0.8, ls="--")
+        ax_live.set_ylabel("live diagonals / K (exp entropy)")
+        ax_live.set_yscale("log")
+        for ax in (ax_share, ax_live):
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{key[0]} on {key[1]}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_layer_speedup(bench_json: Path, path: Path) -> None:
     """Kernel speedup vs dense (fwd and fwd+bwd) vs sparsity, one line per layer shape and backend."""
     import matplotlib
@@ -518,9 +611,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"no summary.json under {args.paths}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "selection.csv"):
+    for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "selection.csv", "selection_history.csv"):
         (args.out / name).unlink(missing_ok=True)
-    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "history"} for r in runs])
+    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if not k.endswith("history")} for r in runs])
+    if selection_history := selection_history_rows(runs):
+        write_csv(args.out / "selection_history.csv", selection_history)
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
@@ -554,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_throughput(tables, thr, args.out / "throughput.png")
     plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png")
     plot_curves(tables, args.out / "curves.png")
+    (args.out / "selection.png").unlink(missing_ok=True)
+    plot_selection(tables, args.out / "selection.png")
     if args.bench:
         plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
     print("\n".join(md))

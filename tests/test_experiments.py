@@ -5,6 +5,7 @@ stays fast on 2 CPU cores; what is checked is the wiring of each config (groups,
 method construction), which is what rots.
 """
 
+import csv
 import json
 import os
 import re
@@ -285,3 +286,37 @@ def test_make_tables_reads_its_own_runs_csv(tmp_path):
     table = make_tables.Table(runs, "final")
     diff = make_tables.paired_difference(table.values("dynadiag", 0.9), table.values("rigl", 0.9))
     assert diff is not None and diff["n"] == 3 and abs(diff["mean"] + 1.5) < 1e-9
+
+
+def test_make_tables_plots_selection_curves_and_keeps_them_in_csv(tmp_path):
+    """Runs with per-epoch selection metrics give selection_history.csv and selection.png; a re-run from the
+    committed CSVs (run directories gone) draws the same curves."""
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        for method, share in (("dynadiag", 0.2), ("sparse_dynadiag", 0.9)):
+            run_dir = sweep / f"{method}-{seed}"
+            run_dir.mkdir(parents=True)
+            summary = {"model": "m", "data": "d", "method": method, "sparsity": 0.9, "seed": seed}
+            summary |= {"val_top1_final": 90.0 + seed, "val_top1_best": 91.0, "freeze_drop": 0.0}
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+            records = [
+                {"epoch": e, "val/top1": 80.0 + e, "selection/topk_share": share + 0.01 * e}
+                | {"selection/live_over_k": 5.0 / e, "selection/churn": 0.1}
+                for e in (1, 2, 3)
+            ]
+            (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "tables"
+    make_tables.main([str(sweep), "--out", str(out)])
+    rows = list(csv.DictReader((out / "selection_history.csv").open()))
+    assert len(rows) == 2 * 2 * 3 and {r["method"] for r in rows} == {"dynadiag", "sparse_dynadiag"}
+    assert (out / "selection.png").stat().st_size > 0
+    again = make_tables.load_runs([out / "runs.csv"])
+    by_method = {(r["method"], r["seed"]): r["selection_history"] for r in again}
+    assert by_method[("sparse_dynadiag", 1)] == [
+        {"epoch": float(e), "topk_share": pytest.approx(0.9 + 0.01 * e), "live_over_k": pytest.approx(5.0 / e)}
+        | {"churn": pytest.approx(0.1)}
+        for e in (1, 2, 3)
+    ]
+    (out / "selection.png").unlink()
+    make_tables.main([str(out / "runs.csv"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "selection.png").stat().st_size > 0
