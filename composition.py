@@ -56,6 +56,7 @@ __all__ = [
     "run_dir",
     "run_job",
     "seed_everything",
+    "upgrade_sparsifier_config",
     "validate_backend",
     "validate_config",
 ]
@@ -199,6 +200,23 @@ def build_sparse_model(model: Mapping[str, Any], sparsifier: Mapping[str, Any]) 
     method = instantiate(sparsifier, _convert_="all")
     report = method.apply_(net)
     return net, method, report
+
+
+def upgrade_sparsifier_config(sparsifier: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run's ``sparsifier`` node in today's layout (a copy; other methods' nodes are returned as they are).
+
+    ``sparsifier=sparse_dynadiag`` kept its layer options (sparsity, include, exclude, backend) at the top level until
+    they moved into a nested ``config:`` node (a ``DiagSparsifyConfig``, as for dynadiag and diag_heur); checkpoints
+    saved before that are rebuilt with them nested.
+    """
+    node = dict(sparsifier)
+    if str(node.get("_target_", "")).endswith(".SparseDynaDiagMethod") and "config" not in node:
+        config: dict[str, Any] = {"_target_": "dynadiag.sparsify.DiagSparsifyConfig"}
+        for key in ("sparsity", "include", "exclude", "backend"):
+            if key in node:
+                config[key] = node.pop(key)
+        node["config"] = config
+    return node
 
 
 def build_run_logger(

@@ -33,6 +33,7 @@ from dynadiag.trainer import format_summary
 def load_model(state: dict[str, Any], backend: str | None, device: torch.device, path: str) -> torch.nn.Module:
     """Rebuild the checkpoint's model (sparsified like in training) and load its weights strictly."""
     config = copy.deepcopy(state["config"])
+    config["sparsifier"] = comp.upgrade_sparsifier_config(config.get("sparsifier") or {})
     sparsify_config = (config.get("sparsifier") or {}).get("config") or {}
     if backend is not None and "backend" in sparsify_config:
         sparsify_config["backend"] = backend

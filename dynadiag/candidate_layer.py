@@ -18,6 +18,14 @@ so the selected diagonals weigh about 1 (no ``K/P`` shrink of the output), the t
 the hardness ``h`` ramps to 1 by the freeze: then ``w`` is exactly the top-``K`` indicator, the candidate set holds
 ``K`` diagonals, and :meth:`freeze_` (which keeps the top ``K`` candidates with weight 1) changes nothing.
 
+**Groups and permutations** (:mod:`dynadiag.groups`). With ``group=g > 1`` the selection units are the
+``G = ceil(P/g)`` groups of ``g`` consecutive offsets (the last one short when ``g`` does not divide ``P``):
+``alpha`` and ``candidates`` are ``[G]``, the weights above are computed per candidate group with ``K`` replaced by
+``k_groups = min(G, ceil(K/g))``, and each group's weight multiplies all of its diagonals. The kernels see the
+candidate groups' diagonal offsets (runs of consecutive offsets). A fixed input permutation is applied to ``x``
+exactly as :class:`~dynadiag.layers.DiagLinear` does (a gather, or fused by backends that can), so the soft phase,
+the frozen layer and ``weight`` agree. ``group=1`` is the ungrouped layer (every helper is then the identity).
+
 ``alpha`` is a buffer that requires grad, not an ``nn.Parameter``: the method trains it with its own optimizer
 (own lr multiplier and weight decay) and the trainer's optimizer never sees it. Once frozen, the layer is an
 ordinary frozen DiagLinear (``K`` rows, sparse kernels).
@@ -29,6 +37,7 @@ import torch
 from torch import nn
 
 from dynadiag import functional as DF
+from dynadiag import groups as DG
 from dynadiag.kernels import get_backend
 from dynadiag.layers import DiagLinear
 
@@ -80,16 +89,21 @@ def candidate_weights(
 class CandidateDiagLinear(DiagLinear):
     """DiagLinear whose soft phase runs sparse on a candidate set (constructor as :class:`DiagLinear`).
 
-    Extra state: ``candidates`` (bool buffer ``[P]``), ``temperature`` (unitless, relative to the alpha spread)
-    and ``hardness`` (``h``). Build one from an existing layer with :meth:`from_diag_linear`.
+    Extra state: ``candidates`` (bool buffer ``[G]``, one flag per selection unit: a diagonal for ``group=1``, a
+    group of ``group`` consecutive offsets otherwise, see :mod:`dynadiag.groups`), ``temperature`` (unitless,
+    relative to the alpha spread) and ``hardness`` (``h``). ``alpha`` is ``[G]`` and the hard selection keeps
+    ``k_groups`` units (``k_groups == k`` for ``group=1``); every diagonal of a unit takes the unit's weight. The
+    input permutation (``perm``), if any, is applied as :class:`DiagLinear` applies it, so the soft phase, the
+    frozen layer and :attr:`weight` agree. Build one from an existing layer with :meth:`from_diag_linear`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hardness = 0.0
         self.normalize = False  # see candidate_weights
-        self.register_buffer("candidates", torch.ones(self.num_diagonals, dtype=torch.bool, device=self.V.device))
-        self._ids: torch.Tensor | None = None  # cached sorted candidate ids
+        self.register_buffer("candidates", torch.ones(self.num_groups, dtype=torch.bool, device=self.V.device))
+        # cached (unit ids [G'], diagonal offsets [K'], diagonals per unit [G']) of the candidate set
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # alpha is trained by the method's own optimizer: a grad-requiring buffer keeps it out of model.parameters()
         alpha = self.alpha.detach()
         del self.alpha
@@ -97,21 +111,23 @@ class CandidateDiagLinear(DiagLinear):
 
     @classmethod
     def from_diag_linear(cls, layer: DiagLinear) -> CandidateDiagLinear:
-        """A soft CandidateDiagLinear with ``layer``'s sizes, ``k``, values, alpha, bias and backend."""
+        """A soft CandidateDiagLinear with ``layer``'s sizes, ``k``, group, permutation, values, alpha, bias and
+        backend."""
         if layer.is_frozen:
             raise ValueError("CandidateDiagLinear.from_diag_linear needs a soft (unfrozen) DiagLinear")
-        if getattr(layer, "group", 1) != 1 or getattr(layer, "perm", None) is not None:
-            raise ValueError("CandidateDiagLinear supports ungrouped, unpermuted layers only (group=1, permute=False)")
         new = cls(
             layer.in_features,
             layer.out_features,
             bias=layer.bias is not None,
             sparsity=layer.sparsity,
             backend=layer.backend,
+            group=layer.group,
             device=layer.V.device,
             dtype=layer.V.dtype,
         )
         new.k, new.layer_name = layer.k, layer.layer_name
+        if layer.perm is not None:
+            new.set_permutation_(layer.perm.clone())
         with torch.no_grad():
             new.V.copy_(layer.V)
             new.alpha.copy_(layer.alpha)
@@ -120,30 +136,52 @@ class CandidateDiagLinear(DiagLinear):
         return new
 
     # ------------------------------------------------------------------ candidate set
-    def candidate_ids(self) -> torch.Tensor:  # [K'] int64, ascending
-        if self._ids is None or self._ids.device != self.candidates.device:
-            self._ids = torch.nonzero(self.candidates).flatten()
-        return self._ids
+    def _candidate_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0].device != self.candidates.device:
+            ids = torch.nonzero(self.candidates).flatten()
+            if self.group == 1:
+                self._cache = (ids, ids, torch.ones_like(ids))
+            else:
+                sizes = DG.group_sizes(self.num_diagonals, self.group).to(ids.device)[ids]
+                self._cache = (ids, DG.group_offsets(ids, self.num_diagonals, self.group), sizes)
+        return self._cache
+
+    def candidate_ids(self) -> torch.Tensor:  # [G'] int64, ascending
+        """Candidate selection units (diagonals for ``group=1``, group ids otherwise), ascending."""
+        return self._candidate_cache()[0]
+
+    def candidate_offsets(self) -> torch.Tensor:  # [K'] int64, ascending
+        """Diagonal offsets of the candidate units (``candidate_ids()`` itself for ``group=1``)."""
+        return self._candidate_cache()[1]
 
     @torch.no_grad()
     def set_candidates_(self, ids: torch.Tensor) -> None:
-        """Make ``ids`` (``[K']``, ``K' >= k``) the candidate set."""
+        """Make the units ``ids`` (``[G']``, ``G' >= k_groups``) the candidate set."""
         mask = torch.zeros_like(self.candidates)
         mask[ids.to(mask.device)] = True
-        if int(mask.sum()) < self.k:
-            raise ValueError(f"{self.layer_name or 'CandidateDiagLinear'}: need >= {self.k} candidates, got {ids}")
+        if int(mask.sum()) < self.k_groups:
+            name = self.layer_name or "CandidateDiagLinear"
+            raise ValueError(f"{name}: need >= {self.k_groups} candidates, got {ids}")
         self.candidates.copy_(mask)
-        self._ids = None
+        self._cache = None
 
     @property
     def soft_nnz(self) -> int:
-        """Weights the soft phase computes with: ``K' * D``."""
-        return int(self.candidates.sum()) * self.diag_length
+        """Weights the soft phase computes with: ``K' * D`` (``K'`` candidate diagonals)."""
+        return int(self.candidate_offsets().numel()) * self.diag_length
 
-    def candidate_weights(self) -> torch.Tensor:  # [K']
-        """Weights of the candidates (differentiable in ``alpha``)."""
+    def candidate_weights(self) -> torch.Tensor:  # [G']
+        """Weights of the candidate units (differentiable in ``alpha``); hard top-``k_groups`` at full hardness."""
         ids = self.candidate_ids()
-        return candidate_weights(self.alpha[ids], self.k, self.temperature, self.hardness, self.normalize)
+        return candidate_weights(self.alpha[ids], self.k_groups, self.temperature, self.hardness, self.normalize)
+
+    def diagonal_weights(self) -> torch.Tensor:  # [K']
+        """Weight of every candidate diagonal: its unit's weight (differentiable in ``alpha``)."""
+        weights = self.candidate_weights()
+        if self.group == 1:
+            return weights
+        _, offsets, sizes = self._candidate_cache()
+        return weights.repeat_interleave(sizes, output_size=offsets.numel())
 
     # ------------------------------------------------------------------ selection_stats hooks
     def selection_weights(self) -> torch.Tensor:  # [P]
@@ -151,13 +189,13 @@ class CandidateDiagLinear(DiagLinear):
         if self.is_frozen:
             weights[self.offsets] = 1.0
             return weights
-        weights[self.candidate_ids()] = self.candidate_weights().detach().float()
+        weights[self.candidate_offsets()] = self.diagonal_weights().detach().float()
         return weights
 
     def selection_scores(self) -> torch.Tensor:  # [P]
         scores = self.alpha.detach().float().clone()
         scores[~self.candidates] = -torch.inf
-        return scores
+        return DG.expand_group_weights(scores, self.num_diagonals, self.group)
 
     def selection_temperature(self) -> float:
         """The scale at which the soft weights see ``alpha``: ``T * std(alpha of the candidates)``."""
@@ -165,47 +203,53 @@ class CandidateDiagLinear(DiagLinear):
         return self.temperature * max(float(alpha.std(unbiased=False)), 1e-6)
 
     # ------------------------------------------------------------------ compute
+    def _candidate_values(self) -> tuple[torch.Tensor, torch.Tensor]:  # ([K', D], [K'])
+        offsets = self.candidate_offsets()
+        return self.V[offsets] * self.diagonal_weights()[:, None].to(self.V.dtype), offsets
+
     def dense_weight(self) -> torch.Tensor:  # [out, in]
         if self.is_frozen:
             return super().dense_weight()
-        ids = self.candidate_ids()
-        values = self.V[ids] * self.candidate_weights()[:, None].to(self.V.dtype)
-        return DF.place_diagonals(values, ids, self.in_features, self.out_features)
+        values, offsets = self._candidate_values()
+        return DF.place_diagonals(values, offsets, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.is_frozen:
             return super().forward(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CandidateDiagLinear: input last dimension {x.shape[-1]}, expected {self.in_features}")
+        backend = get_backend(self.backend, x.device)
+        fuse_perm = self.perm is not None and getattr(backend, "fuses_permutation", False)
+        if self.perm is not None and not fuse_perm:  # the diagonals act on x[..., perm], as in DiagLinear.forward
+            x = torch.gather(x, -1, self.perm.expand(*x.shape[:-1], -1))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ids = self.candidate_ids()
-        values = self.V[ids] * self.candidate_weights()[:, None].to(self.V.dtype)  # [K', D]
+        values, offsets = self._candidate_values()  # [K', D]
         x2d = x.reshape(-1, self.in_features).to(dtype)  # [N, in]
         bias = None if self.bias is None else self.bias.to(dtype)
-        backend = get_backend(self.backend, x.device)
-        y = backend.diag_linear(x2d, values.to(dtype), ids, bias, self.in_features, self.out_features)
+        args = (x2d, values.to(dtype), offsets, bias, self.in_features, self.out_features)
+        y = backend.diag_linear(*args, perm=self.perm) if fuse_perm else backend.diag_linear(*args)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def freeze_(self, fold_soft_weights: bool = False):  # -> Self
-        """Keep the ``k`` candidates with the largest ``alpha`` (the hard selection), with weight 1."""
+        """Keep the ``k_groups`` candidate units with the largest ``alpha`` (the hard selection), with weight 1."""
         if self.is_frozen:
             return self
         ids = self.candidate_ids()
         keep = torch.zeros_like(self.alpha, dtype=torch.bool)
-        keep[ids[hard_top_k(self.alpha[ids], self.k)]] = True
+        keep[ids[hard_top_k(self.alpha[ids], self.k_groups)]] = True
         alpha = self.alpha.detach().clone()
-        # DiagLinear.freeze_ keeps topk(alpha): hand it the indicator of the hard set (exactly the forward's set,
-        # ties included), then put the real logits back into the (now informational) alpha buffer.
+        # DiagLinear.freeze_ keeps topk(alpha) units: hand it the indicator of the hard set (exactly the forward's
+        # set, ties included), then put the real logits back into the (now informational) alpha buffer.
         self.alpha.detach().copy_(keep.to(alpha.dtype))
         super().freeze_(fold_soft_weights)
         self.alpha.copy_(alpha)
-        self._ids = None
+        self._cache = None
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._ids = None
+        self._cache = None
         if not self.is_frozen and not self.alpha.requires_grad:
             self.alpha.requires_grad_()
 

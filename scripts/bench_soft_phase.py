@@ -38,7 +38,7 @@ def build(variant: str, sparsity: float, density: float):
             if hasattr(m, "temperature"):
                 m.temperature = 1.0
     elif variant.startswith("sparse_soft") or variant == "frozen":
-        method = SparseDynaDiagMethod(sparsity, density_start=max(1.0, density), backend="auto")
+        method = SparseDynaDiagMethod(DiagSparsifyConfig(sparsity, backend="auto"), density_start=max(1.0, density))
         method.apply_(model)
         method.bind(steps_per_epoch=100, total_steps=1000)
         for _, layer in method.layers:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dynadiag.candidate_layer import CandidateDiagLinear, candidate_weights
 from dynadiag.functional import place_diagonals
+from dynadiag.groups import group_offsets
 from dynadiag.layers import DiagLinear
 from dynadiag.selection_stats import layer_selection
 
@@ -149,3 +150,106 @@ def test_freeze_with_tied_alpha_keeps_the_forward_set():
     layer.freeze_()
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
     assert (layer.alpha == 0).all()  # the real logits are back in the buffer
+
+
+# ---------------------------------------------------------------------------------------------- grouped, permuted
+# (in, out, g): square, wide W (in > out), tall W (out > in); g never divides P, so the last group is short
+GROUPED_SHAPES = [(9, 9, 2), (13, 5, 3), (5, 13, 4), (7, 11, 5)]
+
+
+def make_grouped(in_f, out_f, group, backend="cpu", dtype=torch.float32, permute=True, seed=0, hardness=0.4):
+    torch.manual_seed(seed)
+    layer = CandidateDiagLinear(
+        in_f, out_f, sparsity=0.6, backend=backend, group=group, permute=permute, permute_seed=seed, dtype=dtype
+    )
+    with torch.no_grad():
+        layer.alpha.copy_(torch.randn(layer.num_groups, dtype=dtype))
+        layer.bias.copy_(torch.randn(out_f, dtype=dtype))
+    count = min(layer.num_groups, layer.k_groups + 2)
+    # the short last group is always a candidate, so every shape exercises it
+    others = torch.randperm(layer.num_groups - 1)[: count - 1]
+    layer.set_candidates_(torch.cat([others, torch.tensor([layer.num_groups - 1])]))
+    layer.temperature, layer.hardness = 0.7, hardness
+    return layer
+
+
+def grouped_reference_weight(layer):
+    """The layer's ``[out, in]`` weight acting on x itself, built independently: every diagonal of candidate group
+    j is V[p] * w_j (zero elsewhere), then the columns are un-permuted."""
+    ids = torch.nonzero(layer.candidates).flatten()
+    w = candidate_weights(layer.alpha[ids], layer.k_groups, layer.temperature, layer.hardness)
+    weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.V.dtype)
+    for j, group_id in enumerate(ids.tolist()):
+        for p in range(group_id * layer.group, min((group_id + 1) * layer.group, layer.num_diagonals)):
+            weight = weight + place_diagonals(layer.V[p : p + 1] * w[j], torch.tensor([p]), *layer_dims(layer))
+    if layer.perm is not None:  # W_diag acts on x[perm]: its column c belongs to input perm[c]
+        weight = weight[:, torch.argsort(layer.perm)]
+    return weight
+
+
+def layer_dims(layer):
+    return layer.in_features, layer.out_features
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "group"), GROUPED_SHAPES)
+def test_grouped_permuted_float64_gradients_match_a_dense_gemm(in_f, out_f, group):
+    layer = make_grouped(in_f, out_f, group, dtype=torch.float64)
+    assert layer.num_diagonals % group and layer.perm is not None
+    x = torch.randn(2, 3, in_f, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, out_f, dtype=torch.float64)
+    (layer(x) - target).pow(2).sum().backward()  # the sparse kernels on the candidate groups' diagonals
+    sparse = {"x": x.grad.clone(), "V": layer.V.grad.clone(), "alpha": layer.alpha.grad.clone(), "b": layer.bias.grad}
+    x.grad, layer.V.grad, layer.alpha.grad, layer.bias.grad = None, None, None, None
+    (F.linear(x, grouped_reference_weight(layer), layer.bias) - target).pow(2).sum().backward()  # dense GEMM
+    dense = {"x": x.grad, "V": layer.V.grad, "alpha": layer.alpha.grad, "b": layer.bias.grad}
+    for key in sparse:
+        torch.testing.assert_close(sparse[key], dense[key], rtol=1e-10, atol=1e-10, msg=key)
+    outside = ~layer.candidates
+    assert (sparse["alpha"][outside] == 0).all() and sparse["alpha"][layer.candidates].abs().min() > 0
+    rows_outside = outside.repeat_interleave(group)[: layer.num_diagonals]
+    assert (sparse["V"][rows_outside] == 0).all()
+    torch.testing.assert_close(layer.weight, grouped_reference_weight(layer), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "group"), GROUPED_SHAPES)
+def test_full_hardness_weighs_exactly_k_groups_whole_groups(in_f, out_f, group):
+    layer = make_grouped(in_f, out_f, group, hardness=1.0)
+    weights = layer.selection_weights()  # [P], what the layer computes with
+    kept = torch.nonzero(weights).flatten()
+    groups = (kept // group).unique()
+    assert groups.numel() == layer.k_groups and set(weights[kept].tolist()) == {1.0}
+    assert torch.equal(kept, group_offsets(groups, layer.num_diagonals, group))  # whole groups, short one included
+    ids = layer.candidate_ids()
+    assert torch.equal(groups, ids[torch.topk(layer.alpha.detach()[ids], layer.k_groups).indices].sort().values)
+    assert layer_selection(layer)["topk_share"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "group"), GROUPED_SHAPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_grouped_freeze_keeps_the_hard_groups_and_changes_nothing(in_f, out_f, group, tied):
+    layer = make_grouped(in_f, out_f, group, hardness=1.0)
+    if tied:
+        with torch.no_grad():
+            layer.alpha.zero_()  # every candidate group tied: forward and freeze must break ties the same way
+    x = torch.randn(4, in_f)
+    before, kept = layer(x).detach(), torch.nonzero(layer.selection_weights()).flatten()
+    layer.freeze_()
+    assert torch.equal(layer.offsets, kept) and layer.k == kept.numel()
+    assert layer.achieved_sparsity == 1 - kept.numel() / layer.num_diagonals
+    torch.testing.assert_close(layer(x), before, rtol=1e-6, atol=1e-6)
+    fresh = CandidateDiagLinear(in_f, out_f, sparsity=0.6, backend="cpu", group=group)  # unpermuted, soft
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.is_frozen and torch.equal(fresh.perm, layer.perm) and torch.equal(fresh.offsets, layer.offsets)
+    torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_from_diag_linear_keeps_group_and_permutation():
+    plain = DiagLinear(10, 7, sparsity=0.6, backend="reference", group=3, permute=True, permute_seed=4)
+    new = CandidateDiagLinear.from_diag_linear(plain)
+    assert (new.group, new.num_groups, new.k_groups, new.k) == (plain.group, plain.num_groups, plain.k_groups, plain.k)
+    assert torch.equal(new.perm, plain.perm) and torch.equal(new.V, plain.V) and torch.equal(new.alpha, plain.alpha)
+    new.set_candidates_(torch.arange(new.num_groups))
+    new.hardness, new.temperature = 0.0, 1.0
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(new(x), F.linear(x, new.weight, new.bias), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import composition
 from dynadiag import DiagLinear
@@ -57,3 +58,29 @@ def test_build_sparse_model_applies_the_method_once():
     assert len(layers) == len(report.layers) == 8  # qkv, proj, fc1, fc2 of both blocks
     assert method.sparsity == 0.9 and method.config.sparsity == 0.9
     assert method.schedule.kind == "cosine" and method.schedule.per_epoch
+
+
+def test_sparse_dynadiag_takes_layer_options_in_a_nested_config_and_old_flat_nodes_are_upgraded():
+    overrides = ["model=vit_nano", "data=synthetic", "sparsifier.config.group=4", "sparsifier.config.permute=true"]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)  # the default run's sparsifier: sparse_dynadiag
+    model, method, _ = composition.build_sparse_model(cfg.model, cfg.sparsifier)
+    layers = [m for m in model.modules() if isinstance(m, DiagLinear)]
+    assert method.name == "sparse_dynadiag" and method.config.group == 4 and method.config.permute
+    assert len(layers) == 8 and all(m.group == 4 and m.perm is not None for m in layers)
+    # a checkpoint's resolved config from before the nesting (flat layer options) builds the same method
+    flat = {k: v for k, v in OmegaConf.to_container(cfg.sparsifier, resolve=True).items() if k != "config"}
+    flat |= {"sparsity": 0.8, "include": ["blocks.0.*"], "exclude": [], "backend": "reference"}
+    node = composition.upgrade_sparsifier_config(flat)
+    assert node["config"] == {
+        "_target_": "dynadiag.sparsify.DiagSparsifyConfig",
+        "sparsity": 0.8,
+        "include": ["blocks.0.*"],
+        "exclude": [],
+        "backend": "reference",
+    }
+    assert "sparsity" not in node and flat["sparsity"] == 0.8  # the caller's node is left alone
+    _, old, report = composition.build_sparse_model(cfg.model, node)
+    assert old.config.sparsity == 0.8 and old.config.group == 1 and len(report.layers) == 4
+    nested = OmegaConf.to_container(cfg.sparsifier, resolve=True)
+    assert composition.upgrade_sparsifier_config(nested) == nested  # today's layout passes through

@@ -39,6 +39,14 @@ BAD_CONFIGS = [
         "freeze_epoch=3 is beyond the run (2 epochs)",
         id="freeze-beyond-run",
     ),
+    pytest.param(  # the default sparsifier (sparse_dynadiag) takes group/permute in its nested config node
+        ["sparsifier.config.group=0"], "DiagSparsifyConfig: group must be a positive integer, got 0", id="group-zero"
+    ),
+    pytest.param(
+        ["sparsifier.config.group=32"],  # vit_nano's proj has P = 32 diagonals: one group, nothing to select
+        "sparse_dynadiag: group=32 does not fit layer 'blocks.0.attn.proj' (32->32, P=32 diagonals in 1 groups)",
+        id="group-does-not-fit",
+    ),
     pytest.param(["data=cifar10", "data.root=/nonexistent"], "CIFAR-10 not found: /nonexistent", id="cifar-dir"),
     pytest.param(["data=cifar100", "data.root=/nonexistent"], "CIFAR-100 not found: /nonexistent", id="cifar100-dir"),
     pytest.param(

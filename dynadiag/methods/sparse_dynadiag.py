@@ -18,6 +18,14 @@ Schedules (pure functions of the step; ``F`` = ``freeze_fraction`` of the run):
   update steps only), with ``n = swap_fraction(t) * K``. Diagonals outside the candidate set therefore keep a way
   in, which a straight-through top-K that only runs the selected diagonals lacks (they would never train).
 
+**Groups** (``config.group = g > 1``, :mod:`dynadiag.groups`): the selection units are groups of ``g`` consecutive
+offsets instead of single diagonals. Everything above then counts groups: ``K`` becomes ``k_groups = min(G,
+ceil(K/g))`` of ``G = ceil(P/g)`` (the last group may be short), the candidate set holds ``ceil(c * k_groups)``
+groups shrinking to ``k_groups``, ``alpha`` is per group, the drop score is the group's weight times the L2 norm
+of its values (or its alpha), and the grow score is the L2 norm of the dense gradient over the group's diagonals
+(as DiagHeur scores groups). ``config.permute`` gives each layer a fixed input permutation (the capture hooks
+gather the inputs the same way). ``g = 1`` is the ungrouped method, unchanged.
+
 ``alpha`` lives outside the trainer's optimizer (a grad-requiring buffer) and is trained here by AdamW with its own
 lr (``alpha_lr_mult`` x the trainer's current lr) and weight decay; its state is in :meth:`state_dict`.
 """
@@ -25,7 +33,6 @@ lr (``alpha_lr_mult`` x the trainer's current lr) and weight decay; its state is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +40,7 @@ from torch import nn
 
 from dynadiag.candidate_layer import CandidateDiagLinear, replace_with_candidates_
 from dynadiag.distributed import all_reduce_mean
+from dynadiag.groups import expand_group_weights, group_offsets, group_scores
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.dynadiag import freeze_all_
 from dynadiag.methods.masks import reset_optimizer_state_
@@ -45,19 +53,23 @@ __all__ = ["SparseDynaDiagMethod", "candidate_count"]
 DROP_SCORES = ("alpha", "magnitude")
 
 
-def candidate_count(k: int, num_diagonals: int, density_start: float, done: int, freeze_step: int) -> int:
-    """``K'`` after ``done`` steps: ``K + ceil((c - 1) K (1 - done / F)^3)``, capped at ``P``; ``K`` from ``F`` on."""
+def candidate_count(k: int, num_units: int, density_start: float, done: int, freeze_step: int) -> int:
+    """``K'`` after ``done`` steps: ``K + ceil((c - 1) K (1 - done / F)^3)``, capped at ``num_units``; ``K`` from ``F``
+    on. Units are diagonals (``K``, ``P``) or, for grouped layers, groups (``k_groups``, ``G``)."""
     if done >= freeze_step:
         return k
     remaining = (1.0 - done / max(1, freeze_step)) ** 3
-    return min(num_diagonals, k + math.ceil((density_start - 1.0) * k * remaining - 1e-9))
+    return min(num_units, k + math.ceil((density_start - 1.0) * k * remaining - 1e-9))
 
 
 class SparseDynaDiagMethod(DiagHeurMethod):
     """Sparse DynaDiag (see the module docstring).
 
     Args:
-        sparsity: target sparsity of every converted layer (``K`` as in DynaDiag).
+        config: which ``nn.Linear`` layers become candidate layers (``include``/``exclude``), at what sparsity
+            (``K`` as in DynaDiag), with which kernel backend (soft and frozen phase), group size ``group`` (select
+            groups of that many consecutive offsets; ``k_groups`` of them are kept) and input permutation
+            (``permute``, ``permute_seed``). Convolutions are never converted.
         density_start: ``c``: candidates per kept diagonal at the start (``c * K``, at most ``P``).
         freeze_fraction: fraction of the run after which each layer keeps exactly its top ``K`` candidates.
         delta_t: optimizer steps between candidate updates (drop/grow and shrinking).
@@ -74,9 +86,6 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         normalize: scale the soft weights so the top ``K`` average 1 (see ``candidate_weights``).
         label: the method's name in summaries, tables and metric prefixes (default ``sparse_dynadiag``), so a
             variant run beside the default forms its own row.
-        include: module-name globs to convert (``None``: the DynaDiag defaults).
-        exclude: module-name globs to leave dense.
-        backend: kernel backend (soft and frozen phase).
         seed: seeds the initial random alpha (hence the initial candidate set).
     """
 
@@ -84,7 +93,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
 
     def __init__(
         self,
-        sparsity: float,
+        config: DiagSparsifyConfig,
         density_start: float = 3.0,
         freeze_fraction: float = 0.5,
         delta_t: int = 100,
@@ -99,15 +108,12 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         grow_init: str = "zero",
         normalize: bool = False,
         label: str | None = None,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        backend: str = "auto",
         seed: int = 0,
     ) -> None:
         if not 0.0 < float(freeze_fraction) <= 1.0:
             raise ValueError(f"freeze_fraction must be in (0, 1], got {freeze_fraction}")
         super().__init__(
-            DiagSparsifyConfig(sparsity, include=include, exclude=exclude, backend=backend),
+            config,
             RegrowSchedule(delta_t=delta_t, drop_fraction=swap_fraction, t_end=freeze_fraction, decay=swap_decay),
             seed=seed,
         )
@@ -135,14 +141,25 @@ class SparseDynaDiagMethod(DiagHeurMethod):
 
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> SparsifyReport:
-        """Convert the target ``nn.Linear`` layers; each starts with ``c * K`` random candidates."""
+        """Convert the target ``nn.Linear`` layers; each starts with ``c * k_groups`` random candidate units.
+
+        Raises:
+            ValueError: ``config.group`` does not fit a layer (it would keep all of the layer's groups).
+        """
         params_before = sum(p.numel() for p in model.parameters())
         sparsify_(model, self.config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
         self.layers = replace_with_candidates_(model)
+        for name, layer in self.layers:
+            if layer.group > 1 and layer.k_groups >= layer.num_groups:
+                raise ValueError(
+                    f"{self.name}: group={layer.group} does not fit layer '{name}' ({layer.in_features}->"
+                    f"{layer.out_features}, P={layer.num_diagonals} diagonals in {layer.num_groups} groups): it would "
+                    f"keep all {layer.num_groups} groups; use a smaller group or a higher sparsity"
+                )
         generator = torch.Generator().manual_seed(self.seed)
         for name, layer in self.layers:
-            layer.alpha.detach().copy_(torch.rand(layer.num_diagonals, generator=generator))  # random initial ranking
-            count = candidate_count(layer.k, layer.num_diagonals, self.density_start, 0, self.freeze_step)
+            layer.alpha.detach().copy_(torch.rand(layer.num_groups, generator=generator))  # random initial ranking
+            count = candidate_count(layer.k_groups, layer.num_groups, self.density_start, 0, self.freeze_step)
             layer.set_candidates_(torch.topk(layer.alpha.detach(), count).indices)
             self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
         report = sparsity_report(model)
@@ -175,7 +192,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             if not layer.alpha.is_leaf:  # .to(device) of a grad-requiring buffer returns a non-leaf copy
                 layer.alpha = layer.alpha.detach().requires_grad_()
             layer.alpha.grad = None
-        ratio = sum(int(m.candidates.sum()) / m.k for _, m in soft) / len(soft)
+        ratio = sum(int(m.candidates.sum()) / m.k_groups for _, m in soft) / len(soft)
         return {"temperature": temperature, "hardness": hardness, "candidates_per_k": ratio}
 
     @torch.no_grad()
@@ -214,36 +231,45 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         self._alpha_opt.step()
 
     def _update_candidates(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Shrink each soft layer's candidate set to the schedule and swap units (diagonals or groups).
+
+        Every count and id here is in selection units (``k_groups`` of ``G``; diagonals for ``group=1``).
+        """
         done, fraction = step + 1, self.schedule.fraction(step)
         grown_total = new_total = 0
         for name, layer in self._soft_layers():
             if name not in self._grads:
                 continue
-            ids = layer.candidate_ids()
-            target = candidate_count(layer.k, layer.num_diagonals, self.density_start, done, self.freeze_step)
+            ids, g, k = layer.candidate_ids(), layer.group, layer.k_groups
+            target = candidate_count(k, layer.num_groups, self.density_start, done, self.freeze_step)
             target = min(target, ids.numel())  # the set only shrinks; growth replaces what was dropped
-            n_grow = min(int(fraction * layer.k), target - 1)
+            n_grow = min(int(fraction * k), target - 1)
             alpha = layer.alpha.detach()
             if self.drop_score == "alpha":
                 score = alpha[ids].float()
-            else:
+            elif g == 1:
                 score = layer.candidate_weights().float() * layer.V.detach()[ids].float().norm(dim=1)
+            else:  # the group's weight times the L2 norm of all of its values
+                norms = group_scores(layer.V.detach().float().norm(dim=1), g)[ids]
+                score = layer.candidate_weights().float() * norms
             keep = ids[torch.topk(all_reduce_mean(score), target - n_grow).indices]
-            grow_score = self.diagonal_grad_norms(name, layer).nan_to_num(0.0)  # [P]
+            grow_score = group_scores(self.diagonal_grad_norms(name, layer).nan_to_num(0.0), g)  # [G]
             grow_score[keep] = -torch.inf
             grow = torch.topk(grow_score, n_grow).indices if n_grow > 0 else keep[:0]
             new = grow[~torch.isin(grow, ids)]
-            fresh = torch.zeros(layer.num_diagonals, dtype=torch.bool, device=alpha.device)
+            fresh = torch.zeros(layer.num_groups, dtype=torch.bool, device=alpha.device)
             fresh[grow] = True
+            grow_diagonals = grow if g == 1 else group_offsets(grow, layer.num_diagonals, g)
             if self.grow_init == "zero":
-                layer.V[grow] = 0.0
-            reset_optimizer_state_(optimizer, layer.V, fresh[:, None].expand_as(layer.V))
+                layer.V[grow_diagonals] = 0.0
+            fresh_diagonals = expand_group_weights(fresh, layer.num_diagonals, g)  # [P]
+            reset_optimizer_state_(optimizer, layer.V, fresh_diagonals[:, None].expand_as(layer.V))
             if grow.numel():
-                # a grown diagonal enters just below the K-boundary of the kept ones (midway to the next): a fair
-                # chance to be selected, without tying with (and so displacing) a kept diagonal of the hard set
+                # a grown unit enters just below the K-boundary of the kept ones (midway to the next): a fair
+                # chance to be selected, without tying with (and so displacing) a kept unit of the hard set
                 ranked = torch.sort(alpha[keep], descending=True).values
-                k_th = ranked[min(layer.k, ranked.numel()) - 1]
-                alpha[grow] = (k_th + ranked[layer.k]) / 2 if ranked.numel() > layer.k else k_th - 1.0
+                k_th = ranked[min(k, ranked.numel()) - 1]
+                alpha[grow] = (k_th + ranked[k]) / 2 if ranked.numel() > k else k_th - 1.0
                 self._reset_alpha_state(layer.alpha, fresh)
             layer.set_candidates_(torch.cat([keep, grow]))
             grown_total += int(grow.numel())
