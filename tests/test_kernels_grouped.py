@@ -145,3 +145,79 @@ def test_fused_permutation_and_bias(in_f, out_f, dtype, tol):
     ref.backward(grad_y.double())
     for got, want in zip((y, *(t.grad for t in leaves)), (ref, *(t.grad for t in ref_leaves)), strict=True):
         assert (got.double() - want).abs().max() / want.abs().max().clamp_min(1.0) <= tol
+
+
+def _amx_or_skip():
+    _grouped_cpu_or_skip()
+    if not torch.ops.dynadiag_grouped.use_amx(True):
+        pytest.skip("no AMX on this CPU: the packed-tile cache belongs to the AMX path")
+
+
+def test_amx_plan_cache_is_reused_and_never_stale():
+    """Cached packed tiles are served only for the same, unwritten values/offsets tensors."""
+    from dynadiag.kernels.grouped_cpu import clear_cache, grouped_apply
+
+    _amx_or_skip()
+    clear_cache()
+    x, values, offsets, _ = _problem(96, 160, 16, 3, n=45, dtype=torch.bfloat16)
+    ref = get_backend("reference")
+
+    def expected(v):
+        return ref.diag_linear(x.double(), v.double(), offsets, None, 96, 160)
+
+    def close(y, v):
+        return (y.double() - expected(v)).abs().max() <= 1.5e-2 * expected(v).abs().max()
+
+    y1 = grouped_apply(x, values, offsets, 160, True, cache=True)
+    assert torch.ops.dynadiag_grouped.cache_size() == 1 and close(y1, values)
+    assert torch.equal(grouped_apply(x, values, offsets, 160, True, cache=True), y1)  # served from the cache
+    assert torch.ops.dynadiag_grouped.cache_size() == 1
+    with torch.no_grad():
+        values.mul_(-2.0)  # an in-place write (as an optimizer step): the version counter moves
+    y2 = grouped_apply(x, values, offsets, 160, True, cache=True)
+    assert close(y2, values) and not torch.equal(y2, y1)
+    assert torch.ops.dynadiag_grouped.cache_size() == 1  # the stale entry was replaced
+    with torch.no_grad():
+        values[0].zero_()  # through a view: same version counter
+    assert close(grouped_apply(x, values, offsets, 160, True, cache=True), values)
+    # A different tensor with equal contents at another address, and temporaries that die: no unbounded growth.
+    for _ in range(5):
+        assert close(grouped_apply(x, values.clone(), offsets, 160, True, cache=True), values)
+    assert torch.ops.dynadiag_grouped.cache_size() <= 2
+    assert clear_cache() >= 1 and torch.ops.dynadiag_grouped.cache_size() == 0
+
+
+def test_grouped_layer_cache_follows_optimizer_steps():
+    """A frozen bf16 layer evaluated under no_grad (cached tiles), trained one step, evaluated again: new weights."""
+    from dynadiag.kernels.grouped_cpu import clear_cache
+
+    _amx_or_skip()
+    clear_cache()
+    torch.manual_seed(0)
+    layer = DiagLinear(128, 384, sparsity=0.8, group=16, permute=True, backend="grouped_cpu")
+    with torch.no_grad():
+        layer.alpha.normal_()
+    layer.freeze_()
+    layer = layer.bfloat16()
+    x = torch.randn(3, 50, 128, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+
+    def reference_output():
+        twin = DiagLinear(128, 384, sparsity=0.8, group=16, permute=True, backend="reference")
+        twin.freeze_()
+        twin.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+        return twin.double()(x.double())
+
+    for _ in range(2):
+        with torch.no_grad():
+            y = layer(x)
+        want = reference_output()
+        assert (y.double() - want).abs().max() <= 2e-2 * want.abs().max()
+        assert torch.ops.dynadiag_grouped.cache_size() >= 1
+        layer(x).float().square().mean().backward()  # training forward: not cached
+        opt.step()
+        opt.zero_grad()
+    with torch.inference_mode():
+        y = layer(x)
+    want = reference_output()
+    assert (y.double() - want).abs().max() <= 2e-2 * want.abs().max()

@@ -1,7 +1,8 @@
 // Grouped-diagonal CPU kernels on the matrix units: runs of consecutive offsets become dense band tiles that
 // go through oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm). oneDNN picks the ISA at run
-// time: AMX tiles on Sapphire Rapids, AVX512-BF16 `vdpbf16ps` (which pairs consecutive reduction elements, i.e.
-// consecutive offsets of a band) on Zen 4, AVX-512 FMA for fp32. Nothing here assumes AMX.
+// time: AVX512-BF16 `vdpbf16ps` (which pairs consecutive reduction elements, i.e. consecutive offsets of a band) on
+// Zen 4, AVX-512 FMA for fp32, AMX for bf16 sddmm. bf16 `apply` on a CPU with AMX takes its own tile kernel
+// (grouped_amx.cpp: column-block plans, cached for frozen weights); everything below is the path without it.
 //
 // Layout and index map as in csrc/schema.cpp (token-major activations). Two primitives, as in
 // dynadiag/kernels/triton.py:
@@ -30,19 +31,17 @@
 #include <torch/library.h>
 
 #include "../dd_check.h"
+#include "grouped.h"
 
 #include <algorithm>
 #include <atomic>
 #include <optional>
 #include <type_traits>
 #include <immintrin.h>
-#if defined(__linux__) && defined(__x86_64__)
+#if DYNADIAG_AMX
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define DYNADIAG_AMX 1
-#else
-#define DYNADIAG_AMX 0
 #endif
 #include <vector>
 
@@ -117,6 +116,9 @@ inline void store_row(const float* src, T* dst, int64_t n, const float* bias) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+
+}  // namespace
+
 #if DYNADIAG_AMX
 // AMX is usable when the CPU reports AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22) and Linux grants this
 // process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM). Checked once; on other CPUs (e.g. Zen 4) the kernels
@@ -131,67 +133,11 @@ bool amx_ready() {
   }();
   return ready;
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// One (32-token, 32-output) block: C[32 x 32] = sum over tiles of A_window[32 x kdim] @ B_band[kdim x 32], with the
-// four 16x16 fp32 accumulators held in tile registers across every run of the block; written once as bf16.
-// `a` points at the block's first staged row, `lda` in elements; bands are VNNI-packed [kdim/2][32][2].
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16"))) void amx_block(
-    const c10::BFloat16* a, int64_t lda, const c10::BFloat16* packed, const int64_t* starts, const int64_t* offs,
-    const int64_t* kdims, int64_t ntiles, float* out32x32) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const c10::BFloat16* aw = a + starts[t];
-    const c10::BFloat16* bw = packed + offs[t];
-    for (int64_t kk = 0; kk < kdims[t]; kk += 32) {
-      {
-        // Next k-step's activation rows (32 rows x 64 B) and band tile (2 KB) into L1 while this step computes: the
-        // tile loads otherwise wait on L2 (A/B in one process: +4-11 % on qkv/fc1/fc2, +35 % on proj).
-        const bool last = kk + 32 >= kdims[t];
-        const c10::BFloat16* an = last ? (t + 1 < ntiles ? a + starts[t + 1] : nullptr) : aw + kk + 32;
-        const c10::BFloat16* bn = last ? (t + 1 < ntiles ? packed + offs[t + 1] : nullptr) : bw + (kk + 32) * kRows;
-        if (an != nullptr) {
-          for (int r = 0; r < 32; ++r) _mm_prefetch(reinterpret_cast<const char*>(an + r * lda), _MM_HINT_T0);
-          for (int l = 0; l < 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(bn) + 64 * l, _MM_HINT_T0);
-        }
-      }
-      _tile_loadd(4, aw + kk, lda * 2);
-      _tile_loadd(5, aw + 16 * lda + kk, lda * 2);
-      _tile_loadd(6, bw + kk * kRows, kRows * 4);
-      _tile_loadd(7, bw + kk * kRows + 32, kRows * 4);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, out32x32, kRows * 4);
-  _tile_stored(1, out32x32 + 16, kRows * 4);
-  _tile_stored(2, out32x32 + 16 * kRows, kRows * 4);
-  _tile_stored(3, out32x32 + 16 * kRows + 16, kRows * 4);
-}
-
-__attribute__((target("amx-tile"))) void amx_configure() {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = 16;
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 #else
 bool amx_ready() { return false; }
 #endif
+
+namespace {
 
 // Whether bf16 kernels may use the AMX path (tests turn it off to exercise the brgemm path on AMX machines).
 std::atomic<bool> g_allow_amx{true};
@@ -206,11 +152,9 @@ struct Tile {
 template <typename T>
 at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, const at::Tensor& offsets, int64_t B,
                       bool tall, int64_t max_run, int64_t token_block, const std::optional<at::Tensor>& perm,
-                      const std::optional<at::Tensor>& bias) {
+                      const std::optional<at::Tensor>& bias, bool cache) {
   const char* op = "grouped_apply";
-  const at::Tensor src = src_in.contiguous();
-  const at::Tensor values = values_in.contiguous();
-  const int64_t N = src.size(0), A = src.size(1), K = values.size(0), D = values.size(1);
+  const int64_t N = src_in.size(0), A = src_in.size(1), K = values_in.size(0), D = values_in.size(1);
   DD_CHECK(tall ? B >= A : B <= A, op, ": tall needs out_cols >= in_cols, wide out_cols <= in_cols");
   DD_CHECK(D == std::min(A, B), op, ": values must be [K, min(in, out)]");
   const int64_t period = tall ? B : A;  // the source's periodic coordinate
@@ -219,25 +163,29 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   const int64_t* offp = off_c.const_data_ptr<int64_t>();
   DD_CHECK(static_cast<int64_t>(runs.empty() ? 0 : runs.back().first + runs.back().len) == K, op,
               ": one offset per diagonal");
+  DD_CHECK(!bias.has_value() || bias->numel() == B, op, ": bias must have out_cols elements");
+  DD_CHECK(!perm.has_value() || (perm->scalar_type() == at::kLong && perm->numel() == A), op,
+           ": perm must be int64 [in_cols]");
+  if (std::is_same_v<T, c10::BFloat16> && g_allow_amx.load() && amx_ready()) {
+    return amx_apply(src_in, values_in, offsets, B, tall, perm, bias, cache);
+  }
+  const at::Tensor src = src_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
   at::Tensor dst = at::empty({N, B}, src.options());
   if (N == 0) return dst;
   int64_t max_len = 1;
   for (const Run& r : runs) max_len = std::max(max_len, r.span);
-  // AMX (bf16 where the CPU has it): windows padded to whole 32-wide k-steps, tokens to whole 32-row blocks.
-  const bool amx = std::is_same_v<T, c10::BFloat16> && g_allow_amx.load() && amx_ready();
-  const int64_t kalign = amx ? 32 : vnni<T>();
+  // brgemm path (no AMX: fp32, or bf16 through AVX512-BF16): windows at arbitrary starts in a padded copy.
+  const int64_t kalign = vnni<T>();
   const int64_t wmax = kRows + max_len + kalign;  // >= every window width rounded up to kalign
   const int64_t padl = tall ? wmax : 0, width = padl + A + wmax;
-  const int64_t nrows = amx ? (N + 31) / 32 * 32 : N;
 
   // Stage the source: staged[n, padl + c] = src[n, c mod period] if that column is < A, else 0.
-  at::Tensor staged = at::empty({nrows, width}, src.options());
-  if (nrows > N) staged.narrow(0, N, nrows - N).zero_();
+  at::Tensor staged = at::empty({N, width}, src.options());
   if (perm.has_value()) {
     // Input permutation fused into the staging copy: staged[n, padl + c] = src[n, perm[c mod period]] (a gather
     // from one L1-resident source row instead of a separate pass over the activations).
     const at::Tensor pm = perm->contiguous();
-    DD_CHECK(pm.scalar_type() == at::kLong && pm.numel() == A, op, ": perm must be int64 [in_cols]");
     const int64_t* pp = pm.const_data_ptr<int64_t>();
     std::vector<int32_t> map(width);  // source column per staged column; A = the zero column
     for (int64_t j = 0; j < width; ++j) {
@@ -342,45 +290,8 @@ at::Tensor apply_impl(const at::Tensor& src_in, const at::Tensor& values_in, con
   const T* pk = packed.const_data_ptr<T>();
   T* out = dst.mutable_data_ptr<T>();
   at::Tensor bias_f;  // fp32 copy of the bias, added to the fp32 accumulators before the output is rounded
-  if (bias.has_value()) {
-    DD_CHECK(bias->numel() == B, op, ": bias must have out_cols elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const float* biasp = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
-#if DYNADIAG_AMX
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (amx) {
-      const int64_t nblk = nrows / 32;
-      at::parallel_for(0, nblk * nblocks, 1, [&](int64_t t0, int64_t t1) {
-        amx_configure();
-        alignas(64) float acc[32 * kRows];
-        std::vector<int64_t> starts, offs, kdims;
-        for (int64_t task = t0; task < t1; ++task) {
-          // Token block outer: its staged rows stay in L1/L2 across the row blocks. (Row block outer, reusing the
-          // band tiles instead, measured 1.6-2.3x slower: the whole staged source then streams from memory once
-          // per row block. Non-temporal output stores measured neutral.)
-          const int64_t tb = task / nblocks, b = task % nblocks;
-          const std::vector<Tile>& list = tiles[b];
-          starts.clear();
-          offs.clear();
-          kdims.clear();
-          for (const Tile& t : list) {
-            starts.push_back(t.start);
-            offs.push_back(t.packed);
-            kdims.push_back(t.kdim);
-          }
-          amx_block(st + tb * 32 * width, width, pk, starts.data(), offs.data(), kdims.data(),
-                    static_cast<int64_t>(list.size()), acc);
-          const int64_t r0 = b * kRows, cols = std::min(kRows, B - r0), m = std::min<int64_t>(32, N - tb * 32);
-          const float* bb = biasp == nullptr ? nullptr : biasp + r0;
-          for (int64_t n = 0; n < m; ++n) store_row<T>(acc + n * kRows, out + (tb * 32 + n) * B + r0, cols, bb);
-        }
-        amx_release();
-      });
-      return dst;
-    }
-  }
-#endif
   const int64_t ntok = (N + token_block - 1) / token_block;
   at::parallel_for(0, ntok * nblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(token_block * kRows);
@@ -497,14 +408,14 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
 
 at::Tensor grouped_apply(const at::Tensor& src, const at::Tensor& values, const at::Tensor& offsets, int64_t out_cols,
                          bool tall, int64_t max_run, int64_t token_block, const std::optional<at::Tensor>& perm,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, bool cache) {
   TORCH_CHECK(src.dim() == 2 && values.dim() == 2, "grouped_apply: src [N, A] and values [K, D]");
   TORCH_CHECK(src.scalar_type() == values.scalar_type(), "grouped_apply: dtype mismatch");
   TORCH_CHECK(token_block >= 1, "grouped_apply: token_block must be >= 1");
   if (src.scalar_type() == at::kBFloat16)
-    return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias);
+    return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias, cache);
   if (src.scalar_type() == at::kFloat)
-    return apply_impl<float>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias);
+    return apply_impl<float>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias, cache);
   DD_CHECK(false, "grouped_apply: bf16 or fp32 only, got ", src.scalar_type());
 }
 
@@ -533,13 +444,16 @@ TORCH_LIBRARY(dynadiag_grouped, m) {
   // perm (optional, int64 [A]): read src[n, perm[c]] for column c (the layer's input permutation, fused into
   // staging); bias (optional, [out_cols]): added to the fp32 accumulators before rounding.
   m.def("apply(Tensor src, Tensor values, Tensor offsets, int out_cols, bool tall, int max_run, int token_block,"
-        " Tensor? perm=None, Tensor? bias=None) -> Tensor");
+        " Tensor? perm=None, Tensor? bias=None, bool cache=False) -> Tensor");
   // s [N, D], q [N, M] -> dV [K, D].
   m.def("sddmm(Tensor s, Tensor q, Tensor offsets, int max_run) -> Tensor");
   // Whether oneDNN's brgemm micro-kernel runs this dtype here (AMX or AVX512-BF16 for bf16).
   m.def("supported(int dtype) -> bool", &dynadiag_grouped::grouped_supported);
   // Allow (or forbid) the AMX path for bf16; returns whether bf16 apply now runs on AMX tiles.
   m.def("use_amx(bool enable) -> bool", &dynadiag_grouped::grouped_use_amx);
+  // The AMX path's cache of packed weight tiles (apply with cache=True): drop all entries / count them.
+  m.def("cache_clear() -> int", &dynadiag_grouped::amx_cache_clear);
+  m.def("cache_size() -> int", &dynadiag_grouped::amx_cache_size);
 }
 
 TORCH_LIBRARY_IMPL(dynadiag_grouped, CPU, m) {

@@ -17,7 +17,7 @@ import torch
 from dynadiag.kernels import ops
 from dynadiag.kernels._build import load_extension
 
-__all__ = ["BACKEND", "GroupedCpuBackend", "grouped_apply", "grouped_sddmm", "load_grouped_library"]
+__all__ = ["BACKEND", "GroupedCpuBackend", "clear_cache", "grouped_apply", "grouped_sddmm", "load_grouped_library"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _LOCK = threading.Lock()
@@ -45,13 +45,24 @@ def grouped_apply(
     tall: bool,
     perm: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    cache: bool = False,
 ) -> torch.Tensor:
     """``tall``: ``dst[n, r] = sum_k V[k, c] src[n, c]``, ``c = (r - p_k) mod B`` if ``c < A``; wide:
     ``dst[n, r] = sum_k V[k, r] src[n, (r + p_k) mod A]``. ``src [N, A]``, ``values [K, D]`` -> ``[N, B]``.
 
     ``perm`` (``[A]``) reads ``src[:, perm]`` instead of ``src`` (fused into the staging copy); ``bias`` (``[B]``)
-    is added to the fp32 accumulators before rounding."""
-    return torch.ops.dynadiag_grouped.apply(src, values, offsets, out_cols, tall, MAX_RUN, TOKEN_BLOCK, perm, bias)
+    is added to the fp32 accumulators before rounding. ``cache`` (AMX path): keep the packed weight tiles for later
+    calls with the same ``values``/``offsets`` tensors, valid while neither is freed nor written in place (their
+    version counters); only for weights that are not being trained (``.data`` writes bypass the version counter)."""
+    return torch.ops.dynadiag_grouped.apply(
+        src, values, offsets, out_cols, tall, MAX_RUN, TOKEN_BLOCK, perm, bias, cache
+    )
+
+
+def clear_cache() -> int:
+    """Drop every cached packed-weight plan of the AMX path; returns how many there were."""
+    load_grouped_library()
+    return int(torch.ops.dynadiag_grouped.cache_clear())
 
 
 def grouped_sddmm(s: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # [K, D]
@@ -61,9 +72,9 @@ def grouped_sddmm(s: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> to
 
 class _GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, offsets, bias, perm, out_features):  # x [N, in], values [K, D]
+    def forward(ctx, x, values, offsets, bias, perm, out_features, cache):  # x [N, in], values [K, D]
         ctx.save_for_backward(x, values, offsets, perm)
-        return grouped_apply(x, values, offsets, out_features, out_features >= x.shape[1], perm, bias)
+        return grouped_apply(x, values, offsets, out_features, out_features >= x.shape[1], perm, bias, cache)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y [N, out]
@@ -81,7 +92,7 @@ class _GroupedFn(torch.autograd.Function):
             grad_v = grouped_sddmm(xp, grad_y, offsets) if tall else grouped_sddmm(grad_y, xp, offsets)
         if ctx.needs_input_grad[3]:
             grad_b = grad_y.float().sum(0).to(grad_y.dtype)
-        return grad_x, grad_v, None, grad_b, None, None
+        return grad_x, grad_v, None, grad_b, None, None, None
 
 
 class GroupedCpuBackend:
@@ -121,7 +132,9 @@ class GroupedCpuBackend:
 
         def fwd(x2, values, offsets, out_features):  # bias and permutation inside the op
             b = None if bias is None else bias.to(x2.dtype)
-            return _GroupedFn.apply(x2, values, offsets, b, perm, out_features)
+            # Frozen weights that are not being trained (inference, eval under no_grad) keep their packed tiles.
+            cache = not (torch.is_grad_enabled() and values.requires_grad)
+            return _GroupedFn.apply(x2, values, offsets, b, perm, out_features, cache)
 
         return ops.diag_linear(
             "grouped_cpu",
