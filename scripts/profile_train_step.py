@@ -10,7 +10,9 @@ loss check, the timers. Variants:
   ``--soft-step`` (a non-update step: temperature and hardness as in a run there);
 - ``update_c<c>``: as ``soft_c<c>`` but every step is a candidate-update step (dense-gradient capture, drop/grow),
   which a run takes once every ``delta_t`` steps;
-- ``frozen``: ``sparse_dynadiag`` after the freeze (``K`` diagonals per layer, sparse kernels).
+- ``frozen``: ``sparse_dynadiag`` after the freeze (``K`` diagonals per layer, sparse kernels);
+- any of them with ``@override,override`` appended: that variant alone gets these Hydra overrides (A/B within one
+  interleaved run, e.g. ``dense@optim.fused=null``).
 
 Measurements, on one thread, in CPU time (``time.process_time``: a loaded machine disturbs it far less than the
 wall clock); variants interleaved within each of ``--reps`` repeats of ``--steps`` steps, best repeat kept:
@@ -88,7 +90,9 @@ def compose(overrides: list[str]):
 class Variant:
     """A set-up trainer in the state ``name`` describes; :meth:`step` runs one training step on the next batch."""
 
-    def __init__(self, name: str, overrides: list[str], soft_step: int, run_dir: str) -> None:
+    def __init__(self, spec: str, overrides: list[str], soft_step: int, run_dir: str) -> None:
+        name, _, extra = spec.partition("@")  # e.g. "dense@optim.fused=null": this variant's own overrides
+        overrides = [*overrides, *filter(None, extra.split(","))]
         self.name, self.clock = name, Clock()
         sparsifier = ["sparsifier=dense"] if name == "dense" else []
         cfg = compose(

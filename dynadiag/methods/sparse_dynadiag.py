@@ -192,7 +192,8 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             if not layer.alpha.is_leaf:  # .to(device) of a grad-requiring buffer returns a non-leaf copy
                 layer.alpha = layer.alpha.detach().requires_grad_()
             layer.alpha.grad = None
-        ratio = sum(int(m.candidates.sum()) / m.k_groups for _, m in soft) / len(soft)
+        # the cached candidate ids: no host sync per step (the set only changes on update steps)
+        ratio = sum(m.candidate_ids().numel() / m.k_groups for _, m in soft) / len(soft)
         return {"temperature": temperature, "hardness": hardness, "candidates_per_k": ratio}
 
     @torch.no_grad()
@@ -218,14 +219,19 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         held = [id(p) for p in self._alpha_opt.param_groups[0]["params"]] if self._alpha_opt is not None else None
         if held != [id(a) for a in alphas]:
             betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
-            self._alpha_opt = torch.optim.AdamW(alphas, lr=1.0, betas=betas, weight_decay=self.alpha_weight_decay)
+            # one kernel (fused, as the trainer's AdamW when it is fused) or one op per step over all layers'
+            # alphas (foreach: the same result as torch's per-tensor loop) instead of ~10 ops per layer
+            fast = {"fused": True} if optimizer.defaults.get("fused") else {"foreach": True}
+            self._alpha_opt = torch.optim.AdamW(
+                alphas, lr=1.0, betas=betas, weight_decay=self.alpha_weight_decay, **fast
+            )
             if self._alpha_state is not None:
                 self._alpha_opt.load_state_dict(self._alpha_state)
                 self._alpha_state = None
-        for alpha in alphas:
-            if alpha.grad is not None:
-                alpha.grad.copy_(all_reduce_mean(alpha.grad))
-        if not all(a.grad is None or torch.isfinite(a.grad).all() for a in alphas):
+        grads = [alpha.grad for alpha in alphas if alpha.grad is not None]
+        for grad in grads:
+            grad.copy_(all_reduce_mean(grad))
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
             return  # e.g. an fp16 loss-scale overflow: the trainer's scaler skipped this step too
         self._alpha_opt.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"] * self.alpha_lr_mult
         self._alpha_opt.step()
