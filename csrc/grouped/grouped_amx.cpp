@@ -21,6 +21,7 @@
 #include <c10/core/Storage.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <immintrin.h>
 #include <memory>
@@ -35,62 +36,91 @@ namespace {
 constexpr int64_t kBlk = 32;         // tokens and outputs per block, columns per k-step
 constexpr int64_t kTile = 16 * 32;   // elements of one 16 x 32 bf16 tile (1 KB)
 
+// A buffer that keeps its memory between calls: a fresh multi-MB tensor per call costs a page fault per 4 KB on first
+// touch (measured: the staging copy of fc2's activations took 2.2 ms of a 6.3 ms call, stalled on its stores).
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[], void (*)(void*)> data{nullptr, std::free};
+  size_t capacity = 0;
+  T* get(size_t n) {
+    if (n > capacity) {
+      const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+      data.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(data != nullptr, "grouped_apply: out of memory (", bytes, " bytes)");
+      capacity = n;
+    }
+    return data.get();
+  }
+};
+
 struct Plan {
   int64_t A = 0, B = 0, ncb = 0, nblocks = 0;
   std::vector<int64_t> begin;  // [nblocks + 1]: k-steps of row block b are begin[b] .. begin[b + 1] - 1
   std::vector<int32_t> cb;     // [nsteps]: source column block of each k-step
-  at::Tensor packed;           // [nsteps, 2, 16, 16, 2] bf16: per k-step two B tiles (outputs 0-15, 16-31), VNNI pairs
+  Scratch<uint16_t> packed;    // [nsteps, 2, 16, 16, 2] bf16: per k-step two B tiles (outputs 0-15, 16-31), VNNI pairs
 };
 
 // Every kept weight (k, t): tall (B >= A): column c = t, row r = (t + p_k) mod B; wide: row r = t, column
-// c = (r + p_k) mod A (the two index maps of grouped_brgemm.cpp, enumerated from the weight's side).
+// c = (r + p_k) mod A (the two index maps of grouped_brgemm.cpp, enumerated from the weight's side), in segments
+// that stay inside one 32 x 32 (row block, column block) tile: f(k, t, r, c, len) covers t .. t + len - 1.
 template <typename F>
-inline void for_each_weight(const int64_t* offp, int64_t K, int64_t A, int64_t B, bool tall, F&& f) {
+inline void for_each_segment(const int64_t* offp, int64_t K, int64_t A, int64_t B, bool tall, F&& f) {
   const int64_t D = std::min(A, B);
   for (int64_t k = 0; k < K; ++k) {
-    const int64_t p = offp[k];
-    if (tall) {
-      int64_t r = p % B;
-      for (int64_t t = 0; t < D; ++t, r = r + 1 == B ? 0 : r + 1) f(k, t, r, t);
-    } else {
-      int64_t c = p % A;
-      for (int64_t t = 0; t < D; ++t, c = c + 1 == A ? 0 : c + 1) f(k, t, t, c);
+    int64_t t = 0, r = tall ? offp[k] % B : 0, c = tall ? 0 : offp[k] % A;
+    while (t < D) {
+      int64_t len = std::min({kBlk - r % kBlk, kBlk - c % kBlk, D - t});
+      len = std::min(len, tall ? B - r : A - c);  // the wrap-around ends a segment
+      f(k, t, r, c, len);
+      t += len;
+      if (tall) {
+        c += len;
+        r = r + len == B ? 0 : r + len;
+      } else {
+        r += len;
+        c = c + len == A ? 0 : c + len;
+      }
     }
   }
 }
 
-std::shared_ptr<Plan> build_plan(const at::Tensor& values, const int64_t* offp, int64_t A, int64_t B, bool tall) {
-  auto plan = std::make_shared<Plan>();
-  plan->A = A;
-  plan->B = B;
-  plan->ncb = (A + kBlk - 1) / kBlk;
-  plan->nblocks = (B + kBlk - 1) / kBlk;
-  const int64_t K = values.size(0), D = values.size(1), ncb = plan->ncb, nblocks = plan->nblocks;
+// (Re)builds `plan` for these values/offsets: O(K * D) scattered stores plus zeroing nsteps * 2 KB.
+void build_plan(Plan& plan, const at::Tensor& values, const int64_t* offp, int64_t A, int64_t B, bool tall) {
+  plan.A = A;
+  plan.B = B;
+  plan.ncb = (A + kBlk - 1) / kBlk;
+  plan.nblocks = (B + kBlk - 1) / kBlk;
+  const int64_t K = values.size(0), D = values.size(1), ncb = plan.ncb, nblocks = plan.nblocks;
   // Which (row block, column block) pairs hold a weight; then one k-step per pair, row block major, columns sorted.
   std::vector<int32_t> slot(nblocks * ncb, -1);
-  for_each_weight(offp, K, A, B, tall, [&](int64_t, int64_t, int64_t r, int64_t c) {
+  for_each_segment(offp, K, A, B, tall, [&](int64_t, int64_t, int64_t r, int64_t c, int64_t) {
     slot[(r / kBlk) * ncb + c / kBlk] = 0;
   });
-  plan->begin.assign(nblocks + 1, 0);
+  plan.begin.assign(nblocks + 1, 0);
+  plan.cb.clear();
   for (int64_t b = 0; b < nblocks; ++b) {
-    int64_t n = plan->begin[b];
+    int64_t n = plan.begin[b];
     for (int64_t j = 0; j < ncb; ++j) {
-      int32_t& s = slot[b * ncb + j];
-      if (s < 0) continue;
-      s = static_cast<int32_t>(n++);
-      plan->cb.push_back(static_cast<int32_t>(j));
+      int32_t& sl = slot[b * ncb + j];
+      if (sl < 0) continue;
+      sl = static_cast<int32_t>(n++);
+      plan.cb.push_back(static_cast<int32_t>(j));
     }
-    plan->begin[b + 1] = n;
+    plan.begin[b + 1] = n;
   }
-  const int64_t nsteps = plan->begin[nblocks];
-  plan->packed = at::zeros({std::max<int64_t>(nsteps, 1) * 2 * kTile}, values.options());
-  const c10::BFloat16* v = values.const_data_ptr<c10::BFloat16>();
-  c10::BFloat16* pk = plan->packed.mutable_data_ptr<c10::BFloat16>();
-  for_each_weight(offp, K, A, B, tall, [&](int64_t k, int64_t t, int64_t r, int64_t c) {
-    const int64_t step = slot[(r / kBlk) * ncb + c / kBlk], q = c % kBlk, n = r % kBlk;
-    pk[(step * 2 + n / 16) * kTile + ((q / 2) * 16 + n % 16) * 2 + q % 2] = v[k * D + t];
+  const int64_t nsteps = plan.begin[nblocks];
+  uint16_t* pk = plan.packed.get(std::max<int64_t>(nsteps, 1) * 2 * kTile);
+  std::memset(pk, 0, nsteps * 2 * kTile * sizeof(uint16_t));
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr<c10::BFloat16>());
+  for_each_segment(offp, K, A, B, tall, [&](int64_t k, int64_t t, int64_t r, int64_t c, int64_t len) {
+    uint16_t* tile = pk + slot[(r / kBlk) * ncb + c / kBlk] * 2 * kTile;
+    const uint16_t* vk = v + k * D + t;
+    const int64_t n0 = r % kBlk, q0 = c % kBlk;
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t n = n0 + i, q = q0 + i;  // output n of the block reads source column q of the column block
+      tile[(n >> 4) * kTile + (((q >> 1) << 4) + (n & 15)) * 2 + (q & 1)] = vk[i];
+    }
   });
-  return plan;
 }
 
 // ---- plan cache (inference): frozen weights do not change between calls ----------------------------------------
@@ -154,8 +184,16 @@ std::shared_ptr<Plan> cached_plan(const at::Tensor& values_in, const at::Tensor&
     }
   }
   const at::Tensor values = values_in.contiguous(), offsets = offsets_in.contiguous();
-  std::shared_ptr<Plan> plan = build_plan(values, offsets.const_data_ptr<int64_t>(), A, B, tall);
-  if (vid && oid) {
+  if (!(vid && oid)) {
+    // Not cached (training): rebuild this thread's scratch plan in place, keeping its memory.
+    thread_local std::shared_ptr<Plan> scratch = std::make_shared<Plan>();
+    if (scratch.use_count() > 1) scratch = std::make_shared<Plan>();  // still in use by a caller up the stack
+    build_plan(*scratch, values, offsets.const_data_ptr<int64_t>(), A, B, tall);
+    return scratch;
+  }
+  auto plan = std::make_shared<Plan>();
+  build_plan(*plan, values, offsets.const_data_ptr<int64_t>(), A, B, tall);
+  {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     if (g_cache.size() >= kMaxEntries) g_cache.erase(g_cache.begin());
     g_cache.push_back({*vid, *oid, B, tall, plan});
@@ -164,41 +202,42 @@ std::shared_ptr<Plan> cached_plan(const at::Tensor& values_in, const at::Tensor&
 }
 
 // ---- blocked activations ----------------------------------------------------------------------------------------
-// xb[n / 16][j][n % 16][0..31] = src[n, perm[32 j + 0..31]] (src[n, 32 j + ...] without perm); columns >= A and
-// tokens >= N are zeros. Each 16 x 32 chunk is one contiguous AMX A tile.
-at::Tensor stage_blocked(const at::Tensor& src, int64_t nrows, int64_t ncb, const int64_t* perm) {
-  const int64_t N = src.size(0), A = src.size(1);
-  at::Tensor xb = at::empty({nrows / 16, ncb, 16, kBlk}, src.options());
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
-  uint16_t* x = reinterpret_cast<uint16_t*>(xb.mutable_data_ptr<c10::BFloat16>());
-  std::vector<int32_t> idx;
-  if (perm != nullptr) idx.assign(perm, perm + A);
-  at::parallel_for(0, nrows, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      uint16_t* base = x + ((n / 16) * ncb * 16 + n % 16) * kBlk;  // chunk j at base + j * kTile
-      if (n >= N) {
-        for (int64_t j = 0; j < ncb; ++j) std::memset(base + j * kTile, 0, kBlk * 2);
-        continue;
-      }
-      const uint16_t* row = s + n * A;
-      for (int64_t j = 0; j < ncb; ++j) {
-        uint16_t* d = base + j * kTile;
-        const int64_t c0 = j * kBlk, len = std::min(kBlk, A - c0);
-        if (perm == nullptr) {
-          if (len == kBlk) {
-            std::memcpy(d, row + c0, kBlk * 2);
-          } else {
-            std::memcpy(d, row + c0, len * 2);
-            std::memset(d + len, 0, (kBlk - len) * 2);
-          }
-        } else {
-          for (int64_t i = 0; i < len; ++i) d[i] = row[idx[c0 + i]];
-          for (int64_t i = len; i < kBlk; ++i) d[i] = 0;
-        }
+// One token block, staged just before its products run (the 32 x A copy stays in L1/L2; a staged copy of the whole
+// input written to memory and read back cost as much as the products on fc2):
+// x[n / 16][j][n % 16][0..31] = src[n0 + n, perm[32 j + 0..31]] (src[n0 + n, 32 j + ...] without perm) for n < 32;
+// columns >= A and tokens >= N are zeros. Each 16 x 32 chunk is one contiguous AMX A tile. `idx`: perm as int32,
+// padded to whole column blocks.
+__attribute__((target("avx512f,avx512bw"))) void stage_token_block(const uint16_t* src, int64_t N, int64_t A,
+                                                                   int64_t n0, int64_t ncb, const int32_t* idx,
+                                                                   uint16_t* x) {
+  for (int64_t n = 0; n < kBlk; ++n) {
+    uint16_t* base = x + ((n / 16) * ncb * 16 + n % 16) * kBlk;  // chunk j at base + j * kTile
+    if (n0 + n >= N) {
+      for (int64_t j = 0; j < ncb; ++j) _mm512_storeu_si512(base + j * kTile, _mm512_setzero_si512());
+      continue;
+    }
+    const uint16_t* row = src + (n0 + n) * A;
+    // A 32-bit gather at 2 * index reads the element and the next one: the very last row of the tensor is gathered
+    // one element at a time instead (its last element has no next one).
+    const bool gather = idx != nullptr && n0 + n + 1 < N;
+    for (int64_t j = 0; j < ncb; ++j) {
+      uint16_t* d = base + j * kTile;
+      const int64_t c0 = j * kBlk, len = std::min(kBlk, A - c0);
+      const __mmask32 m = len == kBlk ? ~__mmask32(0) : static_cast<__mmask32>((1u << len) - 1);
+      if (idx == nullptr) {
+        _mm512_storeu_si512(d, _mm512_maskz_loadu_epi16(m, row + c0));
+      } else if (gather) {
+        const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+        const __m512i i0 = _mm512_loadu_si512(idx + c0), i1 = _mm512_loadu_si512(idx + c0 + 16);
+        const __m512i g0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, i0, row, 2);
+        const __m512i g1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, i1, row, 2);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(g0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 16), _mm512_cvtepi32_epi16(g1));
+      } else {
+        for (int64_t i = 0; i < kBlk; ++i) d[i] = i < len ? row[idx[c0 + i]] : 0;
       }
     }
-  });
-  return xb;
+  }
 }
 
 struct alignas(64) TileConfig {
@@ -272,29 +311,36 @@ at::Tensor amx_apply(const at::Tensor& src_in, const at::Tensor& values, const a
   at::Tensor dst = at::empty({N, B}, src.options());
   std::shared_ptr<Plan> plan = cached_plan(values, offsets, A, B, tall, use_cache);
   if (N == 0) return dst;
-  const int64_t nrows = (N + kBlk - 1) / kBlk * kBlk, ncb = plan->ncb, nblocks = plan->nblocks;
-  at::Tensor pm;
-  if (perm.has_value()) pm = perm->contiguous();
-  const at::Tensor xb = stage_blocked(src, nrows, ncb, perm.has_value() ? pm.const_data_ptr<int64_t>() : nullptr);
+  const int64_t ncb = plan->ncb, nblocks = plan->nblocks, ntb = (N + kBlk - 1) / kBlk, row_stride = ncb * kTile;
+  std::vector<int32_t> idx;  // the permutation as int32 gather indices, padded to whole column blocks
+  if (perm.has_value()) {
+    const at::Tensor pm = perm->contiguous();
+    const int64_t* pp = pm.const_data_ptr<int64_t>();
+    idx.assign(ncb * kBlk, 0);
+    for (int64_t c = 0; c < A; ++c) idx[c] = static_cast<int32_t>(pp[c]);
+  }
   at::Tensor bias_f;  // fp32 bias, added to the fp32 accumulators before the output is rounded
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const float* biasp = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
-  const c10::BFloat16* x = xb.const_data_ptr<c10::BFloat16>();
-  const c10::BFloat16* pk = plan->packed.const_data_ptr<c10::BFloat16>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
+  const c10::BFloat16* pk = reinterpret_cast<const c10::BFloat16*>(plan->packed.data.get());
   c10::BFloat16* out = dst.mutable_data_ptr<c10::BFloat16>();
-  const int64_t ntb = nrows / kBlk, row_stride = ncb * kTile;
-  // Token block outer, row block inner: the token block's activations (32 x A) stay in L1/L2 while the packed B
-  // tiles stream through in the order they are stored.
-  at::parallel_for(0, ntb * nblocks, 1, [&](int64_t t0, int64_t t1) {
+  // Token block outer (staged once, then every row block reads it from L1/L2), row blocks inner: the packed B tiles
+  // stream through in the order they are stored.
+  at::parallel_for(0, ntb, 1, [&](int64_t t0, int64_t t1) {
+    thread_local Scratch<uint16_t> staging;
+    uint16_t* xs = staging.get(2 * row_stride);
+    const c10::BFloat16* x = reinterpret_cast<const c10::BFloat16*>(xs);
     amx_configure();
     alignas(64) float acc[kBlk * kBlk];
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t tb = task / nblocks, b = task % nblocks, e0 = plan->begin[b];
-      amx_block(x + tb * 2 * row_stride, row_stride, pk + e0 * 2 * kTile, plan->cb.data() + e0,
-                plan->begin[b + 1] - e0, acc);
-      const int64_t r0 = b * kBlk;
-      store_block(acc, out + tb * kBlk * B + r0, B, std::min(kBlk, N - tb * kBlk), std::min(kBlk, B - r0),
-                  biasp == nullptr ? nullptr : biasp + r0);
+    for (int64_t tb = t0; tb < t1; ++tb) {
+      stage_token_block(s, N, A, tb * kBlk, ncb, idx.empty() ? nullptr : idx.data(), xs);
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t e0 = plan->begin[b], r0 = b * kBlk;
+        amx_block(x, row_stride, pk + e0 * 2 * kTile, plan->cb.data() + e0, plan->begin[b + 1] - e0, acc);
+        store_block(acc, out + tb * kBlk * B + r0, B, std::min(kBlk, N - tb * kBlk), std::min(kBlk, B - r0),
+                    biasp == nullptr ? nullptr : biasp + r0);
+      }
     }
     amx_release();
   });
