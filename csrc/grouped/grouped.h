@@ -23,6 +23,9 @@ at::Tensor amx_apply(const at::Tensor& src, const at::Tensor& values, const at::
                      bool tall, const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias,
                      bool use_cache);
 
+// bf16 `sddmm` on AMX tiles (dV[k, t] = sum_n s[n, t] q[n, (t + p_k) mod M]; checked inputs, see grouped_brgemm.cpp).
+at::Tensor amx_sddmm(const at::Tensor& s, const at::Tensor& q, const at::Tensor& offsets);
+
 // Drop every cached plan (returns how many there were); the number of cached plans.
 int64_t amx_cache_clear();
 int64_t amx_cache_size();

@@ -324,6 +324,7 @@ at::Tensor sddmm_impl(const at::Tensor& s_in, const at::Tensor& q_in, const at::
   const int64_t N = s.size(0), D = s.size(1), M = q.size(1);
   DD_CHECK(q.size(0) == N && M >= D, op, ": s [N, D] and q [N, M] with M >= D");
   const std::vector<Run> runs = offset_runs(offsets, M, max_run, op);
+  if (std::is_same_v<T, c10::BFloat16> && g_allow_amx.load() && amx_ready()) return amx_sddmm(s, q, offsets);
   const at::Tensor off_c = offsets.contiguous();
   const int64_t* offp = off_c.const_data_ptr<int64_t>();
   const int64_t K = offsets.numel();
