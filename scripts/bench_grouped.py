@@ -8,11 +8,13 @@ layer holds), and these are timed in the same run, interleaved within each repea
 - ``cpu``: the project's single-diagonal kernels on the same offsets (they ignore the grouping);
 - ``grouped_cpu``: the band-tile kernels (AMX tiles for bf16 where the CPU has AMX, else oneDNN brgemm).
 
-Phases: ``fwd`` and ``fb`` (forward + grad of the input + grad of the diagonal values / the weight). Model: timm
+Phases: ``fwd`` (inference: under ``no_grad``, where ``grouped_cpu`` reuses the packed tiles of the frozen weights),
+``fwd_nc`` (``grouped_cpu`` only: the same forward with that cache off, i.e. what a training forward pays) and ``fb``
+(forward + grad of the input + grad of the diagonal values / the weight). Model: timm
 ViT-B/16 at 224 px, batch 8, bf16 autocast inference, dense vs the same model with grouped layers frozen at the
 sparsity (``--model``). One thread on ``--clock process`` (CPU time of the process: a loaded machine disturbs it
-far less than the wall clock). Writes ``<out>/bench_grouped.json`` (CPU model, ISA flags, load average) and
-``<out>/bench_grouped.png``.
+far less than the wall clock). Writes ``<out>/<name>.json`` (CPU model, ISA flags, load average) and
+``<out>/<name>.png`` (``--name``, default ``bench_grouped``).
 
     python scripts/bench_grouped.py --clock process --model --out docs/results/grouped
 """
@@ -48,16 +50,25 @@ def grouped_offsets(in_f: int, out_f: int, sparsity: float, group: int, gen: tor
     return DG.group_offsets(groups, num_diag, group)
 
 
-def _phases(forward, leaves: list[torch.Tensor], grad_y: torch.Tensor) -> dict:
+def _phases(forward, leaves: list[torch.Tensor], grad_y: torch.Tensor, uncached: bool = False) -> dict:
     def fwd():
         with torch.no_grad():
             forward()
+
+    def fwd_nc():
+        from dynadiag.kernels import grouped_cpu
+
+        grouped_cpu.CACHE_FROZEN = False
+        try:
+            fwd()
+        finally:
+            grouped_cpu.CACHE_FROZEN = True
 
     def fb():
         y = forward()
         torch.autograd.grad(y, leaves, grad_y)
 
-    return {"fwd": fwd, "fb": fb}
+    return {"fwd": fwd, "fb": fb, **({"fwd_nc": fwd_nc} if uncached else {})}
 
 
 def bench_layers(args, clock) -> list[dict]:
@@ -86,14 +97,17 @@ def bench_layers(args, clock) -> list[dict]:
                 def fwd(backend=backend, x=x, v=v, offsets=offsets, in_f=in_f, out_f=out_f):
                     return backend.diag_linear(x, v, offsets, None, in_f, out_f)
 
-                methods[f"{name}_g{g}"] = {"g": g, "k": offsets.numel(), **_phases(fwd, [x, v], gy32.bfloat16())}
-        times: dict[str, dict[str, float]] = {m: {"fwd": float("inf"), "fb": float("inf")} for m in methods}
+                phases = _phases(fwd, [x, v], gy32.bfloat16(), uncached=name == "grouped_cpu")
+                methods[f"{name}_g{g}"] = {"g": g, "k": offsets.numel(), **phases}
+        all_phases = ("fwd", "fwd_nc", "fb")
+        times = {m: {p: float("inf") for p in all_phases if p in methods[m]} for m in methods}
         for m in methods.values():  # warm up (builds, oneDNN kernel caches)
-            m["fwd"]()
-            m["fb"]()
+            for phase in all_phases:
+                if phase in m:
+                    m[phase]()
         for _ in range(args.reps):
             for name, m in methods.items():
-                for phase in ("fwd", "fb"):
+                for phase in times[name]:
                     t0 = clock()
                     m[phase]()
                     times[name][phase] = min(times[name][phase], (clock() - t0) * 1e3)
@@ -103,10 +117,15 @@ def bench_layers(args, clock) -> list[dict]:
             rec.update({"method": name, "g": m["g"], "k": m.get("k"), "fwd_ms": times[name]["fwd"]})
             rec.update({"fb_ms": times[name]["fb"], "fwd_vs_dense_bf16": base["fwd"] / times[name]["fwd"]})
             rec["fb_vs_dense_bf16"] = base["fb"] / times[name]["fb"]
+            nc = ""
+            if "fwd_nc" in times[name]:
+                rec["fwd_nc_ms"] = times[name]["fwd_nc"]
+                rec["fwd_nc_vs_dense_bf16"] = base["fwd"] / times[name]["fwd_nc"]
+                nc = f"  fwd no cache {rec['fwd_nc_ms']:6.2f} ms ({rec['fwd_nc_vs_dense_bf16']:5.2f}x)"
             records.append(rec)
             print(
                 f"{shape:>5} {name:>16} k={rec['k']!s:>5} fwd {rec['fwd_ms']:8.2f} ms "
-                f"({rec['fwd_vs_dense_bf16']:5.2f}x)  fb {rec['fb_ms']:8.2f} ms ({rec['fb_vs_dense_bf16']:5.2f}x)",
+                f"({rec['fwd_vs_dense_bf16']:5.2f}x)  fb {rec['fb_ms']:8.2f} ms ({rec['fb_vs_dense_bf16']:5.2f}x){nc}",
                 flush=True,
             )
     return records
@@ -205,6 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="process", choices=["wall", "process"])
     parser.add_argument("--out", type=Path, default=Path("docs/results/grouped"))
+    parser.add_argument("--name", default="bench_grouped", help="file stem of the JSON and PNG written to --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "process" else time.perf_counter
@@ -214,18 +234,19 @@ def main() -> None:
         amx = bool(torch.ops.dynadiag_grouped.use_amx(True))
     info = {**machine_info(), "threads": args.threads, "clock": args.clock, "grouped_cpu_amx": amx}
     print(json.dumps(info))
-    layers = bench_layers(args, clock)
+    layers = bench_layers(args, clock) if args.shapes and args.groups else []
     model = bench_model(args, clock) if args.model else []
     info["load_average_end"] = machine_info()["load_average"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_grouped.json").write_text(
+    (args.out / f"{args.name}.json").write_text(
         json.dumps(
             {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "layers": layers, "model": model},
             indent=1,
         )
     )
-    plot(layers, args.out / "bench_grouped.png", args.backends)
-    print(f"wrote {args.out / 'bench_grouped.json'}")
+    if layers:
+        plot(layers, args.out / f"{args.name}.png", args.backends)
+    print(f"wrote {args.out / (args.name + '.json')}")
 
 
 if __name__ == "__main__":

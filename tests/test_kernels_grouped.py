@@ -92,6 +92,14 @@ def test_grouped_cpu_matches_reference(in_f, out_f, group, kept, dtype, tol, bf1
     _check(backend, in_f, out_f, x, values, offsets, bias, tol, tol)
 
 
+@pytest.mark.parametrize("in_f,out_f,n", [(192, 576, 300), (576, 192, 301), (160, 96, 129)])
+def test_grouped_cpu_many_token_chunks(in_f, out_f, n, bf16_path):
+    """More tokens than one grad_values chunk (128) and one token block (32), with partial ones at the end."""
+    backend = _grouped_cpu_or_skip()
+    x, values, offsets, bias = _problem(in_f, out_f, 32, 3, n=n, dtype=torch.bfloat16, seed=3)
+    _check(backend, in_f, out_f, x, values, offsets, bias, 1.5e-2, 1.5e-2)
+
+
 def test_grouped_cpu_any_offsets_and_empty_batch():
     backend = _grouped_cpu_or_skip()
     gen = torch.Generator().manual_seed(1)
@@ -221,3 +229,24 @@ def test_grouped_layer_cache_follows_optimizer_steps():
         y = layer(x)
     want = reference_output()
     assert (y.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_cache_only_for_weights_not_being_trained(monkeypatch):
+    """Inference (no_grad) caches; a training forward and ``CACHE_FROZEN = False`` do not."""
+    from dynadiag.kernels import grouped_cpu
+
+    _amx_or_skip()
+    grouped_cpu.clear_cache()
+    x, values, offsets, _ = _problem(64, 192, 8, 3, n=20, dtype=torch.bfloat16)
+    values.requires_grad_()
+    grouped_cpu.BACKEND.diag_linear(x, values, offsets, None, 64, 192)  # grad enabled, trainable values
+    assert torch.ops.dynadiag_grouped.cache_size() == 0
+    monkeypatch.setattr(grouped_cpu, "CACHE_FROZEN", False)
+    with torch.no_grad():
+        grouped_cpu.BACKEND.diag_linear(x, values, offsets, None, 64, 192)
+    assert torch.ops.dynadiag_grouped.cache_size() == 0
+    monkeypatch.setattr(grouped_cpu, "CACHE_FROZEN", True)
+    with torch.no_grad():
+        grouped_cpu.BACKEND.diag_linear(x, values, offsets, None, 64, 192)
+    assert torch.ops.dynadiag_grouped.cache_size() == 1
+    grouped_cpu.clear_cache()

@@ -26,6 +26,9 @@ _LOADED = False
 MAX_RUN = 64
 #: tokens per GEMM call.
 TOKEN_BLOCK = 256
+#: keep the packed weight tiles of frozen layers that are not being trained (AMX path; see ``grouped_apply``).
+#: ``scripts/bench_grouped.py`` turns it off to time the forward that training pays.
+CACHE_FROZEN = True
 
 
 def load_grouped_library() -> None:
@@ -133,7 +136,7 @@ class GroupedCpuBackend:
         def fwd(x2, values, offsets, out_features):  # bias and permutation inside the op
             b = None if bias is None else bias.to(x2.dtype)
             # Frozen weights that are not being trained (inference, eval under no_grad) keep their packed tiles.
-            cache = not (torch.is_grad_enabled() and values.requires_grad)
+            cache = CACHE_FROZEN and not (torch.is_grad_enabled() and values.requires_grad)
             return _GroupedFn.apply(x2, values, offsets, b, perm, out_features, cache)
 
         return ops.diag_linear(
