@@ -177,12 +177,13 @@ class _NoBar:
 
 
 def set_candidate_density(method, density: float, optimizer: torch.optim.Optimizer) -> None:
-    """Give every soft layer ``round(density * K)`` random candidates (same draw for every run of the script)."""
+    """Give every soft layer ``round(density * K)`` random candidates (same draw for every run of the script);
+    ``optimizer`` moves to the layers' new ``V``."""
     generator = torch.Generator().manual_seed(1)
     for _, layer in method.layers:
         count = min(layer.num_diagonals, max(layer.k, round(density * layer.k)))
         ids = torch.randperm(layer.num_diagonals, generator=generator)[:count]
-        layer.set_candidates_(ids)
+        layer.set_candidates_(ids, optimizer=optimizer)  # V (the candidates' rows) is a new parameter
 
 
 def target_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynadiag import groups as DG
 from dynadiag.candidate_layer import CandidateDiagLinear, candidate_weights
 from dynadiag.functional import place_diagonals
 from dynadiag.groups import group_offsets
@@ -50,8 +51,9 @@ def test_sparse_soft_forward_matches_dense_reference(in_f, out_f):
     layer = make_layer(in_f, out_f, "cpu")
     x = torch.randn(3, 4, in_f)
     ids = layer.candidate_ids()
+    assert layer.V.shape == (ids.numel(), layer.diag_length)  # V stores the candidates' rows only
     w = candidate_weights(layer.alpha[ids], layer.k, layer.temperature, layer.hardness)
-    weight = place_diagonals(layer.V[ids] * w[:, None], ids, in_f, out_f)  # only the candidates, weighted
+    weight = place_diagonals(layer.V * w[:, None], ids, in_f, out_f)  # only the candidates, weighted
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
 
@@ -69,8 +71,8 @@ def test_float64_gradients_match_the_dense_reference(in_f, out_f):
     for key in sparse:
         torch.testing.assert_close(sparse[key], dense[key], rtol=1e-10, atol=1e-10, msg=key)
     outside = ~layer.candidates
-    assert (sparse["V"][outside] == 0).all() and (sparse["alpha"][outside] == 0).all()
-    assert sparse["alpha"][layer.candidates].abs().sum() > 0
+    assert sparse["V"].shape == (int(layer.candidates.sum()), layer.diag_length)  # the candidates' rows only
+    assert (sparse["alpha"][outside] == 0).all() and sparse["alpha"][layer.candidates].abs().sum() > 0
 
 
 def test_float64_gradcheck_through_the_kernels():
@@ -86,7 +88,7 @@ def test_float64_gradcheck_through_the_kernels():
     v = layer.V.detach().clone().requires_grad_()
 
     def run(x, v):
-        return backend.diag_linear(x, v[ids] * scale[:, None], ids, layer.bias.detach(), 6, 9)
+        return backend.diag_linear(x, v * scale[:, None], ids, layer.bias.detach(), 6, 9)
 
     assert torch.autograd.gradcheck(run, (x, v), eps=1e-6, atol=1e-6)
 
@@ -179,9 +181,12 @@ def grouped_reference_weight(layer):
     ids = torch.nonzero(layer.candidates).flatten()
     w = candidate_weights(layer.alpha[ids], layer.k_groups, layer.temperature, layer.hardness)
     weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.V.dtype)
+    row = 0  # V stores the candidate groups' diagonals, ascending
     for j, group_id in enumerate(ids.tolist()):
         for p in range(group_id * layer.group, min((group_id + 1) * layer.group, layer.num_diagonals)):
-            weight = weight + place_diagonals(layer.V[p : p + 1] * w[j], torch.tensor([p]), *layer_dims(layer))
+            weight = weight + place_diagonals(layer.V[row : row + 1] * w[j], torch.tensor([p]), *layer_dims(layer))
+            row += 1
+    assert row == layer.V.shape[0]
     if layer.perm is not None:  # W_diag acts on x[perm]: its column c belongs to input perm[c]
         weight = weight[:, torch.argsort(layer.perm)]
     return weight
@@ -206,8 +211,7 @@ def test_grouped_permuted_float64_gradients_match_a_dense_gemm(in_f, out_f, grou
         torch.testing.assert_close(sparse[key], dense[key], rtol=1e-10, atol=1e-10, msg=key)
     outside = ~layer.candidates
     assert (sparse["alpha"][outside] == 0).all() and sparse["alpha"][layer.candidates].abs().min() > 0
-    rows_outside = outside.repeat_interleave(group)[: layer.num_diagonals]
-    assert (sparse["V"][rows_outside] == 0).all()
+    assert sparse["V"].shape[0] == int(outside.logical_not().repeat_interleave(group)[: layer.num_diagonals].sum())
     torch.testing.assert_close(layer.weight, grouped_reference_weight(layer), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-10, atol=1e-10)
 
@@ -253,3 +257,112 @@ def test_from_diag_linear_keeps_group_and_permutation():
     new.hardness, new.temperature = 0.0, 1.0
     x = torch.randn(3, 10)
     torch.testing.assert_close(new(x), F.linear(x, new.weight, new.bias), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- candidate-only storage
+def adam_steps(layer, optimizer, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(6, layer.in_features, generator=generator, dtype=layer.V.dtype)
+        optimizer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_set_candidates_moves_rows_values_and_optimizer_state(group):
+    layer = make_grouped(9, 13, group, permute=False) if group > 1 else make_layer(9, 13, "cpu")
+    optimizer = torch.optim.AdamW([layer.V], lr=0.1, weight_decay=0.05, foreach=False)
+    adam_steps(layer, optimizer, 2)
+    old_ids, old_offsets, old_v = layer.candidate_ids().clone(), layer.candidate_offsets().clone(), layer.V.detach()
+    old_state = {key: value.clone() for key, value in optimizer.state[layer.V].items()}
+    outside = torch.nonzero(~layer.candidates).flatten()
+    stay, regrown, new = old_ids[1:], old_ids[1:2], outside[:1]  # old_ids[0] leaves, old_ids[1] re-enters fresh
+    fresh = torch.zeros_like(layer.candidates)
+    fresh[torch.cat([regrown, new])] = True
+    assert layer.set_candidates_(torch.cat([stay, new]), fresh=fresh, optimizer=optimizer)
+    offsets = layer.candidate_offsets()
+    assert layer.V.shape == (offsets.numel(), layer.diag_length) and optimizer.param_groups[0]["params"] == [layer.V]
+    state = optimizer.state[layer.V]
+    assert torch.equal(state["step"], old_state["step"])  # Adam's shared step count carries over
+    fresh_offsets = DG.group_offsets(torch.cat([regrown, new]), layer.num_diagonals, group)
+    for row, p in enumerate(offsets.tolist()):
+        if p in fresh_offsets.tolist():  # grown: zero values, zero moments
+            assert (layer.V[row] == 0).all() and (state["exp_avg"][row] == 0).all()
+            assert (state["exp_avg_sq"][row] == 0).all()
+        else:  # kept: its values and moments, whatever its row moved to
+            old_row = old_offsets.tolist().index(p)
+            assert torch.equal(layer.V[row], old_v[old_row])
+            assert torch.equal(state["exp_avg"][row], old_state["exp_avg"][old_row])
+            assert torch.equal(state["exp_avg_sq"][row], old_state["exp_avg_sq"][old_row])
+    same = layer.V
+    assert not layer.set_candidates_(layer.candidate_ids(), optimizer=optimizer) and layer.V is same  # no change
+
+
+def test_candidate_storage_trains_exactly_as_storing_every_diagonal():
+    """The invariant behind storing only the candidates: a diagonal outside the set never reaches the output and a
+    grown one starts at zero with zero Adam state, so AdamW (weight decay included) over ``[K', D]`` rows follows
+    the full ``[P, D]`` storage exactly on the candidates' rows (float64, the dense reference forward)."""
+    torch.manual_seed(0)
+    layer = make_layer(10, 14, "cpu", dtype=torch.float64)
+    full = torch.nn.Parameter(torch.zeros(layer.num_diagonals, layer.diag_length, dtype=torch.float64))
+    with torch.no_grad():
+        full[layer.candidate_offsets()] = layer.V  # [P, D]: what the layer stored before
+    opt_layer = torch.optim.AdamW([layer.V], lr=0.05, weight_decay=0.05, foreach=False)
+    opt_full = torch.optim.AdamW([full], lr=0.05, weight_decay=0.05, foreach=False)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(8):
+        if step in (3, 6):  # drop two candidates, grow two (one of them just dropped: it re-enters fresh)
+            ids = layer.candidate_ids()
+            outside = torch.nonzero(~layer.candidates).flatten()
+            grow = torch.cat([ids[:1], outside[step : step + 1]])
+            fresh = torch.zeros_like(layer.candidates)
+            fresh[grow] = True
+            layer.set_candidates_(torch.cat([ids[2:], grow]), fresh=fresh, optimizer=opt_layer)
+            with torch.no_grad():  # what the full storage did: zero the grown rows and their Adam moments
+                full[grow] = 0.0
+                for value in opt_full.state[full].values():
+                    if value.dim():
+                        value[grow] = 0.0
+        x = torch.randn(5, layer.in_features, generator=generator, dtype=torch.float64)
+        offsets, w = layer.candidate_offsets(), layer.candidate_weights().detach()
+        reference = F.linear(x, place_diagonals(full[offsets] * w[:, None], offsets, 10, 14), layer.bias.detach())
+        out = layer(x)
+        torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+        for optimizer, y in ((opt_layer, out), (opt_full, reference)):
+            optimizer.zero_grad(set_to_none=True)
+            y.square().sum().backward()
+            optimizer.step()
+        torch.testing.assert_close(layer.V.detach(), full.detach()[layer.candidate_offsets()], rtol=1e-10, atol=1e-12)
+
+
+def test_a_soft_checkpoint_brings_its_own_candidate_rows():
+    layer = make_layer(8, 12, "reference")
+    layer.set_candidates_(layer.candidate_ids()[:-2])  # another set size than a fresh layer's (all P)
+    fresh = CandidateDiagLinear(8, 12, sparsity=0.7, backend="reference")
+    fresh.load_state_dict(layer.state_dict())
+    fresh.temperature, fresh.hardness = layer.temperature, layer.hardness
+    assert fresh.V.shape == layer.V.shape and torch.equal(fresh.candidates, layer.candidates)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fresh(x), layer(x))
+    # written before candidate-only storage: V held all P rows; the candidates' rows are kept
+    old = dict(layer.state_dict())
+    old["V"] = torch.randn(layer.num_diagonals, layer.diag_length)
+    fresh = CandidateDiagLinear(8, 12, sparsity=0.7, backend="reference")
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.V, old["V"][layer.candidate_offsets()])
+
+
+def test_kept_dropped_values_come_back():
+    torch.manual_seed(0)
+    layer = CandidateDiagLinear(8, 12, sparsity=0.7, backend="reference")  # every diagonal a candidate
+    initial = layer.V.detach().clone()  # [P, D]
+    layer.keep_dropped_values_()  # before the first shrink, as sparse_dynadiag does for grow_init=keep
+    layer.set_candidates_(torch.arange(0, layer.num_diagonals, 2))
+    with torch.no_grad():
+        layer.V.add_(1.0)  # training moved the candidates
+    moved = {int(p): layer.V[i].clone() for i, p in enumerate(layer.candidate_offsets())}
+    layer.set_candidates_(torch.arange(2, layer.num_diagonals, 2))  # diagonal 0 leaves
+    layer.set_candidates_(torch.tensor([0, 1, 2, 4]))  # 0 comes back, 1 enters for the first time
+    assert torch.equal(layer.V[0], moved[0]) and torch.equal(layer.V[2], moved[2])  # the values they had
+    assert torch.equal(layer.V[1], initial[1])  # never trained: its initial values

@@ -75,6 +75,29 @@ def test_layers_run_candidates_grow_new_diagonals_and_end_with_exactly_k(drop_sc
 GROUPED = [(1, False), (4, True), (5, False), (7, True)]  # g = 5, 7 divide no P of tiny_vit: short last groups
 
 
+@pytest.mark.parametrize(("group", "grow_init"), [(1, "zero"), (2, "zero"), (1, "keep")])
+def test_v_stores_the_candidates_only_and_the_optimizer_follows(group, grow_init):
+    model, method, optimizer = make(group=group, grow_init=grow_init)
+    layers = [m for _, m in method.layers]
+    changes = []
+
+    def check(step, metrics):
+        changes.append(method.topology_changed)
+        method.topology_changed = False  # what the trainer does after rebuilding its wrappers
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        for m in layers:
+            assert any(p is m.V for p in held)  # the optimizer trains the current V, not a retired one
+            rows = m.offsets.numel() if m.is_frozen else m.candidate_offsets().numel()
+            assert m.V.shape == (rows, m.diag_length)  # K' rows during the soft phase, K after the freeze
+            for value in optimizer.state[m.V].values():
+                assert value.dim() == 0 or value.shape == m.V.shape
+        assert sum(p.numel() for p in held) == sum(p.numel() for p in model.parameters())
+
+    run_steps(model, method, optimizer, 12, after_step=check)
+    assert changes[1] and changes[8]  # the first candidate update (step 1) and the freeze (step 8) replace V
+    assert all(m.is_frozen and m.offsets.numel() == m.k for m in layers)
+
+
 @pytest.mark.parametrize(("group", "permute"), GROUPED)
 def test_freeze_changes_nothing(group, permute):
     model, method, optimizer = make(group=group, permute=permute)

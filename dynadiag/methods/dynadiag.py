@@ -33,9 +33,12 @@ def freeze_all_(
         if layer.is_frozen:
             continue
         old_v, old_alpha = layer.V, layer.alpha
+        # rows of V the freeze keeps: the kept offsets for full [P, D] storage; a layer that stores fewer rows
+        # (CandidateDiagLinear: the candidates only) says which of its rows
+        rows = layer.freeze_rows() if hasattr(layer, "freeze_rows") else None
         layer.freeze_(fold_soft_weights)
         if optimizer is not None:
-            replace_parameter_(optimizer, old_v, layer.V, rows=layer.offsets)
+            replace_parameter_(optimizer, old_v, layer.V, rows=layer.offsets if rows is None else rows)
             remove_parameter_(optimizer, old_alpha)
         count += 1
     return count

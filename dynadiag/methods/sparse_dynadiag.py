@@ -26,6 +26,11 @@ of its values (or its alpha), and the grow score is the L2 norm of the dense gra
 (as DiagHeur scores groups). ``config.permute`` gives each layer a fixed input permutation (the capture hooks
 gather the inputs the same way). ``g = 1`` is the ungrouped method, unchanged.
 
+Each layer's ``V`` stores the candidate diagonals' rows only (:class:`~dynadiag.candidate_layer.CandidateDiagLinear`),
+so the trainer's optimizer and the gradients touch ``K'`` rows per layer instead of ``P``. An update replaces ``V``
+by a new parameter (kept rows keep their values and optimizer state, grown ones start at zero) and sets
+``topology_changed``, as the freeze does.
+
 ``alpha`` lives outside the trainer's optimizer (a grad-requiring buffer) and is trained here by AdamW with its own
 lr (``alpha_lr_mult`` x the trainer's current lr) and weight decay; its state is in :meth:`state_dict`.
 """
@@ -40,10 +45,9 @@ from torch import nn
 
 from dynadiag.candidate_layer import CandidateDiagLinear, replace_with_candidates_
 from dynadiag.distributed import all_reduce_mean
-from dynadiag.groups import expand_group_weights, group_offsets, group_scores
+from dynadiag.groups import group_scores
 from dynadiag.methods.diag_heur import DiagHeurMethod
 from dynadiag.methods.dynadiag import freeze_all_
-from dynadiag.methods.masks import reset_optimizer_state_
 from dynadiag.methods.regrow import RegrowSchedule
 from dynadiag.sparsify import DiagSparsifyConfig, sparsify_
 from dynadiag.sparsity import SparsifyReport, sparsity_report
@@ -82,7 +86,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         alpha_weight_decay: AdamW weight decay of alpha.
         drop_score: which candidates survive an update: ``alpha`` (the learned importance) or ``magnitude``
             (``w * ||V||`` of the diagonal, DiagHeur's criterion).
-        grow_init: grown diagonals start at ``zero`` (RigL) or ``keep`` their stored values.
+        grow_init: grown diagonals start at ``zero`` (RigL) or ``keep`` the values they had when they left the
+            candidate set (their initial values if they never were in it). ``V`` stores the candidates only, so a
+            diagonal outside the set is not weight-decayed meanwhile (it was when all ``P`` rows were stored).
         normalize: scale the soft weights so the top ``K`` average 1 (see ``candidate_weights``).
         label: the method's name in summaries, tables and metric prefixes (default ``sparse_dynadiag``), so a
             variant run beside the default forms its own row.
@@ -160,7 +166,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         for name, layer in self.layers:
             layer.alpha.detach().copy_(torch.rand(layer.num_groups, generator=generator))  # random initial ranking
             count = candidate_count(layer.k_groups, layer.num_groups, self.density_start, 0, self.freeze_step)
-            layer.set_candidates_(torch.topk(layer.alpha.detach(), count).indices)
+            if self.grow_init == "keep":  # before V shrinks to the candidates: every diagonal's initial values
+                layer.keep_dropped_values_()
+            layer.set_candidates_(torch.topk(layer.alpha.detach(), count).indices)  # V keeps these rows only
             self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
         report = sparsity_report(model)
         return SparsifyReport(report.layers, params_before, report.model_params_after)
@@ -253,10 +261,12 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             alpha = layer.alpha.detach()
             if self.drop_score == "alpha":
                 score = alpha[ids].float()
-            elif g == 1:
-                score = layer.candidate_weights().float() * layer.V.detach()[ids].float().norm(dim=1)
-            else:  # the group's weight times the L2 norm of all of its values
-                norms = group_scores(layer.V.detach().float().norm(dim=1), g)[ids]
+            else:  # the unit's weight times the L2 norm of its values (V holds the candidate diagonals' rows)
+                norms = layer.V.detach().float().norm(dim=1)  # [K']
+                if g > 1:  # the group's norm over all of its diagonals
+                    full = norms.new_zeros(layer.num_diagonals)
+                    full[layer.candidate_offsets()] = norms
+                    norms = group_scores(full, g)[ids]
                 score = layer.candidate_weights().float() * norms
             keep = ids[torch.topk(all_reduce_mean(score), target - n_grow).indices]
             grow_score = group_scores(self.diagonal_grad_norms(name, layer).nan_to_num(0.0), g)  # [G]
@@ -265,11 +275,6 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             new = grow[~torch.isin(grow, ids)]
             fresh = torch.zeros(layer.num_groups, dtype=torch.bool, device=alpha.device)
             fresh[grow] = True
-            grow_diagonals = grow if g == 1 else group_offsets(grow, layer.num_diagonals, g)
-            if self.grow_init == "zero":
-                layer.V[grow_diagonals] = 0.0
-            fresh_diagonals = expand_group_weights(fresh, layer.num_diagonals, g)  # [P]
-            reset_optimizer_state_(optimizer, layer.V, fresh_diagonals[:, None].expand_as(layer.V))
             if grow.numel():
                 # a grown unit enters just below the K-boundary of the kept ones (midway to the next): a fair
                 # chance to be selected, without tying with (and so displacing) a kept unit of the hard set
@@ -277,7 +282,12 @@ class SparseDynaDiagMethod(DiagHeurMethod):
                 k_th = ranked[min(k, ranked.numel()) - 1]
                 alpha[grow] = (k_th + ranked[k]) / 2 if ranked.numel() > k else k_th - 1.0
                 self._reset_alpha_state(layer.alpha, fresh)
-            layer.set_candidates_(torch.cat([keep, grow]))
+            # V becomes the new set's rows: grown units start at zero (grow_init=zero) with zero optimizer state,
+            # kept ones keep theirs, dropped ones leave the storage and the optimizer
+            changed = layer.set_candidates_(
+                torch.cat([keep, grow]), fresh=fresh, optimizer=optimizer, zero_fresh=self.grow_init == "zero"
+            )
+            self.topology_changed |= changed  # new V parameters: the trainer rebuilds its DDP/compile wrappers
             grown_total += int(grow.numel())
             new_total += int(new.numel())
         return {
