@@ -50,6 +50,26 @@ def grouped_offsets(in_f: int, out_f: int, sparsity: float, group: int, gen: tor
     return DG.group_offsets(groups, num_diag, group)
 
 
+def tile_work(in_f: int, out_f: int, offsets: torch.Tensor) -> dict:
+    """The AMX plan's work (csrc/grouped/grouped_amx.cpp): one 32 x 32 x 32 k-step per (output block, input column
+    block) pair that holds a kept weight. Returns the k-steps per 32 tokens, the share of the tiles' multiply-adds
+    that are kept weights, and the speedup over dense at equal tile efficiency (dense: every pair)."""
+    d = min(in_f, out_f)
+    t = torch.arange(d)
+    if out_f >= in_f:  # tall: weight (k, t) sits at column t, row (t + p_k) mod out
+        rows, cols = (t[None, :] + offsets[:, None]) % out_f, t[None, :].expand(offsets.numel(), d)
+    else:  # wide: row t, column (t + p_k) mod in
+        rows, cols = t[None, :].expand(offsets.numel(), d), (t[None, :] + offsets[:, None]) % in_f
+    ncb = -(-in_f // 32)
+    steps = int(torch.unique((rows // 32) * ncb + cols // 32).numel())
+    dense_steps = ncb * -(-out_f // 32)
+    return {
+        "ksteps_per_32_tokens": steps,
+        "useful_mac_share": offsets.numel() * d / (steps * 32 * 32),
+        "tile_ceiling_vs_dense": dense_steps / steps,
+    }
+
+
 def _phases(forward, leaves: list[torch.Tensor], grad_y: torch.Tensor, uncached: bool = False) -> dict:
     def fwd():
         with torch.no_grad():
@@ -98,7 +118,8 @@ def bench_layers(args, clock) -> list[dict]:
                     return backend.diag_linear(x, v, offsets, None, in_f, out_f)
 
                 phases = _phases(fwd, [x, v], gy32.bfloat16(), uncached=name == "grouped_cpu")
-                methods[f"{name}_g{g}"] = {"g": g, "k": offsets.numel(), **phases}
+                stats = tile_work(in_f, out_f, offsets) if name == "grouped_cpu" else {}
+                methods[f"{name}_g{g}"] = {"g": g, "k": offsets.numel(), "stats": stats, **phases}
         all_phases = ("fwd", "fwd_nc", "fb")
         times = {m: {p: float("inf") for p in all_phases if p in methods[m]} for m in methods}
         for m in methods.values():  # warm up (builds, oneDNN kernel caches)
@@ -117,11 +138,14 @@ def bench_layers(args, clock) -> list[dict]:
             rec.update({"method": name, "g": m["g"], "k": m.get("k"), "fwd_ms": times[name]["fwd"]})
             rec.update({"fb_ms": times[name]["fb"], "fwd_vs_dense_bf16": base["fwd"] / times[name]["fwd"]})
             rec["fb_vs_dense_bf16"] = base["fb"] / times[name]["fb"]
+            rec.update(m.get("stats", {}))
             nc = ""
             if "fwd_nc" in times[name]:
                 rec["fwd_nc_ms"] = times[name]["fwd_nc"]
                 rec["fwd_nc_vs_dense_bf16"] = base["fwd"] / times[name]["fwd_nc"]
                 nc = f"  fwd no cache {rec['fwd_nc_ms']:6.2f} ms ({rec['fwd_nc_vs_dense_bf16']:5.2f}x)"
+            if "ksteps_per_32_tokens" in rec:
+                nc += f"  tiles: useful {rec['useful_mac_share']:.2f}, ceiling {rec['tile_ceiling_vs_dense']:.2f}x"
             records.append(rec)
             print(
                 f"{shape:>5} {name:>16} k={rec['k']!s:>5} fwd {rec['fwd_ms']:8.2f} ms "
