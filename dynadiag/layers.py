@@ -265,7 +265,9 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)  # [N, in]
         bias = None if self.bias is None else self.bias.to(dtype)
-        args = (x2d, self.V.to(dtype), self.offsets, bias, self.in_features, self.out_features)
+        # Backends that cast the values themselves (grouped_cpu: into its cached weight tiles) get V as stored.
+        values = self.V if getattr(backend, "casts_values", False) else self.V.to(dtype)
+        args = (x2d, values, self.offsets, bias, self.in_features, self.out_features)
         y = backend.diag_linear(*args, perm=self.perm) if fuse_perm else backend.diag_linear(*args)
         kernel_name = getattr(backend, "kernel_name", None)
         if kernel_name is None:

@@ -120,7 +120,8 @@ def test_grouped_cpu_rejects_unsorted_offsets_and_other_dtypes():
 
 
 @pytest.mark.parametrize("permute", [False, True])
-def test_grouped_layer_on_grouped_cpu(permute):
+def test_grouped_layer_on_grouped_cpu(permute, bf16_path):
+    """fp32 layer, fp32 and bf16 autocast (fp32 master values with bf16 activations) on both bf16 paths."""
     _grouped_cpu_or_skip()
     torch.manual_seed(0)
     layer = DiagLinear(64, 256, sparsity=0.9, group=8, permute=permute, backend="reference")
@@ -132,7 +133,10 @@ def test_grouped_layer_on_grouped_cpu(permute):
     x = torch.randn(5, 7, 64)
     assert torch.allclose(fast(x), layer(x), atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fast(x)
+        y = fast(x)  # trainable V: cast per call
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), layer(x), atol=5e-2, rtol=5e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)  # inference: the op gets the fp32 V (AMX: rounded into cached tiles; brgemm: cast in C++)
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), layer(x), atol=5e-2, rtol=5e-2)
 
 
@@ -195,8 +199,12 @@ def test_amx_plan_cache_is_reused_and_never_stale():
     assert clear_cache() >= 1 and torch.ops.dynadiag_grouped.cache_size() == 0
 
 
-def test_grouped_layer_cache_follows_optimizer_steps():
-    """A frozen bf16 layer evaluated under no_grad (cached tiles), trained one step, evaluated again: new weights."""
+@pytest.mark.parametrize("weights", ["bf16", "fp32_autocast"])
+def test_grouped_layer_cache_follows_optimizer_steps(weights):
+    """A frozen layer evaluated under no_grad (cached tiles), trained one step, evaluated again: new weights. With
+    fp32 weights under bf16 autocast the cache is keyed on the fp32 V itself."""
+    import contextlib
+
     from dynadiag.kernels.grouped_cpu import clear_cache
 
     _amx_or_skip()
@@ -206,26 +214,31 @@ def test_grouped_layer_cache_follows_optimizer_steps():
     with torch.no_grad():
         layer.alpha.normal_()
     layer.freeze_()
-    layer = layer.bfloat16()
-    x = torch.randn(3, 50, 128, dtype=torch.bfloat16)
+    if weights == "bf16":
+        layer = layer.bfloat16()
+        x, amp = torch.randn(3, 50, 128, dtype=torch.bfloat16), contextlib.nullcontext
+    else:
+        x, amp = torch.randn(3, 50, 128), lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
 
-    def reference_output():
+    def reference_output():  # bf16-rounded weights and input, exact arithmetic
         twin = DiagLinear(128, 384, sparsity=0.8, group=16, permute=True, backend="reference")
         twin.freeze_()
-        twin.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in layer.state_dict().items()})
-        return twin.double()(x.double())
+        state = layer.state_dict()
+        twin.load_state_dict({k: v.bfloat16().double() if v.is_floating_point() else v for k, v in state.items()})
+        return twin.double()(x.bfloat16().double())
 
     for _ in range(2):
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             y = layer(x)
         want = reference_output()
-        assert (y.double() - want).abs().max() <= 2e-2 * want.abs().max()
-        assert torch.ops.dynadiag_grouped.cache_size() >= 1
-        layer(x).float().square().mean().backward()  # training forward: not cached
+        assert y.dtype == torch.bfloat16 and (y.double() - want).abs().max() <= 2e-2 * want.abs().max()
+        assert torch.ops.dynadiag_grouped.cache_size() == 1
+        with amp():
+            layer(x).float().square().mean().backward()  # training forward: not cached
         opt.step()
         opt.zero_grad()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():
         y = layer(x)
     want = reference_output()
     assert (y.double() - want).abs().max() <= 2e-2 * want.abs().max()

@@ -26,7 +26,7 @@ at::Tensor amx_apply(const at::Tensor& src, const at::Tensor& values, const at::
 // bf16 `sddmm` on AMX tiles (dV[k, t] = sum_n s[n, t] q[n, (t + p_k) mod M]; checked inputs, see grouped_brgemm.cpp).
 at::Tensor amx_sddmm(const at::Tensor& s, const at::Tensor& q, const at::Tensor& offsets);
 
-// Drop every cached plan (returns how many there were); the number of cached plans.
+// Drop every cached plan (returns how many there were); the number of cached plans of live tensors.
 int64_t amx_cache_clear();
 int64_t amx_cache_size();
 

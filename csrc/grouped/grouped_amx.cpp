@@ -111,14 +111,17 @@ void build_plan(Plan& plan, const at::Tensor& values, const int64_t* offp, int64
   const int64_t nsteps = plan.begin[nblocks];
   uint16_t* pk = plan.packed.get(std::max<int64_t>(nsteps, 1) * 2 * kTile);
   std::memset(pk, 0, nsteps * 2 * kTile * sizeof(uint16_t));
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr<c10::BFloat16>());
+  // bf16 values, or fp32 master weights (bf16 autocast) rounded to nearest even here, as Tensor.to(bfloat16) does.
+  const bool f32 = values.scalar_type() == at::kFloat;
+  const uint16_t* v = f32 ? nullptr : reinterpret_cast<const uint16_t*>(values.const_data_ptr<c10::BFloat16>());
+  const float* vf = f32 ? values.const_data_ptr<float>() : nullptr;
   for_each_segment(offp, K, A, B, tall, [&](int64_t k, int64_t t, int64_t r, int64_t c, int64_t len) {
     uint16_t* tile = pk + slot[(r / kBlk) * ncb + c / kBlk] * 2 * kTile;
-    const uint16_t* vk = v + k * D + t;
     const int64_t n0 = r % kBlk, q0 = c % kBlk;
     for (int64_t i = 0; i < len; ++i) {
       const int64_t n = n0 + i, q = q0 + i;  // output n of the block reads source column q of the column block
-      tile[(n >> 4) * kTile + (((q >> 1) << 4) + (n & 15)) * 2 + (q & 1)] = vk[i];
+      tile[(n >> 4) * kTile + (((q >> 1) << 4) + (n & 15)) * 2 + (q & 1)] =
+          f32 ? c10::BFloat16(vf[k * D + t + i]).x : v[k * D + t + i];
     }
   });
 }
@@ -478,8 +481,11 @@ int64_t amx_cache_clear() {
   return n;
 }
 
-int64_t amx_cache_size() {
+int64_t amx_cache_size() {  // live entries (those of freed tensors are dropped first)
   std::lock_guard<std::mutex> lock(g_cache_mutex);
+  g_cache.erase(std::remove_if(g_cache.begin(), g_cache.end(),
+                               [](const CacheEntry& e) { return !e.values.alive() || !e.offsets.alive(); }),
+                g_cache.end());
   return static_cast<int64_t>(g_cache.size());
 }
 #else

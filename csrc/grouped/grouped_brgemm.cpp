@@ -411,8 +411,13 @@ at::Tensor grouped_apply(const at::Tensor& src, const at::Tensor& values, const 
                          bool tall, int64_t max_run, int64_t token_block, const std::optional<at::Tensor>& perm,
                          const std::optional<at::Tensor>& bias, bool cache) {
   TORCH_CHECK(src.dim() == 2 && values.dim() == 2, "grouped_apply: src [N, A] and values [K, D]");
-  TORCH_CHECK(src.scalar_type() == values.scalar_type(), "grouped_apply: dtype mismatch");
+  // bf16 activations may come with fp32 master values (autocast): the AMX path rounds them into its (cached) tiles.
+  const bool master = src.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kFloat;
+  TORCH_CHECK(src.scalar_type() == values.scalar_type() || master, "grouped_apply: dtype mismatch");
   TORCH_CHECK(token_block >= 1, "grouped_apply: token_block must be >= 1");
+  if (master && !(g_allow_amx.load() && amx_ready()))
+    return apply_impl<c10::BFloat16>(src, values.to(at::kBFloat16), offsets, out_cols, tall, max_run, token_block,
+                                     perm, bias, cache);
   if (src.scalar_type() == at::kBFloat16)
     return apply_impl<c10::BFloat16>(src, values, offsets, out_cols, tall, max_run, token_block, perm, bias, cache);
   if (src.scalar_type() == at::kFloat)

@@ -104,6 +104,9 @@ class GroupedCpuBackend:
     name = "grouped_cpu"
     #: DiagLinear passes its input permutation (``perm=``) instead of gathering the activations itself.
     fuses_permutation = True
+    #: DiagLinear passes ``V`` in its stored dtype (fp32 under bf16 autocast) instead of a per-call cast, so frozen
+    #: fp32 weights hit the packed-tile cache; ``ops.diag_linear`` casts (differentiably) where it is needed.
+    casts_values = True
 
     def is_available(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -133,10 +136,16 @@ class GroupedCpuBackend:
         if not _LOADED:
             load_grouped_library()
 
+        master = values  # fp32 master weights under bf16 autocast (DiagLinear passes V uncast: casts_values)
+
         def fwd(x2, values, offsets, out_features):  # bias and permutation inside the op
             b = None if bias is None else bias.to(x2.dtype)
             # Frozen weights that are not being trained (inference, eval under no_grad) keep their packed tiles.
-            cache = CACHE_FROZEN and not (torch.is_grad_enabled() and values.requires_grad)
+            cache = CACHE_FROZEN and not (torch.is_grad_enabled() and master.requires_grad)
+            if cache and master.dtype == torch.float32 and x2.dtype == torch.bfloat16:
+                # Key the cache on the stored fp32 weights (a per-call bf16 copy would never hit); the op rounds
+                # them into its tiles exactly as .to(bfloat16) does.
+                values = master
             return _GroupedFn.apply(x2, values, offsets, b, perm, out_features, cache)
 
         return ops.diag_linear(
