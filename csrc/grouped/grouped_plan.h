@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../dd_check.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -27,7 +29,7 @@ struct Scratch {
     if (n > capacity) {
       const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
       data.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-      TORCH_CHECK(data != nullptr, "grouped_apply: out of memory (", bytes, " bytes)");
+      DD_CHECK(data != nullptr, "grouped kernels: out of memory (", bytes, " bytes of scratch)");
       capacity = n;
     }
     return data.get();
