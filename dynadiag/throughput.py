@@ -2,7 +2,9 @@
 
 Both numbers exclude data loading (the clock only runs around compute, with the device synchronised at
 both ends) and exclude warm-up (the first steps pay for allocator growth, kernel selection and lazy
-backend builds).
+backend builds). The training timer also keeps the process's CPU time over the same steps: on a CPU device, images
+per CPU-second is the machine-load-robust number (a busy machine stretches the wall clock of a 1-thread run, much
+less its CPU time); with several threads it counts every thread's time.
 """
 
 from __future__ import annotations
@@ -43,32 +45,40 @@ class StepTimer:
         self.reset()
 
     def reset(self) -> None:
-        self.seconds, self.images, self._seen, self._t0 = 0.0, 0, 0, None
+        self.seconds, self.cpu_seconds, self.images, self._seen, self._t0, self._c0 = 0.0, 0.0, 0, 0, None, 0.0
 
     def start(self) -> None:
         synchronize(self.device)
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def stop(self, batch_size: int) -> None:
         if self._t0 is None:
             return
         synchronize(self.device)
-        elapsed = time.perf_counter() - self._t0
+        elapsed, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
         self._t0 = None
         self._seen += 1
         if self._seen > self.warmup:
             self.seconds += elapsed
+            self.cpu_seconds += cpu
             self.images += int(batch_size)
 
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` of the running step out of the timing (e.g. a measurement taken mid-step)."""
+    def exclude(self, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """Leave ``seconds`` (wall) and ``cpu_seconds`` (process CPU time) of the running step out of the timing (e.g.
+        a measurement taken mid-step)."""
         if self._t0 is not None:
             self._t0 += float(seconds)
+            self._c0 += float(cpu_seconds)
 
     @property
     def images_per_second(self) -> float:
         """Images/s over the timed (post-warm-up) steps; 0.0 if none were timed yet."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def images_per_cpu_second(self) -> float:
+        """Images per second of process CPU time over the timed steps; 0.0 if none were timed yet."""
+        return self.images / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
 
 
 @torch.no_grad()

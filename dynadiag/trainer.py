@@ -438,14 +438,14 @@ class Trainer:
     def _freeze_probe(self) -> tuple[float, dict[str, float]]:
         """Validation top-1 and selection numbers now, without touching the RNG streams training uses."""
         devices = [self.device] if self.device.type == "cuda" else []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.random.fork_rng(devices=devices):
             result = evaluate(
                 self.eval_model, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
             )
         observed = self.selection.observe(self.model, update_previous=False)
         for timer in (self.train_timer, self.overall_timer):
-            timer.exclude(time.perf_counter() - t0)
+            timer.exclude(time.perf_counter() - t0, time.process_time() - c0)
         return result["top1"], observed
 
     # ------------------------------------------------------- eval and files
@@ -562,12 +562,25 @@ class Trainer:
             "sparsity_target_layers": stats["target"],
             "train_images_per_s": train_ips,
             "train_images_per_s_overall": self.overall_timer.images_per_second,
+            **self._cpu_rates(),
             **self.selection.summary(),
             "infer_images_per_s": self.infer_images_per_s,
             "wall_time_s": wall_seconds,
             "device": str(self.device),
             # What computed each frozen diagonal layer last (backend, or auto's per-op plan on CUDA).
             "kernels": kernel_summary(self.model),
+        }
+
+    def _cpu_rates(self) -> dict[str, float]:
+        """Training images per CPU-second (final topology, whole run) on a CPU device: the numbers to compare runs
+        made on a loaded machine with (the wall clock of a 1-thread run stretches with the load, its CPU time far
+        less). Absent on accelerators, where the host's CPU time says little about the step."""
+        if self.device.type != "cpu":
+            return {}
+        final = self.train_timer if self.train_timer.images else self.overall_timer
+        return {
+            "train_images_per_cpu_s": final.images_per_cpu_second,
+            "train_images_per_cpu_s_overall": self.overall_timer.images_per_cpu_second,
         }
 
     def _print(self, message: str) -> None:
