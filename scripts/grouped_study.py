@@ -120,6 +120,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sparsities = sorted({r["sparsity"] for r in rows if r["vs_g1"] is not None and r["vs_g1"]["n"] >= 2})
+    if not sparsities:  # no paired g = 1 rows (e.g. the default model has no paper-DynaDiag runs): nothing to plot
+        return
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5.5 * len(sparsities), 3.8), squeeze=False)
     for ax, s in zip(axes[0], sparsities, strict=True):
         rs = [r for r in rows if r["sparsity"] == s and r["vs_g1"] is not None and r["vs_g1"]["n"] >= 2]
