@@ -224,7 +224,7 @@ def test_digits_study_methods_and_make_tables(tmp_path):
     text = (out / "tables.md").read_text()
     for method in methods:
         assert f"| {method} |" in text
-    assert "dynadiag − method" in text and "Throughput" in text
+    assert "dynadiag − method" in text and "Throughput" in text and "(CPU time)" in text
     for name in (
         "runs.csv",
         "accuracy.csv",
@@ -286,6 +286,23 @@ def test_make_tables_reads_its_own_runs_csv(tmp_path):
     table = make_tables.Table(runs, "final")
     diff = make_tables.paired_difference(table.values("dynadiag", 0.9), table.values("rigl", 0.9))
     assert diff is not None and diff["n"] == 3 and abs(diff["mean"] + 1.5) < 1e-9
+
+
+def test_throughput_ratio_uses_cpu_time_when_runs_record_it(tmp_path):
+    """The whole-run ratio to dense is computed per (seed, fold) from wall clock and, separately, from CPU time."""
+    rows = [
+        {"run_dir": f"{m}{i}", "model": "m", "data": "d", "method": m, "sparsity": s, "seed": i, "fold": None}
+        | {"val_top1_final": 90.0, "train_images_per_s": 10.0, "train_images_per_s_overall": wall}
+        | {"train_images_per_cpu_s_overall": cpu}
+        for i in range(2)
+        for m, s, wall, cpu in (("dense", 0.0, 100.0, 200.0), ("sparse_dynadiag", 0.9, 150.0, 300.0 + 100 * i))
+    ]
+    make_tables.write_csv(tmp_path / "runs.csv", rows)
+    table = make_tables.Table(make_tables.load_runs([tmp_path / "runs.csv"]), "final")
+    (row,) = [r for r in make_tables.throughput_rows(table) if r["method"] == "sparse_dynadiag"]
+    assert row["train_overall_vs_dense"] == pytest.approx(1.5)
+    assert row["train_overall_cpu_vs_dense"] == pytest.approx(1.75)  # median of 1.5 and 2.0
+    assert "(CPU time)" in make_tables.markdown_throughput([row])
 
 
 def test_make_tables_plots_selection_curves_and_keeps_them_in_csv(tmp_path):
