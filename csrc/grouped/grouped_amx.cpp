@@ -85,6 +85,29 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
+// One k-step of a 32 x 32 block held in tiles 0-3: C += [A rows 0-15; A rows 16-31] x [B cols 0-15, B cols 16-31],
+// loads interleaved with the products that free their registers first (tile registers are not renamed).
+__attribute__((target("amx-tile,amx-bf16"), always_inline)) inline void tile_step_2x2(const c10::BFloat16* a_top,
+                                                                                     const c10::BFloat16* a_bottom,
+                                                                                     const c10::BFloat16* b) {
+  _tile_loadd(4, a_top, 64);
+  _tile_loadd(6, b, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_loadd(7, b + kTile, 64);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_loadd(5, a_bottom, 64);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// Tiles 0-3 (the 32 x 32 fp32 block) -> acc [32, 32].
+__attribute__((target("amx-tile"), always_inline)) inline void tile_store_2x2(float* acc) {
+  _tile_stored(0, acc, kBlk * 4);
+  _tile_stored(1, acc + 16, kBlk * 4);
+  _tile_stored(2, acc + 16 * kBlk, kBlk * 4);
+  _tile_stored(3, acc + 16 * kBlk + 16, kBlk * 4);
+}
+
 // acc[32 x 32] = sum over the k-steps of A(32 tokens x 32 columns of block cb[e]) @ B_e(32 x 32). `a` is the token
 // block's first 16-row group of the blocked activations (the second follows `row_stride` elements later).
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(const c10::BFloat16* a, int64_t row_stride,
@@ -97,20 +120,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(const c10::B
   for (int64_t e = 0; e < nsteps; ++e) {
     const c10::BFloat16* at0 = a + cb[e] * kTile;
     const c10::BFloat16* bt = packed + e * 2 * kTile;
-    // Loads interleaved with the products that free their registers first (tiles are not renamed).
-    _tile_loadd(4, at0, 64);
-    _tile_loadd(6, bt, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, bt + kTile, 64);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, at0 + row_stride, 64);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    tile_step_2x2(at0, at0 + row_stride, bt);
   }
-  _tile_stored(0, acc, kBlk * 4);
-  _tile_stored(1, acc + 16, kBlk * 4);
-  _tile_stored(2, acc + 16 * kBlk, kBlk * 4);
-  _tile_stored(3, acc + 16 * kBlk + 16, kBlk * 4);
+  tile_store_2x2(acc);
 }
 
 // out[n, 0..cols) = bf16(acc[n, :] + bias) for n < rows (round to nearest even).
@@ -184,19 +196,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_sddmm_pair(const c10::BFlo
   for (int64_t ks = 0; ks < nks; ++ks) {
     const c10::BFloat16* at0 = a + ks * 2 * kTile;
     const c10::BFloat16* bt = b + ks * 2 * kTile;
-    _tile_loadd(4, at0, 64);
-    _tile_loadd(6, bt, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, bt + kTile, 64);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, at0 + kTile, 64);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    tile_step_2x2(at0, at0 + kTile, bt);
   }
-  _tile_stored(0, acc, kBlk * 4);
-  _tile_stored(1, acc + 16, kBlk * 4);
-  _tile_stored(2, acc + 16 * kBlk, kBlk * 4);
-  _tile_stored(3, acc + 16 * kBlk + 16, kBlk * 4);
+  tile_store_2x2(acc);
 }
 
 }  // namespace
