@@ -399,6 +399,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any] | No
         writer.writerows(rows)
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str) -> None:
     import matplotlib
 
@@ -421,9 +430,7 @@ def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], pat
         ax.set_title(f"{key[0]} on {key[1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> None:
@@ -446,9 +453,7 @@ def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], p
             ax.set_title(f"{title}: {key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> None:
@@ -479,9 +484,7 @@ def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"fewer than {MIN_PAIRS} pairs", transform=ax.transAxes, ha="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
@@ -507,9 +510,7 @@ def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
         ax.set_title(f"{key[0]} on {key[1]}, sparsity {s:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -556,9 +557,7 @@ def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
             ax.set_title(f"{key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -595,9 +594,7 @@ def plot_layer_speedup(bench_json: Path, path: Path) -> None:
             ax.set_title(f"{phase}, {n} tokens ({data['meta'].get('device_name') or data['meta'].get('device')})")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
