@@ -16,8 +16,8 @@ def test_sparsimony_rigl_masks_are_real_and_change():
     torch.manual_seed(0)
     model = tiny_vit()
     method = SparsimonyRigLMethod(MaskSparsifyConfig(0.9), delta_t=2, t_end=0.75)
-    method.bind(steps_per_epoch=4, total_steps=12)
     report = method.apply_(model)
+    method.bind(steps_per_epoch=4, total_steps=12)  # the trainer's order: apply_ at model build, then bind
     assert "sparsimony" in report and len(method.layers) == 8  # the blocks' qkv, proj, fc1, fc2, as RigL masks
     before = {name: m.parametrizations.weight[0].mask.clone() for name, m in method.layers}
     # the weights the forward pass uses are sparse: 10 % non-zeros per layer (sparsimony's int() rounding)

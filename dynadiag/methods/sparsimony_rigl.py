@@ -72,6 +72,13 @@ class SparsimonyRigLMethod(SparseMethod):
             return self.delta_t
         return max(1, -(-end // (int(self.num_updates) + 1)))
 
+    def bind(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Set the run length; the trainer binds after ``apply_``, so an existing scheduler is updated too."""
+        super().bind(steps_per_epoch, total_steps)
+        if self.sparsifier is not None:
+            self.sparsifier.scheduler.t_end = int(self.t_end * self.total_steps)
+            self.sparsifier.scheduler.delta_t = self.interval()
+
     def apply_(self, model: nn.Module) -> str:
         try:
             from sparsimony.distributions.base import ERKDistribution, UniformDistribution
