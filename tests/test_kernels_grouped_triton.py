@@ -134,3 +134,21 @@ def test_bad_offsets_are_one_clear_error(offsets):
     x, values, _ = _problem(40, 40, 1, 3, n=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="strictly ascending and in"):
         BACKEND.diag_linear(x, values, torch.tensor(offsets, device=DEVICE), None, 40, 40)
+
+
+def test_diag_ops_have_the_op_signatures():
+    """``DIAG_OPS`` (auto's per-op candidate) computes forward, grad_x and grad_values on its own."""
+    from dynadiag.functional import diag_index
+
+    x, values, offsets = _problem(96, 40, 8, 3, n=9, dtype=torch.float32)
+    weight = place_diagonals(values.double(), offsets, 96, 40)
+    grad_y = torch.randn(9, 40, device=DEVICE)
+    rows, cols = diag_index(96, 40, offsets)
+    tol = 1e-5 if not _ON_GPU else 5e-3
+    checks = (
+        (GT.DIAG_OPS.fwd(x, values, offsets, 40), x.double() @ weight.T),
+        (GT.DIAG_OPS.bwd_x(grad_y, values, offsets, 96), grad_y.double() @ weight),
+        (GT.DIAG_OPS.bwd_v(grad_y, x, offsets), (grad_y.double().T @ x.double())[rows, cols]),
+    )
+    for got, want in checks:
+        assert _rel(got, want) < tol

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dynadiag.kernels import ops
+from dynadiag.kernels.dense import DiagOps
 from dynadiag.kernels.tile_plan import TilePlan, cached_plan, layer_plans, pack_tiles
 from dynadiag.kernels.triton import TritonBackend
 
@@ -36,7 +37,7 @@ try:
 except ImportError:  # the backend reports itself unavailable; the kernels below are never decorated
     tl = None
 
-__all__ = ["BACKEND", "GroupedTritonBackend", "grouped_apply", "grouped_grad_values", "plans"]
+__all__ = ["BACKEND", "DIAG_OPS", "GroupedTritonBackend", "grouped_apply", "grouped_grad_values", "plans"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROWS = 32  # output rows per tile (R)
@@ -176,24 +177,39 @@ def grouped_grad_values(x: torch.Tensor, grad_y: torch.Tensor, plan: TilePlan, s
     return summed.index_select(0, plan.pos).view(shape).to(x.dtype)
 
 
+def _fwd(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int) -> torch.Tensor:
+    plan = plans(offsets, x.shape[1], out_features)[0]
+    return grouped_apply(x.contiguous(), pack_tiles(values, plan, x.dtype), plan)
+
+
+def _bwd_x(grad_y: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int) -> torch.Tensor:
+    plan = plans(offsets, in_features, grad_y.shape[1])[1]
+    return grouped_apply(grad_y.contiguous(), pack_tiles(values, plan, grad_y.dtype), plan)
+
+
+def _bwd_v(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    in_features, out_features = x.shape[1], grad_y.shape[1]
+    plan = plans(offsets, in_features, out_features)[0]
+    shape = (offsets.numel(), min(in_features, out_features))
+    return grouped_grad_values(x.contiguous(), grad_y.contiguous(), plan, shape)
+
+
+#: The three ops with the signatures of ``torch.ops.dynadiag.diag_fwd`` / ``diag_bwd_x`` / ``diag_bwd_v`` (for
+#: ``auto``'s per-op candidates).
+DIAG_OPS = DiagOps(_fwd, _bwd_x, _bwd_v)
+
+
 class _GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, offsets, out_features):  # x [N, in], values [K, D]
-        fwd_plan, bwd_plan = plans(offsets, x.shape[1], out_features)
         ctx.save_for_backward(x, values, offsets)
-        ctx.plans = (fwd_plan, bwd_plan)
-        return grouped_apply(x, pack_tiles(values, fwd_plan, x.dtype), fwd_plan)
+        return _fwd(x, values, offsets, out_features)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y [N, out]
-        x, values, _offsets = ctx.saved_tensors
-        fwd_plan, bwd_plan = ctx.plans
-        grad_y = grad_y.contiguous()
-        grad_x = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grouped_apply(grad_y, pack_tiles(values, bwd_plan, grad_y.dtype), bwd_plan)
-        if ctx.needs_input_grad[1]:
-            grad_v = grouped_grad_values(x, grad_y, fwd_plan, tuple(values.shape)).to(values.dtype)
+        x, values, offsets = ctx.saved_tensors
+        grad_x = _bwd_x(grad_y, values, offsets, x.shape[1]) if ctx.needs_input_grad[0] else None
+        grad_v = _bwd_v(grad_y, x, offsets).to(values.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_v, None, None
 
 
