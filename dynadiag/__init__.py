@@ -3,6 +3,7 @@
 from dynadiag.conv import DiagConv2d
 from dynadiag.functional import num_active_diagonals, soft_topk_weights
 from dynadiag.layers import DiagLinear
+from dynadiag.pretrained import from_pretrained, save_pretrained
 from dynadiag.sparsify import DiagSparsifyConfig, densify_, sparsify_
 from dynadiag.sparsity import SparsifyReport, sparsity_report
 
@@ -14,7 +15,9 @@ __all__ = [
     "DiagSparsifyConfig",
     "SparsifyReport",
     "densify_",
+    "from_pretrained",
     "num_active_diagonals",
+    "save_pretrained",
     "soft_topk_weights",
     "sparsify_",
     "sparsity_report",
