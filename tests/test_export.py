@@ -1,6 +1,8 @@
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +70,18 @@ def test_torch_export_program_needs_the_ops_registered(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_deploy_doc_examples_run_in_order(tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("the cpu kernels cannot be built here")
+    doc = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)  # the examples write their files into the working directory
+    namespace = {"__name__": "__doc_example__"}
+    for index, block in enumerate(blocks):  # one namespace: later blocks use the model the first one built
+        exec(compile(block, f"{doc.name}[block {index}]", "exec"), namespace)
+    assert (tmp_path / "vit_tiny_diag" / "model.safetensors").is_file() and (tmp_path / "model.onnx").is_file()
+    torch.testing.assert_close(namespace["y"], namespace["model"](namespace["x"]), rtol=1e-5, atol=1e-5)
