@@ -68,24 +68,13 @@ def _rel(a, b):
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
 
 
-# AVX-512 gather/scatter layouts (csrc/cpu/diag_fm.h vs diag_kernels.h): "auto" picks by token count; the
-# environment variable forces one, so both are checked on every shape (fp64 always takes the scalar path).
-LAYOUTS = ["auto", "tm", "fm"]
-
-
-@pytest.fixture(params=LAYOUTS)
-def layout(request, monkeypatch):
-    if request.param != "auto":
-        monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("in_f", "out_f", "k"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, layout):
-    if dtype == torch.float64 and layout != "auto":
-        pytest.skip("fp64 runs the scalar path whatever the layout")
+def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, cpu_variant):
+    """Every CPU kernel variant (conftest.CPU_VARIANTS) on every shape; fp64 always takes the scalar loops."""
+    if dtype == torch.float64 and cpu_variant != ("scalar", "auto"):
+        pytest.skip("fp64 runs the scalar loops whatever the variant")
     x, values, offsets, bias = _problem(in_f, out_f, k, n=13, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
     y = get_backend(backend, "cpu").diag_linear(leaves[0], leaves[1], offsets, leaves[2], in_f, out_f)
@@ -101,7 +90,7 @@ def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, l
 @pytest.mark.parametrize(("in_f", "out_f"), [(768, 2304), (3072, 768), (768, 768), (200, 648)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [21, 101])
-def test_vit_shapes_with_many_tokens(in_f, out_f, dtype, n, layout):
+def test_vit_shapes_with_many_tokens(in_f, out_f, dtype, n, cpu_variant):
     """Real layer sizes at 90 % sparsity: full register tiles, partial token blocks and every wrap position."""
     k = max(in_f, out_f) // 10
     x, values, offsets, bias = _problem(in_f, out_f, k, n=n, dtype=dtype)
