@@ -221,3 +221,68 @@ def test_kernel_sources_found_in_the_checkout():
 
     assert Path(__file__).resolve().parents[1] / "csrc" == ops.CSRC
     assert (ops.CSRC / "schema.cpp").is_file() and list((ops.CSRC / "cpu").glob("*.cpp"))
+
+
+def test_default_variant_is_the_best_the_cpu_runs(monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    monkeypatch.delenv("DYNADIAG_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    supported = supported_isas()
+    assert supported[-2:] == ["portable", "scalar"]
+    assert isa() == next(s for s in supported if s != "amx")  # amx runs the avx512 kernels
+    # The kernels' own CPU detection agrees with what torch reports.
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert ("avx512" in supported) == capability.startswith("AVX512")
+    assert ("avx2" in supported) == capability.startswith(("AVX2", "AVX512"))
+
+
+@pytest.mark.parametrize("name", ["avx512", "avx2", "portable", "scalar"])
+def test_forced_variant_runs_and_is_reported(name, monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    if name not in supported_isas():
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    monkeypatch.setenv("DYNADIAG_CPU_ISA", name.upper())  # case does not matter
+    assert isa() == name
+
+
+def test_aten_cpu_capability_caps_the_default(monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    monkeypatch.delenv("DYNADIAG_CPU_ISA", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert isa() == "portable"
+    if "avx2" in supported_isas():
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        assert isa() == "avx2"
+
+
+def test_unknown_or_unrunnable_variant_is_refused_with_one_line(monkeypatch):
+    from dynadiag.kernels.cpu import CpuBackend, isa, supported_isas
+
+    cases = [("avx1024", "is not a CPU kernel variant")]
+    cases += [
+        (n, f"this CPU cannot run the {n} kernels") for n in ("amx", "avx512", "avx2") if n not in supported_isas()
+    ]
+    x, values, offsets, _ = _problem(8, 8, 2, n=3, dtype=torch.float32)
+    for name, message in cases:
+        monkeypatch.setenv("DYNADIAG_CPU_ISA", name)
+        with pytest.raises(ValueError, match=message) as info:
+            isa()
+        assert "\n" not in str(info.value) and f"DYNADIAG_CPU_ISA={name}" in str(info.value)
+        with pytest.raises(ValueError, match=message):  # the ops refuse too, never falling back silently
+            torch.ops.dynadiag.diag_fwd(x, values, offsets, 8)
+        ok, why = CpuBackend().is_available(torch.device("cpu"))
+        assert not ok and message in why
+
+
+def test_one_cached_build_serves_every_cpu(monkeypatch):
+    """No -march=native: the build folder (cache key) does not depend on the build machine's CPU flags."""
+    from dynadiag.kernels import _build, cpu, ops
+
+    sources = [ops.CSRC / "cpu" / f for f in cpu._SOURCES]
+    here = _build.extension_dir("dynadiag_cpu", sources, cpu._CFLAGS)
+    monkeypatch.setattr(_build, "_cpu_flags", lambda: "fpu sse sse2")  # an older CPU
+    assert _build.extension_dir("dynadiag_cpu", sources, cpu._CFLAGS) == here
+    assert sorted(cpu._SOURCES) == sorted(p.name for p in (ops.CSRC / "cpu").glob("*.cpp"))
