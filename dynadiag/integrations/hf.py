@@ -28,21 +28,30 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
-    from transformers import TrainerCallback
-except ImportError as exc:
-    raise ImportError("dynadiag.integrations.hf needs transformers: pip install 'dynadiag[hf]'") from exc
-
 from torch import nn
 
 from dynadiag.integrations.loop import AttachedMethod, attach
 from dynadiag.methods.base import SparseMethod
 from dynadiag.sparsify import DiagSparsifyConfig
 
-__all__ = ["DynaDiagHFCallback"]
+__all__ = ["DynaDiagHFCallback"]  # noqa: F822 (built by __getattr__ on first use)
 
 
-class DynaDiagHFCallback(TrainerCallback):
+def __getattr__(name: str) -> Any:
+    # The callback subclasses TrainerCallback, so it is built on first use: this module imports without transformers.
+    if name == "DynaDiagHFCallback":
+        try:
+            from transformers import TrainerCallback
+        except ImportError:
+            raise ImportError("DynaDiagHFCallback needs transformers: pip install 'dynadiag[hf]'") from None
+        cls = type(name, (_DynaDiagHFCallback, TrainerCallback), {"__doc__": _DynaDiagHFCallback.__doc__})
+        cls.__module__ = __name__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _DynaDiagHFCallback:
     """Sparsify and train a ``transformers.Trainer``'s model with ``method`` (see the module docstring).
 
     Args:

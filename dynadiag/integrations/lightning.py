@@ -23,24 +23,41 @@ use ``SparseDynaDiagMethod(..., freeze_fraction=1.0)`` (no freeze during ``fit``
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
-
-try:
-    import lightning.pytorch as pl
-except ImportError:  # the standalone package
-    try:
-        import pytorch_lightning as pl
-    except ImportError as exc:
-        raise ImportError("dynadiag.integrations.lightning needs Lightning: pip install 'dynadiag[lightning]'") from exc
 
 from dynadiag.integrations.loop import AttachedMethod, attach
 from dynadiag.methods.base import SparseMethod
 from dynadiag.sparsify import DiagSparsifyConfig
 
-__all__ = ["DynaDiagCallback"]
+__all__ = ["DynaDiagCallback"]  # noqa: F822 (built by __getattr__ on first use)
 
 
-class DynaDiagCallback(pl.Callback):
+def lightning_module() -> ModuleType:
+    """``lightning.pytorch``, else the standalone ``pytorch_lightning``; a clear ``ImportError`` without either."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            raise ImportError("DynaDiagCallback needs Lightning: pip install 'dynadiag[lightning]'") from None
+    return pl
+
+
+def __getattr__(name: str) -> Any:
+    # The callback subclasses Lightning's Callback, so it is built on first use: this module imports without Lightning.
+    if name == "DynaDiagCallback":
+        cls = type(name, (_DynaDiagCallback, lightning_module().Callback), {"__doc__": _DynaDiagCallback.__doc__})
+        cls.__module__ = __name__
+        globals()[name] = cls
+        return cls
+    if name == "pl":
+        return lightning_module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _DynaDiagCallback:
     """Sparsify and train a ``LightningModule`` with ``method`` (see the module docstring).
 
     Args:
@@ -63,12 +80,12 @@ class DynaDiagCallback(pl.Callback):
         self._applied = False
         self._state: dict[str, Any] | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and not self._applied:
             self.method.apply_(pl_module)
             self._applied = True
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         total = int(self.total_steps or trainer.estimated_stepping_batches)
         epochs = max(1, trainer.max_epochs or 1)
         self.attached = attach(
@@ -79,15 +96,15 @@ class DynaDiagCallback(pl.Callback):
             self.attached.load_state_dict(self._state)
             self._state = None
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.attached is not None:
             self.attached.after_backward()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self.log_metrics and self.attached is not None and self.attached.metrics:
             pl_module.log_dict({f"sparse/{k}": float(v) for k, v in self.attached.metrics.items()})
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.attached is not None:
             self.attached.detach()
 
