@@ -18,7 +18,12 @@ share and live diagonals / K per epoch) and, with ``--bench``,
 
 Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
 (seed, fold) pairs both have (dense pairs at any sparsity), with a 95 % t confidence interval and the two-sided
-paired t-test p-value. A difference is called real only when its CI excludes 0 and there are at least 3 pairs.
+paired t-test p-value. The comparisons of one table and metric form one family: their p-values are Holm-adjusted
+(``holm``), and a difference is called real only when its adjusted p is below 0.05 and there are at least 3 pairs.
+The CIs are per comparison (unadjusted). Pairing on (seed, fold) removes the variation between folds and seeds that
+both methods share; it does not make the pairs independent (cross-validation folds share most of their training
+images and every seed reuses the same folds), so the t intervals are somewhat too narrow and the p-values somewhat
+too small: read a verdict as "this split and these seeds", not as a claim about new data.
 """
 
 from __future__ import annotations
@@ -131,11 +136,25 @@ def load_runs_csv(path: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def relative_run_dir(run_dir: Path, root: Path) -> str:
+    """``run_dir`` relative to its output root, as results files store it (never an absolute path of the machine).
+
+    The output root is Hydra's ``multirun/`` or ``outputs/`` folder when the path has one (the last such part), else
+    the folder holding ``root``, the sweep or run directory given on the command line.
+    """
+    parts = run_dir.parts
+    for anchor in ("multirun", "outputs"):
+        if anchor in parts:
+            return Path(*parts[len(parts) - 1 - parts[::-1].index(anchor) :]).as_posix()
+    return run_dir.resolve().relative_to(root.resolve().parent).as_posix()
+
+
 def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]]:
     """One dict per finished run found under ``paths``.
 
     A path is a sweep or run directory (every ``summary.json`` below it is a run) or a ``runs.csv`` written by this
-    script, so committed results can be combined with new sweeps without re-running them.
+    script, so committed results can be combined with new sweeps without re-running them. ``run_dir`` is stored
+    relative to the output root (``relative_run_dir``); ``path`` is where the run lies on this machine (not written).
     """
     runs = []
     for root in paths:
@@ -148,7 +167,8 @@ def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]
             history = _val_history(run_dir)
             runs.append(
                 {
-                    "run_dir": str(run_dir),
+                    "run_dir": relative_run_dir(run_dir, Path(root)),
+                    "path": run_dir,
                     "model": s.get("model"),
                     "data": s.get("data"),
                     "method": s.get("method"),
@@ -210,6 +230,36 @@ def paired_difference(a: dict[tuple, float], b: dict[tuple, float]) -> dict[str,
     return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half, "p": p}
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given (NaN stays NaN and is not counted in the family).
+
+    Sort the m valid p-values ascending; the i-th smallest (i from 0) becomes ``max_{j <= i} min(1, (m - j) p_(j))``.
+    Calling a difference real when its adjusted p is below alpha keeps the chance of any false call among the m
+    comparisons at or below alpha, whatever their dependence (Holm 1979).
+
+    Args:
+        pvalues: raw p-values of one family of comparisons, e.g. every paired test of one table.
+
+    Returns:
+        The adjusted p-values, same length and order.
+    """
+    valid = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(valid):
+        running = max(running, min(1.0, (len(valid) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_holm(rows: list[dict[str, Any]], min_pairs: int = 3) -> list[dict[str, Any]]:
+    """Set ``p_holm`` on paired rows: Holm over the rows with at least ``min_pairs`` pairs (the others get NaN)."""
+    family = [r["p"] if r["n"] >= min_pairs else math.nan for r in rows]
+    for row, adjusted in zip(rows, holm(family), strict=True):
+        row["p_holm"] = adjusted
+    return rows
+
+
 class Table:
     """The runs of one (model, dataset) pair, indexed by method and sparsity."""
 
@@ -260,7 +310,7 @@ def paired_rows(table: Table, reference: str, key: str | None = None) -> list[di
             d = paired_difference(ref, table.values(method, s, key))
             if d is not None:
                 rows.append({"reference": reference, "method": method, "sparsity": s, **d})
-    return rows
+    return add_holm(rows, MIN_PAIRS)  # the family: every comparison of this table and metric
 
 
 def throughput_rows(table: Table) -> list[dict[str, Any]]:
@@ -313,24 +363,34 @@ def markdown_paired(rows: list[dict[str, Any]]) -> str:
         return ""
     ref = rows[0]["reference"]
     lines = [
-        f"| sparsity | {ref} − method | mean diff (pp) | 95 % CI | paired t p | n pairs | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"| sparsity | {ref} − method | mean diff (pp) | 95 % CI | paired t p | Holm p | n pairs | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["n"] < MIN_PAIRS or math.isnan(r["lo"]):
-            verdict = "too few pairs"
-        elif r["lo"] > 0:
-            verdict = f"{ref} better"
-        elif r["hi"] < 0:
-            verdict = f"{r['method']} better"
-        else:
-            verdict = "within noise"
         ci = "" if math.isnan(r["lo"]) else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]"
         p = "" if math.isnan(r["p"]) else f"{r['p']:.3f}"
+        p_holm = "" if math.isnan(r.get("p_holm", math.nan)) else f"{r['p_holm']:.3f}"
         lines.append(
-            f"| {100 * r['sparsity']:g} % | {r['method']} | {r['mean']:+.2f} | {ci} | {p} | {r['n']} | {verdict} |"
+            f"| {100 * r['sparsity']:g} % | {r['method']} | {r['mean']:+.2f} | {ci} | {p} | {p_holm} | {r['n']} "
+            f"| {verdict(r)} |"
         )
     return "\n".join(lines)
+
+
+def verdict(row: dict[str, Any], alpha: float = 0.05) -> str:
+    """The call a paired row supports: a winner only when the Holm-adjusted p is below ``alpha``.
+
+    A difference whose unadjusted CI excludes 0 but whose adjusted p does not pass is reported as
+    ``"<winner> better (unadjusted only)"``: suggestive, not a finding of the table.
+    """
+    if row["n"] < MIN_PAIRS or math.isnan(row["lo"]):
+        return "too few pairs"
+    winner = row["reference"] if row["mean"] > 0 else row["method"]
+    if row.get("p_holm", math.nan) < alpha:
+        return f"{winner} better"
+    if row["lo"] > 0 or row["hi"] < 0:
+        return f"{winner} better (unadjusted only)"
+    return "within noise"
 
 
 def selection_rows(table: Table) -> list[dict[str, Any]]:
@@ -615,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "selection.csv", "selection_history.csv"):
         (args.out / name).unlink(missing_ok=True)
-    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if not k.endswith("history")} for r in runs])
+    written = [{k: v for k, v in r.items() if not k.endswith("history") and k != "path"} for r in runs]
+    write_csv(args.out / "runs.csv", written)
     if selection_history := selection_history_rows(runs):
         write_csv(args.out / "selection_history.csv", selection_history)
 
