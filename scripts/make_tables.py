@@ -459,16 +459,25 @@ def write_csv(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any] | No
         writer.writerows(rows)
 
 
-def _save(fig: Any, path: Path) -> None:
-    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure."""
+def _save(fig: Any, path: Path) -> dict[str, list[str]]:
+    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure.
+
+    Returns:
+        What was drawn: ``{"<panel title> | <y label>": [labels of its lines and error bars]}`` (what a reader sees
+        in each legend).
+    """
     import matplotlib.pyplot as plt
 
+    drawn = {f"{ax.get_title()} | {ax.get_ylabel()}": ax.get_legend_handles_labels()[1] for ax in fig.axes}
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
-def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str) -> None:
+def plot_accuracy(
+    tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str
+) -> dict[str, list[str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,10 +499,10 @@ def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], pat
         ax.set_title(f"{key[0]} on {key[1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> None:
+def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> dict[str, list[str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,10 +522,10 @@ def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], p
             ax.set_title(f"{title}: {key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> None:
+def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> dict[str, list[str]]:
     """``reference - method`` per sparsity with 95 % CIs; bars crossing 0 are within noise."""
     import matplotlib
 
@@ -544,10 +553,10 @@ def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"fewer than {MIN_PAIRS} pairs", transform=ax.transAxes, ha="center")
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
+def plot_curves(tables: dict[tuple, Table], path: Path) -> dict[str, list[str]]:
     """Mean validation top-1 per evaluation, per method, at each table's most-run sparsity."""
     import matplotlib
 
@@ -570,7 +579,7 @@ def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
         ax.set_title(f"{key[0]} on {key[1]}, sparsity {s:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -582,10 +591,11 @@ def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
+def plot_selection(tables: dict[tuple, Table], path: Path) -> dict[str, list[str]]:
     """Top-K share and live diagonals / K per evaluation (mean over runs), per selecting method and sparsity.
 
-    One row of panels per (model, dataset) that has runs with selection metrics; returns False when none has.
+    One row of panels per (model, dataset) that has runs with selection metrics; draws nothing and returns ``{}``
+    when none has.
     """
     import matplotlib
 
@@ -594,7 +604,7 @@ def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
 
     keyed = {key: t for key, t in tables.items() if any(r.get("selection_history") for r in t.runs)}
     if not keyed:
-        return False
+        return {}
     fig, axes = plt.subplots(len(keyed), 2, figsize=(12, 4.2 * len(keyed)), squeeze=False)
     for (ax_share, ax_live), (key, table) in zip(axes, keyed.items()):
         for method in table.methods:
@@ -617,11 +627,10 @@ def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
             ax.set_title(f"{key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    _save(fig, path)
-    return True
+    return _save(fig, path)
 
 
-def plot_layer_speedup(bench_json: Path, path: Path) -> None:
+def plot_layer_speedup(bench_json: Path, path: Path) -> dict[str, list[str]]:
     """Kernel speedup vs dense (fwd and fwd+bwd) vs sparsity, one line per layer shape and backend."""
     import matplotlib
 
@@ -654,10 +663,11 @@ def plot_layer_speedup(bench_json: Path, path: Path) -> None:
             ax.set_title(f"{phase}, {n} tokens ({data['meta'].get('device_name') or data['meta'].get('device')})")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """Write the tables and figures; returns what each figure shows (``{file: {panel title: [series]}}``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "paths", nargs="+", help="sweep or run directories (searched for summary.json) or runs.csv files"
@@ -708,16 +718,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_csv(args.out / "accuracy.csv", acc[key], {**extra, "metric": args.metric})
         write_csv(args.out / "throughput.csv", thr[key], extra)
     (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric)
-    plot_throughput(tables, thr, args.out / "throughput.png")
-    plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png")
-    plot_curves(tables, args.out / "curves.png")
+    drawn = {
+        "accuracy.png": plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric),
+        "throughput.png": plot_throughput(tables, thr, args.out / "throughput.png"),
+        "paired.png": plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png"),
+        "curves.png": plot_curves(tables, args.out / "curves.png"),
+    }
     (args.out / "selection.png").unlink(missing_ok=True)
-    plot_selection(tables, args.out / "selection.png")
+    drawn["selection.png"] = plot_selection(tables, args.out / "selection.png")
     if args.bench:
-        plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
+        drawn["layer_speedup.png"] = plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
     print("\n".join(md))
     print(f"wrote {args.out}/tables.md, *.csv and *.png from {len(runs)} runs")
+    return drawn
 
 
 if __name__ == "__main__":

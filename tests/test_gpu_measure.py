@@ -78,10 +78,6 @@ def test_sweep_determinism_profile_and_report(tmp_path):
     assert "| proj | 40 | float32 | diag_v1 |" in report and "K sweep" in report
 
 
-def test_gpu_check_script_parses():
-    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
-
-
 @pytest.mark.slow
 def test_gpu_check_dry_run_cut_off_then_resumed(tmp_path):
     """A budget that ends mid-run records skips; the re-run does only what is missing and writes the report."""
