@@ -112,9 +112,16 @@ def load_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stratified_split(labels: np.ndarray, num_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, val)`` with ``num_val`` validation images in the classes' proportions (fixed by ``seed``)."""
-    from sklearn.model_selection import train_test_split
-
+    """Indices ``(train, val)``, sorted, with ``num_val`` validation images in the classes' proportions (largest
+    remainders), drawn by ``seed``: a pure function of the labels and the seed."""
     if not 0 < num_val < len(labels):
         raise ValueError(f"data.num_val must be in [1, {len(labels) - 1}] for {len(labels)} images, got {num_val}")
-    return train_test_split(np.arange(len(labels)), test_size=num_val, stratify=labels, random_state=seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = num_val * counts / len(labels)
+    take = np.floor(share).astype(np.int64)
+    take[np.argsort(-(share - take), kind="stable")[: num_val - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)])
+    is_val = np.zeros(len(labels), dtype=bool)
+    is_val[val] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

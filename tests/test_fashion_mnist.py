@@ -15,7 +15,15 @@ import timm.optim
 import torch
 
 from dynadiag.data import DataConfig, DatasetNotFoundError, build_datasets, build_loaders
-from dynadiag.fashion_mnist import FASHION_MEAN, FASHION_STD, FILES, IDXFormatError, load_split, read_idx
+from dynadiag.fashion_mnist import (
+    FASHION_MEAN,
+    FASHION_STD,
+    FILES,
+    IDXFormatError,
+    load_split,
+    read_idx,
+    stratified_split,
+)
 from dynadiag.loggers import build_logger
 from dynadiag.lr_schedule import LRSchedule
 from dynadiag.methods.base import SparseMethod
@@ -74,6 +82,15 @@ def test_split_is_stratified_fixed_and_independent_of_the_run_seed(tmp_path):
     # training and validation images are disjoint and together are the 60 training images
     seen = torch.cat([train.images, val.images]).flatten(1)
     assert torch.unique(seen, dim=0).shape[0] == 60
+
+
+def test_stratified_split_keeps_uneven_class_shares():
+    labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
+    train, val = stratified_split(labels, 30, seed=3)
+    assert np.bincount(labels[val]).tolist() == [21, 6, 3] and len(train) == 70
+    assert np.array_equal(val, stratified_split(labels, 30, seed=3)[1])
+    with pytest.raises(ValueError, match=r"data\.num_val"):
+        stratified_split(labels, 100, seed=0)
 
 
 def test_test_set_is_separate_and_normalised(tmp_path):
