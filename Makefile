@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 demo: setup  ## train the default model (small ViT, 90 % DynaDiag) on the bundled digits data
 	$(PY) train.py
 
-test: setup  ## the fast test suite (slow and GPU tests: `make test PYTEST_ARGS="-m slow"`)
+test: setup  ## the fast test suite (slow tests: `PYTEST_ARGS="-m slow"`; GPU tests: `PYTEST_ARGS="-m cuda"`)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 wheel-test: setup  ## build the wheel, install it in a fresh venv outside the checkout, check the core install on `cpu`
