@@ -384,6 +384,7 @@ class Trainer:
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
         """The summary of a completed run, checked across ranks, written to ``summary.json`` and the logger."""
         summary = self._summary(wall_seconds)
+        summary |= self._evaluate_test()
         report = sparsity_report(self.model)
         if any(layer.kernel for layer in report.layers):  # frozen layers ran: show each one's kernel choice
             self._print(str(report))
@@ -403,6 +404,20 @@ class Trainer:
                 json.dump(summary, fh, indent=2)
             self.logger.log_summary(summary)
         return summary
+
+    def _evaluate_test(self) -> dict[str, float]:
+        """The held-out test set, once, on the final model (``test_*`` keys; empty when the data has no test set).
+
+        Nothing in the run reads these numbers (checkpoints and best-model choice follow the validation split)."""
+        if self.data.test_loader is None:
+            return {}
+        result = evaluate(
+            self.eval_model, self.data.test_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+        )
+        record = {f"test_{k}": result[k] for k in ("top1", "top5", "loss")} | {"test_images": result["count"]}
+        self.logger.log({f"test/{k}": result[k] for k in ("loss", "top1", "top5")}, self.step)
+        self._print(f"test (held out, final model): top1 {result['top1']:.2f} on {result['count']} images")
+        return record
 
     def _stop(self, signal_name: str) -> dict[str, Any]:
         """Checkpoint at this step boundary after a stop signal; SIGUSR1 under plain Slurm also requeues the job."""
