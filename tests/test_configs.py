@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import composition
 from dynadiag.data import DataConfig
-from dynadiag.lr_schedule import LRSchedule
+from dynadiag.lr_schedule import LRSchedule, TimmLRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
 from dynadiag.schedules import TemperatureSchedule
 from dynadiag.sparsify import DiagSparsifyConfig
@@ -144,6 +144,13 @@ def test_optim_options(option):
 @pytest.mark.parametrize("option", options("lr_schedule"))
 def test_lr_schedule_options(option):
     sched = instantiate(_compose([f"lr_schedule={option}"]).lr_schedule, _convert_="all")
+    if isinstance(sched, TimmLRSchedule):  # absolute rates: built on an optimizer, it ends at min_lr
+        optimizer = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+        scheduler = build_lr_scheduler(optimizer, sched, steps_per_epoch=10, total_steps=100)
+        for _ in range(100):
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(sched.min_lr)
+        return
     assert isinstance(sched, LRSchedule)
     assert sched.factor(10**6, 10, 100) == pytest.approx(sched.min_lr_factor if sched.kind != "constant" else 1.0)
 
