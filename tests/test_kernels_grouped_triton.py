@@ -92,6 +92,7 @@ def test_tile_plans_hold_every_weight_once_and_only_occupied_steps(in_f, out_f):
             assert (tiles[s] != 0).any(), "a step without kept weights"
         assert torch.equal(dense[:, : plan.A], want) and not dense[:, plan.A :].any()
         assert plan.block_ptr[-1] == plan.steps
+        assert (plan.step_col % GT.ALIGN == 0).all()  # 16-byte vector loads of the activations
 
 
 def test_grouped_steps_are_not_padded_to_powers_of_two():
@@ -159,7 +160,7 @@ def test_diag_ops_have_the_op_signatures():
 
 
 _COMPILE_SCRIPT = r"""
-import json, sys
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -174,13 +175,17 @@ ARGS = {
 found = []
 for kernel, dtype, ieee, arch in json.loads(sys.argv[1]):
     fn = triton.jit(getattr(GT, "_apply_kernel" if kernel == "apply" else "_grad_kernel"))
-    consts = {"BLOCK_N": 64, "R": GT.ROWS, "BK": GT.BLOCK_K, "IEEE": ieee}
+    consts = {"BLOCK_N": 64, "R": GT.ROWS, "BK": GT.BLOCK_K, "IEEE": ieee, "ALIGN": GT.ALIGN}
     sig = {a: ("*" + dtype if t == "D" else t) for a, t in ARGS[kernel].items()} | dict.fromkeys(consts, "constexpr")
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    # As a launch specializes them for ViT widths: pointers and feature counts divisible by 16.
+    wide = [a for a, t in sig.items() if t != "constexpr" and a not in ("N", "S", "per_slice")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in wide}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+    compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
     ptx = compiled.asm["ptx"]
-    cubin = len(compiled.asm["cubin"])
-    found.append({"wgmma": "wgmma" in ptx, "mma": "mma" in ptx, "tf32": ".tf32" in ptx, "cubin": cubin})
+    found.append({"wgmma": "wgmma" in ptx, "mma": "mma" in ptx, "tf32": ".tf32" in ptx,
+                  "scalar_16bit_loads": len(re.findall(r"ld\.global(\.\w+)*\.b16", ptx)),
+                  "cp_async": "cp.async" in ptx, "cubin": len(compiled.asm["cubin"])})
 print(json.dumps(found))
 """
 
@@ -206,5 +211,8 @@ def test_kernels_compile_for_gpus_without_one(tmp_path):
     bf16_90, grad_90, fp16_80, tf32_80, ieee_80 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(c["cubin"] > 0 for c in (bf16_90, grad_90, fp16_80, tf32_80, ieee_80))
     assert bf16_90["wgmma"] and grad_90["mma"] and fp16_80["mma"]
+    # Aligned steps: the activations stream into shared memory as cp.async vectors, no element-wise 16-bit loads.
+    for case in (bf16_90, grad_90, fp16_80):
+        assert case["cp_async"] and case["scalar_16bit_loads"] == 0, case
     assert tf32_80["mma"] and tf32_80["tf32"]
     assert not ieee_80["mma"]
