@@ -4,11 +4,12 @@ A frozen layer's tile plan (:mod:`dynadiag.kernels.tile_plan`) is built once per
 (:meth:`GroupedTritonBackend.prepare`) or on the first call, and kept on the device; a call packs the values into
 the plan's tiles (one scatter on the device) and launches one kernel: no host index building, no ``.cpu()``, no
 synchronisation. Per row block of ``R = 32`` outputs the plan lists column steps of ``BK = 32`` source columns that
-hold kept weights (a greedy cover: a band of ``g = 32`` consecutive diagonals spans 63 columns, i.e. two steps,
-where the previous kernel padded every window to the next power of two, 64 or 128, for the longest run of the
-layer). A program per (row block, token block) sums ``tl.dot([tokens, BK] @ [BK, R])`` over its steps with fp32
-accumulation; bf16/fp16 run on tensor cores, fp32 in TF32 when ``torch.get_float32_matmul_precision()`` allows it
-(``"high"``/``"medium"``), else in full fp32 (``"highest"``, torch's default), like cuBLAS for dense layers.
+hold kept weights (a greedy cover with steps at multiples of 8 columns, so activations load as 16-byte vectors: a
+band of ``g = 32`` consecutive diagonals spans 63 columns, two steps, instead of a window padded to a power of two
+for the longest run of the layer). A program per (row block, token block) sums ``tl.dot([tokens, BK] @ [BK, R])``
+over its steps with fp32 accumulation; bf16/fp16 run on tensor cores, fp32 in TF32 when
+``torch.get_float32_matmul_precision()`` allows it (``"high"``/``"medium"``), else in full fp32 (``"highest"``,
+torch's default), like cuBLAS for dense layers.
 
 Backward: ``grad_x`` is the same kernel on the transposed plan (``W^T``); ``grad_values`` is a block SDDMM on the
 forward plan's steps, ``[BK, tokens] @ [tokens, R]`` per step (tokens split into slices on large GPUs, added in a
