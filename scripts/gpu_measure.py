@@ -5,7 +5,7 @@ Every step appends JSON lines to ``<out>/results.jsonl`` as it goes (one line pe
 a re-run with the same ``--out`` skips the steps already done (and the groups of a step already measured).
 
     python scripts/gpu_measure.py --out DIR env|ops|ksweep|determinism|profile|one ...
-    python scripts/gpu_measure.py --device cpu --out /tmp/x ops     # CPU dry run of the plumbing (tiny shapes)
+    python scripts/gpu_measure.py --device cpu --out gpu-dry-run ops  # CPU dry run of the plumbing (tiny shapes)
 
 Per-op times are CUDA-graph replays (eager calls where a method cannot be captured, e.g. CSR) of forward,
 ``grad_x`` (dX) and ``grad_V`` (dV) for the diagonal kernels (v1, and v2 when built), dense GEMMs in strict fp32,
