@@ -262,6 +262,8 @@ class Trainer:
             self.scaler.load_state_dict(state.get("scaler") or {})
             self.method.load_state_dict(state.get("method") or {})
             self.selection.load_state_dict(state.get("selection") or {})
+            for name, timer in (("train", self.train_timer), ("overall", self.overall_timer)):
+                timer.load_state_dict((state.get("timers") or {}).get(name) or {})
             self.step, self.best_top1 = int(state["step"]), float(state.get("best_metric", -math.inf))
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -613,6 +615,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
             "selection": self.selection.state_dict(),
+            # the throughput so far: the summary of a resumed run covers the whole run (wall and CPU time)
+            "timers": {"train": self.train_timer.state_dict(), "overall": self.overall_timer.state_dict()},
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,

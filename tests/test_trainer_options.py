@@ -213,3 +213,29 @@ def test_timm_schedule_steps_per_update_and_resumes():
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(timm_opt.param_groups[0]["lr"])
     with pytest.raises(ValueError, match="per-step schedules"):
         TimmLRSchedule(sched="plateau")
+
+
+def test_ema_in_a_plain_loop_with_attach():
+    """Own loops: ``on_topology_change(ema.resync_)`` keeps the average through candidate updates and the freeze."""
+    import torch.nn.functional as F
+
+    import dynadiag
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=16, depth=2, num_heads=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    method = SparseDynaDiagMethod(DiagSparsifyConfig(0.8, backend="reference"), delta_t=1, freeze_fraction=0.5)
+    attached = dynadiag.attach(model, optimizer, method, total_steps=6)
+    ema = SparseEMA(model, decay=0.9)
+    changes = []
+    attached.on_topology_change(lambda module: (ema.resync_(module), changes.append(attached.step)))
+    for step in range(1, 7):
+        loss = F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 4, (4,)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model, step)
+    assert changes  # candidate updates and the freeze happened, and the average followed each
+    model_state, ema_state = model.state_dict(), ema.module.state_dict()
+    assert {k: v.shape for k, v in model_state.items()} == {k: v.shape for k, v in ema_state.items()}
+    assert all(m.is_frozen for m in ema.module.modules() if isinstance(m, DiagLinear))
