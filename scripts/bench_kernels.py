@@ -224,11 +224,13 @@ def bench_case(
     threads: tuple[int, ...] = (0,),
     isas: tuple[str, ...] = (),
     stat: str = "min",
+    dense_dtypes: tuple[str, ...] = ("fp32", "bf16"),
 ) -> list[dict]:
     """Time every method on one (shape, tokens, sparsity) case at each thread count (0: torch's default).
 
     ``isas``: CPU kernel variants the ``cpu`` backend runs as separate methods (``cpu-<isa>``); empty: the one
-    the dispatch picks. ``stat``: ``min`` or ``median`` over the repeats.
+    the dispatch picks. ``stat``: ``min`` or ``median`` over the repeats. ``dense_dtypes``: the dense baselines
+    (fp32 always: every ratio needs it).
 
     Returns one record per (method, thread count).
     """
@@ -242,8 +244,8 @@ def bench_case(
     w32 = (torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)).to(device)
 
     methods: dict[str, dict] = {}
-    dense_dtypes = [("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)]
-    for label, dtype in dense_dtypes:
+    dense = [("dense_fp32", torch.float32)] + [("dense_bf16", torch.bfloat16)] * ("bf16" in dense_dtypes)
+    for label, dtype in dense:
         x, w = x32.to(dtype).requires_grad_(), w32.to(dtype).requires_grad_()
         methods[label] = _phases(lambda x=x, w=w: F.linear(x, w), [x, w], gy32.to(dtype))
     if device.type == "cuda":
@@ -318,7 +320,7 @@ def add_ratios(records: list[dict]) -> None:
         for m, r in case.items():
             if m.startswith("dense"):
                 continue
-            same = "dense_bf16" if m.endswith("bf16") else "dense_fp32"
+            same = "dense_bf16" if m.endswith("bf16") and "dense_bf16" in case else "dense_fp32"
             ceiling = 1.0 / (1.0 - r["achieved_sparsity"])
             for p in PHASES:
                 r[f"{p}_vs_dense"] = case[same][f"{p}_ms"] / r[f"{p}_ms"]
@@ -470,6 +472,13 @@ def main() -> None:
     parser.add_argument("--clock", default="wall", choices=["wall", "process"], help="CPU timer (see Timer)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks/<device>)")
     parser.add_argument("--isa", nargs="*", default=[], help="CPU kernel variants to time (DYNADIAG_CPU_ISA values)")
+    parser.add_argument(
+        "--dense-dtypes",
+        nargs="*",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="dense baselines (fp32 is always timed; bf16 on a CPU without AVX512-BF16/AMX is far slower than fp32)",
+    )
     parser.add_argument("--stat", default="min", choices=["min", "median"], help="statistic over the repeats")
     args = parser.parse_args()
 
@@ -510,6 +519,7 @@ def main() -> None:
                     threads,
                     tuple(args.isa),
                     args.stat,
+                    tuple(args.dense_dtypes),
                 )
                 print(f"  {name} {in_f}->{out_f} N={n} s={s}: {time.perf_counter() - t0:.1f}s", flush=True)
     add_ratios(records)
@@ -519,7 +529,9 @@ def main() -> None:
     }
     for key, per_tokens in summary.items():
         for n, per_method in per_tokens.items():
-            print(f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype):")
+            print(
+                f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype, or fp32):"
+            )
             for m, entry in per_method.items():
                 cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
                 print(f"  {m:>14}: " + "; ".join(cells))
