@@ -529,9 +529,7 @@ def main() -> None:
     }
     for key, per_tokens in summary.items():
         for n, per_method in per_tokens.items():
-            print(
-                f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype, or fp32):"
-            )
+            print(f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense, same dtype or fp32):")
             for m, entry in per_method.items():
                 cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
                 print(f"  {m:>14}: " + "; ".join(cells))
