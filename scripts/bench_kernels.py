@@ -168,20 +168,26 @@ def _with_isa(fn: Callable[[], object], isa: str) -> Callable[[], object]:
 
 
 def cpu_isa_info(isas: tuple[str, ...]) -> dict:
-    """The CPU kernel variants timed, the one the CPU would pick, and whether the run is emulated."""
+    """The CPU kernel variants timed, the one the CPU would pick, and how each one's figures are to be read.
+
+    Per variant: ``native`` (the CPU's own variant against its own dense), ``emulated`` (the dense side capped with
+    ``ONEDNN_MAX_CPU_ISA``/``MKL_ENABLE_INSTRUCTIONS``: a CPU with that variant emulated) or ``forced`` (a lower
+    variant against the uncapped dense of this CPU).
+    """
     from dynadiag.kernels import cpu
 
     with _cpu_isa("auto"):
         native = cpu.isa()
     caps = {k: os.environ[k] for k in DENSE_CAPS if os.environ.get(k)}
-    timed = list(isas) or [cpu.isa()]
+    timed = list(isas) or [native]
+    label = {v: "emulated" if caps else ("native" if v == native else "forced") for v in timed}
     return {
-        "variants": timed,
+        "variants": label,
         "native_variant": native,
         "supported": cpu.supported_isas(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dense_caps": caps,
-        "emulated": bool(caps) or any(v != native for v in timed),
+        "emulated": bool(caps),
     }
 
 
