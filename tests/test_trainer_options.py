@@ -139,6 +139,33 @@ def test_ema_follows_topology_through_training_and_resumes(tmp_path):
         assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
 
 
+def test_ema_restarts_rows_that_the_stable_layout_gives_another_diagonal():
+    torch.manual_seed(0)
+    layer = CandidateDiagLinear(16, 16, sparsity=0.75)  # K = 4 of 16 diagonals
+    layer.set_candidates_(torch.arange(8))
+    layer.enable_stable_storage_(8)
+    model = torch.nn.Sequential(layer)
+    ema = SparseEMA(model, decay=0.5)
+    with torch.no_grad():
+        layer.V.add_(1.0)
+    ema.update(model, step=5)  # EMA V = old V + 0.5
+    averaged = ema.module[0].V.detach().clone()
+    v = layer.V
+    layer.set_candidates_(torch.tensor([0, 1, 2, 3, 4, 5, 6, 12]))  # 7 leaves, 12 enters at zero into its row
+    assert layer.V is v and layer.slots.tolist() == [0, 1, 2, 3, 4, 5, 6, 12]
+    ema.update(model, step=6)
+    copy = ema.module[0]
+    assert torch.equal(copy.slots, layer.slots)
+    torch.testing.assert_close(copy.V[7], torch.zeros_like(copy.V[7]))  # the new diagonal: the model's values
+    torch.testing.assert_close(copy.V[:7], 0.5 * averaged[:7] + 0.5 * layer.V.detach()[:7])  # the others: averaged
+    layer.freeze_()
+    ema.resync_(model)  # the freeze: rows matched by diagonal through the slots
+    frozen = ema.module[0]
+    assert frozen.is_frozen and torch.equal(frozen.offsets, layer.offsets)
+    for row, diagonal in enumerate(frozen.offsets.tolist()):
+        torch.testing.assert_close(frozen.V[row], copy.V[copy.slots.tolist().index(diagonal)])
+
+
 def test_ema_off_by_default(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1, save_checkpoints=False)
     summary = trainer.fit()
@@ -158,6 +185,7 @@ def test_layer_decay_scales_every_group(tmp_path, schedule):
     peak = max(group["lr"] / group["lr_scale"] for group in groups)
     for group in groups:
         assert group["lr"] == pytest.approx(peak * group["lr_scale"])
+    assert trainer.method._alpha_opt.param_groups[0]["lr"] == pytest.approx(peak)  # alpha: the undecayed rate
     held = {id(p) for group in groups for p in group["params"]}  # the candidate updates kept the new V in the groups
     assert all(id(m.V) in held for m in trainer.model.modules() if isinstance(m, DiagLinear))
 
@@ -186,3 +214,29 @@ def test_timm_schedule_steps_per_update_and_resumes():
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(timm_opt.param_groups[0]["lr"])
     with pytest.raises(ValueError, match="per-step schedules"):
         TimmLRSchedule(sched="plateau")
+
+
+def test_ema_in_a_plain_loop_with_attach():
+    """Own loops: ``on_topology_change(ema.resync_)`` keeps the average through candidate updates and the freeze."""
+    import torch.nn.functional as F
+
+    import dynadiag
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 4, 3, 8, 4, embed_dim=16, depth=2, num_heads=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    method = SparseDynaDiagMethod(DiagSparsifyConfig(0.8, backend="reference"), delta_t=1, freeze_fraction=0.5)
+    attached = dynadiag.attach(model, optimizer, method, total_steps=6)
+    ema = SparseEMA(model, decay=0.9)
+    changes = []
+    attached.on_topology_change(lambda module: (ema.resync_(module), changes.append(attached.step)))
+    for step in range(1, 7):
+        loss = F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 4, (4,)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model, step)
+    assert changes  # candidate updates and the freeze happened, and the average followed each
+    model_state, ema_state = model.state_dict(), ema.module.state_dict()
+    assert {k: v.shape for k, v in model_state.items()} == {k: v.shape for k, v in ema_state.items()}
+    assert all(m.is_frozen for m in ema.module.modules() if isinstance(m, DiagLinear))
