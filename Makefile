@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test wheel-test lint format bench clean
+.PHONY: setup demo test wheel-test lint format bench clean fashion-data
 WHEEL_TMP ?= $(or $(TMPDIR),/tmp)/dynadiag-wheel-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'  # dev = the [train] and [onnx] extras + test tools
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev = every extra ([train], [onnx], ...) + test tools
 	touch $@
 
 setup: $(VENV)/.installed
@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 demo: setup  ## train the default model (small ViT, 90 % DynaDiag) on the bundled digits data
 	$(PY) train.py
 
-test: setup  ## the fast test suite (slow and GPU tests: `make test PYTEST_ARGS="-m slow"`)
+test: setup  ## the fast test suite (slow tests: `PYTEST_ARGS="-m slow"`; GPU tests: `PYTEST_ARGS="-m cuda"`)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 wheel-test: setup  ## build the wheel, install it in a fresh venv outside the checkout, check the core install on `cpu`
@@ -28,7 +28,7 @@ wheel-test: setup  ## build the wheel, install it in a fresh venv outside the ch
 	$(PY) -m venv --without-pip $(WHEEL_TMP)/venv
 	# The fresh venv takes torch & co. from .venv through a path file (nothing downloaded); dynadiag comes from the
 	# wheel alone (.venv's editable install is not activated by a plain path entry). wheel_check.py hides the
-	# [train] and [onnx] extras' packages before importing dynadiag, so it checks what `pip install dynadiag` gives.
+	# extras' packages ([train], [onnx], ...) before importing dynadiag, so it checks what `pip install dynadiag` gives.
 	$(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))" > \
 		"$$($(WHEEL_TMP)/venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/deps.pth"
 	$(PY) -m pip --python $(WHEEL_TMP)/venv/bin/python install --quiet --no-deps --no-index $(WHEEL_TMP)/dist/*.whl
@@ -42,6 +42,12 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+fashion-data:  ## install Fashion-MNIST's four IDX files (Debian package dataset-fashion-mnist) for data=fashion_mnist
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST is installed"; \
+	elif command -v apt-get >/dev/null; then \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y dataset-fashion-mnist; \
+	else echo "no apt-get here: put the four Fashion-MNIST .gz files in a folder and run with data.root=<folder>"; exit 1; fi
 
 bench: setup  ## CPU kernel benchmark (ratios vs dense and CSR)
 	$(PY) scripts/bench_kernels.py

@@ -59,6 +59,7 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     # picks them for the single-diagonal layers they would run slowly.
     "grouped_cpu": ("dynadiag.kernels.grouped_cpu", -1),
     "grouped_triton": ("dynadiag.kernels.grouped_triton", -1),
+    "bsr_triton": ("dynadiag.kernels.bsr_triton", -1),  # torch's BSR Triton matmul: a candidate for measured auto
 }
 _LOADED: dict[str, Backend] = {}
 _AVAILABILITY: dict[tuple[str, str], tuple[bool, str]] = {}
