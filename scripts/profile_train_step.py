@@ -178,12 +178,13 @@ class _NoBar:
 
 def set_candidate_density(method, density: float, optimizer: torch.optim.Optimizer) -> None:
     """Give every soft layer ``round(density * K)`` random candidates (same draw for every run of the script);
-    ``optimizer`` moves to the layers' new ``V``."""
+    ``optimizer`` follows (the compact layout's new ``V``; the stable layout changes rows in place, so with the
+    default ``density_start=3`` its ``V`` keeps ``3K`` rows for every density up to 3)."""
     generator = torch.Generator().manual_seed(1)
     for _, layer in method.layers:
         count = min(layer.num_diagonals, max(layer.k, round(density * layer.k)))
         ids = torch.randperm(layer.num_diagonals, generator=generator)[:count]
-        layer.set_candidates_(ids, optimizer=optimizer)  # V (the candidates' rows) is a new parameter
+        layer.set_candidates_(ids, optimizer=optimizer)
 
 
 def target_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -185,6 +185,7 @@ def test_layer_decay_scales_every_group(tmp_path, schedule):
     peak = max(group["lr"] / group["lr_scale"] for group in groups)
     for group in groups:
         assert group["lr"] == pytest.approx(peak * group["lr_scale"])
+    assert trainer.method._alpha_opt.param_groups[0]["lr"] == pytest.approx(peak)  # alpha: the undecayed rate
     held = {id(p) for group in groups for p in group["params"]}  # the candidate updates kept the new V in the groups
     assert all(id(m.V) in held for m in trainer.model.modules() if isinstance(m, DiagLinear))
 

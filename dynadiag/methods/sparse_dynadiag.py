@@ -252,7 +252,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             grad.copy_(all_reduce_mean(grad))
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
             return  # e.g. an fp16 loss-scale overflow: the trainer's scaler skipped this step too
-        self._alpha_opt.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"] * self.alpha_lr_mult
+        # the trainer's rate without timm's layer-wise decay factor (lr_scale: group 0 holds the shallowest layer)
+        group = optimizer.param_groups[0]
+        self._alpha_opt.param_groups[0]["lr"] = group["lr"] / group.get("lr_scale", 1.0) * self.alpha_lr_mult
         self._alpha_opt.step()
 
     def _update_candidates(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
