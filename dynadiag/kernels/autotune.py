@@ -47,7 +47,7 @@ __all__ = [
 #: a non-dense plan must be at least this much faster than dense (timing noise must not pick a slower kernel)
 MARGIN = 0.02
 #: timing budget per op and candidate (ms); every candidate runs at least twice after one warm-up run
-BUDGET_MS = float(os.environ.get("DYNADIAG_AUTOTUNE_MS", "10"))
+BUDGET_MS = float(os.environ.get("DYNADIAG_AUTOTUNE_MS", "5"))
 FORMAT = 1
 _ENABLED: bool | None = None
 _LOCK = threading.Lock()
