@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dynadiag.distributed import rank_seed
+from dynadiag.extras import require
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "DatasetNotFoundError", "build_datasets", "build_loaders"]
 
@@ -145,10 +146,10 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # [N, C, H, W] -> [N, 
 
 
 def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    from sklearn.datasets import load_digits
+    sklearn_datasets = require("sklearn.datasets", "scikit-learn", "the digits data set (data=digits)")
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()  # 1,797 real 8x8 images with values 0..16, bundled with scikit-learn
+    digits = sklearn_datasets.load_digits()  # 1,797 real 8x8 images with values 0..16, bundled with scikit-learn
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
     y = torch.tensor(digits.target, dtype=torch.long)
     x = _resize(x, cfg.img_size)

@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from dynadiag.extras import require
+
 __all__ = [
     "all_gather_object",
     "all_reduce_mean",
@@ -78,9 +80,8 @@ def export_slurm_env() -> bool:
     """
     if "WORLD_SIZE" in os.environ or env_world_size() <= 1:
         return False
-    from submitit.helpers import TorchDistributedEnvironment
-
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every task sees all its node's GPUs
+    helpers = require("submitit.helpers", "hydra-submitit-launcher", "a multi-task Slurm (submitit) job")
+    helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every task sees all its node's GPUs
     return True
 
 

@@ -365,10 +365,14 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
 
         ``forward`` looks the backend up by name; doing the first, importing lookup here keeps that lookup a plain
         cache hit, so ``torch.compile`` traces a frozen model without a graph break even on its first call.
-        Errors are left for ``forward`` to raise, where the user sees them in context.
+        Errors are left for ``forward`` to raise, where the user sees them in context. A backend with a
+        ``prepare(offsets, in_features, out_features)`` builds its per-layer plan here, once, at the freeze.
         """
         with contextlib.suppress(ValueError):
-            get_backend(self.backend, self.V.device)
+            backend = get_backend(self.backend, self.V.device)
+            prepare = getattr(backend, "prepare", None)
+            if prepare is not None and self.is_frozen:
+                prepare(self.offsets, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from dynadiag import distributed as dist_utils
+from dynadiag.extras import require
 
 __all__ = ["JsonlLogger", "Logger", "MultiLogger", "NullLogger", "WandbLogger", "build_logger"]
 
@@ -87,8 +88,7 @@ class WandbLogger(Logger):
         os.environ.setdefault("WANDB_CONSOLE", "off")
         if mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
-        import wandb
-
+        wandb = require("wandb", "wandb", "the W&B logger (logger=wandb)")
         self._wandb = wandb
         self.run = wandb.init(
             project=project,

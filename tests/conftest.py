@@ -17,3 +17,29 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The CPU kernel variants (dynadiag.kernels.cpu) and, for avx512, both gather/scatter layouts: every variant this
+# CPU can run is checked against the reference, so an AVX-512 machine tests the avx2 and portable kernels too.
+CPU_VARIANTS = [
+    ("avx512", "auto"),
+    ("avx512", "tm"),
+    ("avx512", "fm"),
+    ("avx2", "auto"),
+    ("portable", "auto"),
+    ("scalar", "auto"),
+]
+
+
+@pytest.fixture(params=CPU_VARIANTS, ids=lambda p: p[0] if p[1] == "auto" else f"{p[0]}-{p[1]}")
+def cpu_variant(request, monkeypatch):
+    """Force one CPU kernel variant (``DYNADIAG_CPU_ISA``) and layout (``DYNADIAG_CPU_LAYOUT``) for the test."""
+    from dynadiag.kernels.cpu import supported_isas
+
+    isa, layout = request.param
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    monkeypatch.setenv("DYNADIAG_CPU_ISA", isa)
+    if layout != "auto":
+        monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", layout)
+    return request.param

@@ -68,24 +68,13 @@ def _rel(a, b):
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
 
 
-# AVX-512 gather/scatter layouts (csrc/cpu/diag_fm.h vs diag_kernels.h): "auto" picks by token count; the
-# environment variable forces one, so both are checked on every shape (fp64 always takes the scalar path).
-LAYOUTS = ["auto", "tm", "fm"]
-
-
-@pytest.fixture(params=LAYOUTS)
-def layout(request, monkeypatch):
-    if request.param != "auto":
-        monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("in_f", "out_f", "k"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, layout):
-    if dtype == torch.float64 and layout != "auto":
-        pytest.skip("fp64 runs the scalar path whatever the layout")
+def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, cpu_variant):
+    """Every CPU kernel variant (conftest.CPU_VARIANTS) on every shape; fp64 always takes the scalar loops."""
+    if dtype == torch.float64 and cpu_variant != ("scalar", "auto"):
+        pytest.skip("fp64 runs the scalar loops whatever the variant")
     x, values, offsets, bias = _problem(in_f, out_f, k, n=13, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
     y = get_backend(backend, "cpu").diag_linear(leaves[0], leaves[1], offsets, leaves[2], in_f, out_f)
@@ -101,7 +90,7 @@ def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, l
 @pytest.mark.parametrize(("in_f", "out_f"), [(768, 2304), (3072, 768), (768, 768), (200, 648)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [21, 101])
-def test_vit_shapes_with_many_tokens(in_f, out_f, dtype, n, layout):
+def test_vit_shapes_with_many_tokens(in_f, out_f, dtype, n, cpu_variant):
     """Real layer sizes at 90 % sparsity: full register tiles, partial token blocks and every wrap position."""
     k = max(in_f, out_f) // 10
     x, values, offsets, bias = _problem(in_f, out_f, k, n=n, dtype=dtype)
@@ -232,3 +221,68 @@ def test_kernel_sources_found_in_the_checkout():
 
     assert Path(__file__).resolve().parents[1] / "csrc" == ops.CSRC
     assert (ops.CSRC / "schema.cpp").is_file() and list((ops.CSRC / "cpu").glob("*.cpp"))
+
+
+def test_default_variant_is_the_best_the_cpu_runs(monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    monkeypatch.delenv("DYNADIAG_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    supported = supported_isas()
+    assert supported[-2:] == ["portable", "scalar"]
+    assert isa() == next(s for s in supported if s != "amx")  # amx runs the avx512 kernels
+    # The kernels' own CPU detection agrees with what torch reports.
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert ("avx512" in supported) == capability.startswith("AVX512")
+    assert ("avx2" in supported) == capability.startswith(("AVX2", "AVX512"))
+
+
+@pytest.mark.parametrize("name", ["avx512", "avx2", "portable", "scalar"])
+def test_forced_variant_runs_and_is_reported(name, monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    if name not in supported_isas():
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    monkeypatch.setenv("DYNADIAG_CPU_ISA", name.upper())  # case does not matter
+    assert isa() == name
+
+
+def test_aten_cpu_capability_caps_the_default(monkeypatch):
+    from dynadiag.kernels.cpu import isa, supported_isas
+
+    monkeypatch.delenv("DYNADIAG_CPU_ISA", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert isa() == "portable"
+    if "avx2" in supported_isas():
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        assert isa() == "avx2"
+
+
+def test_unknown_or_unrunnable_variant_is_refused_with_one_line(monkeypatch):
+    from dynadiag.kernels.cpu import CpuBackend, isa, supported_isas
+
+    cases = [("avx1024", "is not a CPU kernel variant")]
+    cases += [
+        (n, f"this CPU cannot run the {n} kernels") for n in ("amx", "avx512", "avx2") if n not in supported_isas()
+    ]
+    x, values, offsets, _ = _problem(8, 8, 2, n=3, dtype=torch.float32)
+    for name, message in cases:
+        monkeypatch.setenv("DYNADIAG_CPU_ISA", name)
+        with pytest.raises(ValueError, match=message) as info:
+            isa()
+        assert "\n" not in str(info.value) and f"DYNADIAG_CPU_ISA={name}" in str(info.value)
+        with pytest.raises(ValueError, match=message):  # the ops refuse too, never falling back silently
+            torch.ops.dynadiag.diag_fwd(x, values, offsets, 8)
+        ok, why = CpuBackend().is_available(torch.device("cpu"))
+        assert not ok and message in why
+
+
+def test_one_cached_build_serves_every_cpu(monkeypatch):
+    """No -march=native: the build folder (cache key) does not depend on the build machine's CPU flags."""
+    from dynadiag.kernels import _build, cpu, ops
+
+    sources = [ops.CSRC / "cpu" / f for f in cpu._SOURCES]
+    here = _build.extension_dir("dynadiag_cpu", sources, cpu._CFLAGS)
+    monkeypatch.setattr(_build, "_cpu_flags", lambda: "fpu sse sse2")  # an older CPU
+    assert _build.extension_dir("dynadiag_cpu", sources, cpu._CFLAGS) == here
+    assert sorted(cpu._SOURCES) == sorted(p.name for p in (ops.CSRC / "cpu").glob("*.cpp"))

@@ -255,6 +255,38 @@ def test_v2_grad_values_is_deterministic(ops):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize(
+    ("in_f", "out_f", "k", "n", "dtype"),
+    [
+        (768, 3072, 308, 4096, torch.float64),  # fp64: v2 has no fp64 grad_V kernel
+        (64, 16384, 64, 4096, torch.float32),  # rows too wide for v2's shared-memory window
+        (200, 200, 40, 999, torch.float32),  # D % 128 != 0 with wide offset spans (the Q-window wrap)
+    ],
+)
+def test_v2_grad_values_fallbacks_are_deterministic_and_right(ops, in_f, out_f, k, n, dtype):
+    """Where v2's grad_V cannot run it takes v1's kernel in its deterministic mode (no atomics): bitwise repeats."""
+    x, _values, offsets = _problem(in_f, out_f, k, n, dtype)
+    grad_y = torch.randn(n, out_f, device=DEV, dtype=torch.float64).to(dtype)
+    rows, cols = diag_index(in_f, out_f, offsets)
+    first = ops.diag_bwd_v_v2(grad_y, x, offsets)
+    assert all(torch.equal(first, ops.diag_bwd_v_v2(grad_y, x, offsets)) for _ in range(3))
+    assert _rel(first, (grad_y.double().T @ x.double())[rows, cols]) < TOL[dtype]
+
+
+def test_v1_grad_values_is_deterministic_when_asked(ops):
+    """v1's grad_V uses atomics by default; under torch.use_deterministic_algorithms(True) it adds per-slice sums."""
+    x, _values, offsets = _problem(768, 3072, 308, 12608, torch.float32)
+    grad_y = torch.randn(12608, 3072, device=DEV)
+    fast = ops.diag_bwd_v(grad_y, x, offsets)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = ops.diag_bwd_v(grad_y, x, offsets)
+        assert all(torch.equal(first, ops.diag_bwd_v(grad_y, x, offsets)) for _ in range(3))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _rel(first, fast) < 1e-5
+
+
 def test_v2_backend_selected_by_env(monkeypatch):
     from dynadiag.kernels import get_backend
 

@@ -57,6 +57,38 @@ def test_prepared_launch_computes_forward_and_grad_x(in_f, out_f, k, n):
     assert torch.allclose(emulate_apply(grad_y, vpack_t, plan_t), grad_y @ weight, atol=1e-10)
 
 
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [8, 16, 32])
+def test_apply_pitch_makes_the_16_byte_shared_loads_conflict_free(itemsize, tokens):
+    """A warp's 16-byte loads run in quarter-warp phases of 8 lanes at consecutive columns: conflict-free iff
+    the 8 addresses fall in 8 distinct 16-byte bank groups (mod 128 bytes). 16-bit at 8 tokens had a 32-byte pitch:
+    4-way conflicts."""
+    pitch = cuda_v2.apply_pitch(tokens, itemsize) * itemsize
+    assert pitch >= tokens * itemsize and pitch % 16 == 0 and pitch <= tokens * itemsize + 16
+    for lane0 in range(0, 32, 8):
+        groups = {((lane0 + lane) * pitch // 16) % 8 for lane in range(8)}
+        assert len(groups) == 8, f"{8 // len(groups)}-way bank conflict at pitch {pitch} bytes"
+
+
+def test_apply_falls_back_to_v1_where_the_window_does_not_fit(monkeypatch):
+    """A GPU with too little shared memory per block for even one tile of v2 staging: v1 computes the primitive."""
+    from dynadiag.kernels.cpu import load_cpu_library
+
+    load_cpu_library()  # the v1 ops on CPU tensors stand in for the GPU's v1 kernels
+    monkeypatch.setattr(cuda_v2, "_smem", lambda device: (16 * 1024, 32 * 1024))
+    monkeypatch.setattr(cuda_v2, "_FALLBACK_WARNED", set())
+    for in_f, out_f in ((300, 300), (100, 300), (300, 120)):  # shapes of distinct primitives: one warning each
+        x, values, offsets = _problem(in_f, out_f, 30, 5)
+        weight = place_diagonals(values, offsets, in_f, out_f)
+        with pytest.warns(UserWarning, match="takes the v1 kernel"):
+            y = cuda_v2.apply(x, values, offsets, out_f, tall=out_f >= in_f)
+        assert torch.allclose(y, x @ weight.T, atol=1e-10)
+        grad_y = torch.randn(5, out_f, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="takes the v1 kernel"):
+            grad_x = cuda_v2.apply(grad_y, values, offsets, in_f, tall=not out_f >= in_f)
+        assert torch.allclose(grad_x, grad_y @ weight, atol=1e-10)
+
+
 def test_plans_are_cached_per_offsets_version_and_checked():
     x, values, offsets = _problem(40, 40, 6, 3)
     first = cuda_v2.prepare(x, values, offsets, 40, tall=True)[0]
@@ -71,12 +103,14 @@ def test_plans_are_cached_per_offsets_version_and_checked():
 # shared memory as a NaN-poisoned flat array with the kernels' pitches and buffer offsets, the stage counters, the
 # prefetch of stage s + 1 into the other buffer before stage s computes, the per-thread (lane, warp) loads and the
 # fixed-order split reduction. A wrong offset, pitch, shift or buffer index reads NaN or another stage's data.
-def _mirror_apply(src, vpack, plan, warps_tokens, ksplit, grid_y):
+def _mirror_apply(src, vpack, plan, warps_tokens, ksplit, grid_y, itemsize=None):
+    """``itemsize=2`` runs the 16-bit kernels' staging (four tokens of a column per thread) and pitch."""
     n_tok, a_cols = src.shape
     b_cols, period, tile = plan.B, plan.L, plan.tile
     tr, km = tile // 32, 8
     bm = warps_tokens * km
-    sp = bm + 16 // src.element_size()
+    itemsize = itemsize or src.element_size()
+    sp = cuda_v2.apply_pitch(bm, itemsize)
     wbuf = plan.max_window
     dst = torch.full((n_tok, b_cols), float("nan"), dtype=src.dtype)
     lanes = torch.arange(32)
@@ -92,16 +126,20 @@ def _mirror_apply(src, vpack, plan, warps_tokens, ksplit, grid_y):
 
             def stage(buf, chunk, n0, smem=smem):
                 _, _, w0, width = chunk
-                for m in range(bm):
-                    n = n0 + m
+                step = 4 if itemsize == 2 else 1  # store4_16: tokens m..m+3 of a column, one 8-byte store
+                for m in range(0, bm, step):
                     for i in range(width):
                         col = w0 + i
                         if period < tile:
                             col %= period
                         elif col >= period:
                             col -= period
-                        assert 0 <= i * sp + m < wbuf * sp
-                        smem[buf * wbuf * sp + i * sp + m] = src[n, col] if n < n_tok and col < a_cols else 0
+                        at = buf * wbuf * sp + i * sp + m
+                        assert i * sp + m >= 0 and i * sp + m + step <= wbuf * sp and (at * itemsize) % (2 * step) == 0
+                        for q in range(step):
+                            n = n0 + m + q
+                            ok = n < n_tok and col < a_cols
+                            smem[at + q] = _checked_read(src, n, col) if ok else 0
 
             def write(tt, acc=acc, r0=r0, by=by):
                 for ty in range(0, warps_tokens * ksplit, ksplit):  # ks == 0 threads
@@ -155,8 +193,10 @@ def _mirror_apply(src, vpack, plan, warps_tokens, ksplit, grid_y):
 @pytest.mark.parametrize(
     ("in_f", "out_f", "k", "n"), [(40, 40, 6, 21), (20, 70, 9, 40), (70, 20, 9, 17), (5, 37, 3, 9)]
 )
-@pytest.mark.parametrize(("warps", "ksplit", "grid_y"), [(1, 4, 1), (1, 4, 2), (4, 1, 1), (4, 1, 3)])
-def test_apply_kernel_index_mirror_matches_reference(in_f, out_f, k, n, warps, ksplit, grid_y):
+@pytest.mark.parametrize(
+    ("warps", "ksplit", "grid_y", "itemsize"), [(1, 4, 1, None), (1, 4, 2, 2), (4, 1, 1, None), (4, 1, 3, 2)]
+)
+def test_apply_kernel_index_mirror_matches_reference(in_f, out_f, k, n, warps, ksplit, grid_y, itemsize):
     from dynadiag.kernels.plan import pack_values, plan_apply
 
     x, values, offsets = _problem(in_f, out_f, k, n)
@@ -168,8 +208,20 @@ def test_apply_kernel_index_mirror_matches_reference(in_f, out_f, k, n, warps, k
     ]:
         for wmax in (128, 1000):  # windowed chunks and whole rows
             plan = plan_apply(offsets, a_cols, b_cols, tall, 128, wmax)
-            got = _mirror_apply(src, pack_values(values, plan), plan, warps, ksplit, grid_y)
+            got = _mirror_apply(src, pack_values(values, plan), plan, warps, ksplit, grid_y, itemsize)
             assert torch.allclose(got, want, atol=1e-12)
+
+
+def _checked_read(mat, n, col):
+    """``mat[n, col]`` the way the kernel reads it (``base + n * cols + col``), raising on a read outside the row.
+
+    The kernel addresses rows of a flat buffer, so a column past the row silently reads the next token's row (and
+    past the tensor on the last token); the 2-D index here would wrap negative columns instead, hence the check.
+    """
+    rows, cols = mat.shape
+    if not (0 <= n < rows and 0 <= col < cols):
+        raise IndexError(f"kernel read out of bounds: row {n} of {rows}, column {col} of {cols}")
+    return mat.reshape(-1)[n * cols + col]
 
 
 def _mirror_sddmm(s_mat, q_mat, offsets, num_sms=4):
@@ -182,7 +234,7 @@ def _mirror_sddmm(s_mat, q_mat, offsets, num_sms=4):
     k_tiles = cdiv(k_count, 8 * ttk)
     kb = cdiv(cdiv(k_count, k_tiles), ttk) * ttk
     gx, gy = cdiv(d_len, bt), cdiv(k_count, kb)
-    slices = max(1, (2 * num_sms + gx * gy - 1) // (gx * gy))
+    slices = max(1, (2 * num_sms) // (gx * gy))
     slices = min(slices, max(1, n_tok // 64), 65535)
     per_slice = cdiv(cdiv(n_tok, slices), bn) * bn
     gz = cdiv(n_tok, per_slice)
@@ -217,14 +269,15 @@ def _mirror_sddmm(s_mat, q_mat, offsets, num_sms=4):
                         if n < ne:
                             if i < bt:
                                 if t0 + i < d_len:
-                                    val = s_mat[n, t0 + i]
+                                    val = _checked_read(s_mat, n, t0 + i)
                             else:
                                 col = w0 + (i - bt)
                                 if m_len < bt:
                                     col %= m_len
-                                elif col >= m_len:
-                                    col -= m_len
-                                val = q_mat[n, col]
+                                else:
+                                    col = col - m_len if col >= m_len else col
+                                    col = col - m_len if col >= m_len else col
+                                val = _checked_read(q_mat, n, col)
                         assert q < wbuf * bn
                         smem[buf * wbuf * bn + q] = val
 
@@ -254,11 +307,24 @@ def _mirror_sddmm(s_mat, q_mat, offsets, num_sms=4):
     return partial.sum(0)
 
 
-@pytest.mark.parametrize(("in_f", "out_f", "k", "n"), [(40, 130, 9, 70), (130, 40, 9, 131), (33, 33, 33, 9)])
-def test_sddmm_kernel_index_mirror_matches_reference(in_f, out_f, k, n):
+@pytest.mark.parametrize(
+    ("in_f", "out_f", "k", "n", "offsets"),
+    [
+        (40, 130, 9, 70, None),
+        (130, 40, 9, 131, None),
+        (33, 33, 33, 9, None),
+        # M >= 128 with D % 128 != 0 and an offset span wider than M - 128: the Q window of the last position block
+        # runs past 2M, which one conditional subtraction left past the row (and past Q on the last token).
+        (200, 200, 2, 6, [10, 190]),
+        (150, 300, 3, 5, [0, 7, 290]),
+        (300, 150, 3, 5, [1, 150, 299]),
+    ],
+)
+def test_sddmm_kernel_index_mirror_matches_reference(in_f, out_f, k, n, offsets):
     from dynadiag.functional import diag_index
 
-    x, _values, offsets = _problem(in_f, out_f, k, n)
+    x, _values, drawn = _problem(in_f, out_f, k, n)
+    offsets = drawn if offsets is None else torch.tensor(offsets)
     grad_y = torch.randn(n, out_f, dtype=torch.float64)
     rows, cols = diag_index(in_f, out_f, offsets)
     tall = out_f >= in_f

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from dynadiag import DiagLinear  # noqa: E402
 from dynadiag import groups as DG  # noqa: E402
 from dynadiag.functional import place_diagonals  # noqa: E402
-from dynadiag.kernels import get_backend  # noqa: E402
+from dynadiag.kernels import get_backend, tile_plan  # noqa: E402
 from dynadiag.kernels import grouped_triton as GT  # noqa: E402
 
 DEVICE = torch.device("cuda" if _ON_GPU else "cpu")
@@ -73,23 +73,46 @@ def test_forward_grad_x_grad_values_match_reference(in_f, out_f, group, kept, dt
     assert _rel(values.grad, vr.grad) < tol, "grad_values"
 
 
-def test_band_tiles_reassemble_the_dense_matrix():
-    """Summing every tile back into [out, in] at its window gives W (the tiling covers each weight exactly once)."""
-    for in_f, out_f in ((40, 96), (96, 40), (64, 64)):
-        _, values, offsets = _problem(in_f, out_f, 8, 3, n=1, dtype=torch.float64)
-        tall = out_f >= in_f
-        tiles, starts, ptr, padl, kw = GT.band_tiles(values, offsets, in_f, out_f, tall)
-        dense = torch.zeros(out_f, in_f, dtype=torch.float64, device=DEVICE)
-        period = out_f if tall else in_f
-        for b in range(ptr.numel() - 1):
-            for t in range(int(ptr[b]), int(ptr[b + 1])):
-                for w in range(kw):
-                    col = (int(starts[t]) - padl + w) % period
-                    for rho in range(GT.ROWS):
-                        r = b * GT.ROWS + rho
-                        if r < out_f and col < in_f and tiles[t, w, rho] != 0:
-                            dense[r, col] += tiles[t, w, rho]
-        assert torch.equal(dense, place_diagonals(values, offsets, in_f, out_f))
+@pytest.mark.parametrize(("in_f", "out_f"), [(40, 96), (96, 40), (64, 64), (37, 100)])
+def test_tile_plans_hold_every_weight_once_and_only_occupied_steps(in_f, out_f):
+    """Unpacking the forward tiles gives W, the grad_x tiles W^T; every step holds a kept weight."""
+    _, values, offsets = _problem(in_f, out_f, 8, 3, n=1, dtype=torch.float64)
+    weight = place_diagonals(values, offsets, in_f, out_f)
+    for plan, want in zip(GT.plans(offsets, in_f, out_f), (weight, weight.T), strict=True):
+        tiles = tile_plan.pack_tiles(values, plan, torch.float64)  # [S, BK, R]
+        dense = torch.zeros(plan.B, plan.A + plan.BK, dtype=torch.float64, device=DEVICE)
+        for s in range(plan.steps):
+            b, c0 = int(plan.step_block[s]), int(plan.step_col[s])
+            rows = slice(b * plan.R, min(plan.B, (b + 1) * plan.R))
+            dense[rows, c0 : c0 + plan.BK] += tiles[s, :, : rows.stop - rows.start].T
+            assert (tiles[s] != 0).any(), "a step without kept weights"
+        assert torch.equal(dense[:, : plan.A], want) and not dense[:, plan.A :].any()
+        assert plan.block_ptr[-1] == plan.steps
+
+
+def test_grouped_steps_are_not_padded_to_powers_of_two():
+    """g = 32 at 90 %: a band of 32 diagonals over 32 rows spans 63 columns = 2 steps of 32 per row block and run,
+    fewer where neighbouring runs overlap; runs merged to 64 take 3 steps, not a 128-wide window (4)."""
+    in_f, out_f, group = 768, 3072, 32
+    for kept in (10, 24):
+        _, values, offsets = _problem(in_f, out_f, group, kept, n=1, dtype=torch.float32)
+        fwd, _ = GT.plans(offsets, in_f, out_f)
+        steps_per_block = (fwd.block_ptr[1:] - fwd.block_ptr[:-1]).float()
+        runs = len(DG.offset_runs(offsets.cpu()))
+        assert steps_per_block.max() <= 2 * runs
+        # Density of the computed tiles: about g / (g + 31) of every step is a kept weight, not g / 128.
+        density = values.numel() / (fwd.steps * fwd.BK * fwd.R)
+        assert density > 0.45, density
+
+
+def test_plans_are_built_once_per_offsets_tensor():
+    _, _, offsets = _problem(64, 64, 4, 5, n=1, dtype=torch.float32)
+    BACKEND.prepare(offsets, 64, 64)
+    first = GT.plans(offsets, 64, 64)
+    assert GT.plans(offsets, 64, 64) is first  # no rebuild, no host read
+    with torch.no_grad():
+        offsets[-1] = offsets[-1]  # an in-place write bumps the version: the plan is rebuilt
+    assert GT.plans(offsets, 64, 64) is not first
 
 
 def test_grouped_layer_on_grouped_triton():
@@ -111,3 +134,21 @@ def test_bad_offsets_are_one_clear_error(offsets):
     x, values, _ = _problem(40, 40, 1, 3, n=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="strictly ascending and in"):
         BACKEND.diag_linear(x, values, torch.tensor(offsets, device=DEVICE), None, 40, 40)
+
+
+def test_diag_ops_have_the_op_signatures():
+    """``DIAG_OPS`` (auto's per-op candidate) computes forward, grad_x and grad_values on its own."""
+    from dynadiag.functional import diag_index
+
+    x, values, offsets = _problem(96, 40, 8, 3, n=9, dtype=torch.float32)
+    weight = place_diagonals(values.double(), offsets, 96, 40)
+    grad_y = torch.randn(9, 40, device=DEVICE)
+    rows, cols = diag_index(96, 40, offsets)
+    tol = 1e-5 if not _ON_GPU else 5e-3
+    checks = (
+        (GT.DIAG_OPS.fwd(x, values, offsets, 40), x.double() @ weight.T),
+        (GT.DIAG_OPS.bwd_x(grad_y, values, offsets, 96), grad_y.double() @ weight),
+        (GT.DIAG_OPS.bwd_v(grad_y, x, offsets), (grad_y.double().T @ x.double())[rows, cols]),
+    )
+    for got, want in checks:
+        assert _rel(got, want) < tol

@@ -30,10 +30,11 @@ def _args(in_f, out_f, k, n=6, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize(("in_f", "out_f", "k"), [(12, 20, 3), (20, 12, 3), (16, 16, 16), (40, 72, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", ["tm", "fm"])
-def test_opcheck_every_op(in_f, out_f, k, dtype, layout, monkeypatch):
-    monkeypatch.setenv("DYNADIAG_CPU_LAYOUT", layout)  # both AVX-512 layouts of gather/scatter (fp32)
-    x, values, offsets, grad_y = _args(in_f, out_f, k, n=6 if layout == "tm" else 53, dtype=dtype)
+def test_opcheck_every_op(in_f, out_f, k, dtype, cpu_variant):
+    """Every CPU kernel variant (conftest.CPU_VARIANTS); fp64 always takes the scalar loops."""
+    if dtype == torch.float64 and cpu_variant != ("scalar", "auto"):
+        pytest.skip("fp64 runs the scalar loops whatever the variant")
+    x, values, offsets, grad_y = _args(in_f, out_f, k, n=6 if cpu_variant[1] == "tm" else 53, dtype=dtype)
     torch.library.opcheck(OPS.diag_fwd.default, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
     bias = torch.randn(out_f, dtype=dtype, requires_grad=True)
     torch.library.opcheck(OPS.diag_fwd_bias.default, (x, values, offsets, out_f, bias))

@@ -1,10 +1,11 @@
-// CPU implementations of the dynadiag ops declared in csrc/schema.cpp.
+// CPU implementations of the dynadiag ops declared in csrc/schema.cpp, and the choice of kernel variant.
 //
-// fp32 and bf16 (bf16 storage, fp32 accumulation) run AVX-512 kernels when the build machine has AVX-512 (the
-// extension is compiled with -march=native): gather/scatter in the feature-major layout of diag_fm.h (aligned
-// activation loads; the transposes are fused into its staging) from 96 tokens up, else the token-major tiles of
-// diag_kernels.h, which also hold the sddmm. Every other dtype (fp64 for gradcheck, fp16) and tiny shapes
-// (P < 16, where one 16-lane window would wrap twice) use the portable scalar loops.
+// fp32 and bf16 (bf16 storage, fp32 accumulation) run one of the vectorized variants of diag_isa.h, chosen at run
+// time from the CPU's features: avx512 (diag_avx512.cpp), avx2 (diag_avx2.cpp) or portable (diag_portable.cpp,
+// compiler vectors for any architecture). DYNADIAG_CPU_ISA=scalar|portable|avx2|avx512|amx forces one and is
+// refused, with one line, when the CPU cannot run it. Every other dtype (fp64 for gradcheck, fp16) uses the scalar
+// loops of diag_scalar.h. This file is compiled for the baseline of the architecture, so the library loads on any
+// CPU; the variants' own translation units carry their target ISA.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -12,12 +13,21 @@
 #include <torch/library.h>
 
 #include "../dd_check.h"
-#include "diag_kernels.h"
-#include "diag_fm.h"
+#include "diag_isa.h"
+#include "diag_scalar.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define DD_X86 1
+#else
+#define DD_X86 0
+#endif
 
 namespace dynadiag {
 namespace {
@@ -49,15 +59,97 @@ at::Tensor checked_offsets(const at::Tensor& offsets, int64_t P, const char* op)
   return off;
 }
 
-// Which AVX-512 layout runs gather/scatter. Measured rule (ViT-B shapes at 90 %, 1 thread, fp32 geomean vs dense,
-// under load): token-major wins below ~100 tokens (16: 1.99x vs 1.55x, 64: 2.37x vs 2.27x: a partly empty 48-token
-// block and the transposes do not pay off), feature-major from there on (128: 2.80x vs 2.43x, 197: 3.08x vs 2.83x,
-// 1,576: 3.67x vs 2.76x). DYNADIAG_CPU_LAYOUT=tm|fm forces one (tests run both against the reference).
-bool use_feature_major(int64_t N) {
+// ----- which variant runs -----
+
+struct Caps {
+  bool avx2 = false, avx512 = false, amx = false;
+};
+
+Caps detect_caps() {
+  Caps c;
+#if DD_X86
+  __builtin_cpu_init();
+  c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  c.avx512 = c.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  unsigned a = 0, b = 0, cx = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &cx, &d)) c.amx = c.avx512 && ((d >> 24) & 1u);  // AMX-TILE
+#endif
+  return c;
+}
+
+const Caps& caps() {
+  static const Caps c = detect_caps();
+  return c;
+}
+
+// Variant names, fastest first. "amx" is accepted where the CPU has AMX: the diagonal kernels have no AMX path
+// (free offsets leave no dense tiles), so it runs the avx512 kernels.
+bool can_run(const std::string& name) {
+  if (name == "scalar" || name == "portable") return true;
+  if (name == "avx2") return caps().avx2 && variant_avx2() != nullptr;
+  if (name == "avx512") return caps().avx512 && variant_avx512() != nullptr;
+  if (name == "amx") return caps().amx && variant_avx512() != nullptr;
+  return false;
+}
+
+std::vector<std::string> runnable() {
+  std::vector<std::string> out;
+  for (const char* n : {"amx", "avx512", "avx2", "portable", "scalar"})
+    if (can_run(n)) out.push_back(n);
+  return out;
+}
+
+std::string lower(const char* s) {
+  std::string out(s);
+  for (char& ch : out) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return out;
+}
+
+// The variant the next call runs: DYNADIAG_CPU_ISA when set (and runnable), else the best the CPU runs, capped by
+// torch's own ATEN_CPU_CAPABILITY (default|avx2|avx512) when that is set. Read per call (a getenv), so a test or
+// a benchmark can switch variants inside one process.
+std::string chosen_name() {
+  const char* env = std::getenv("DYNADIAG_CPU_ISA");
+  const std::string want = env == nullptr ? "" : lower(env);
+  if (!want.empty() && want != "auto") {
+    const bool known = want == "scalar" || want == "portable" || want == "avx2" || want == "avx512" || want == "amx";
+    DD_CHECK_VALUE(known, "DYNADIAG_CPU_ISA=", want,
+                   " is not a CPU kernel variant; choose auto, scalar, portable, avx2, avx512 or amx");
+    if (!can_run(want)) {
+      std::string list;
+      for (const std::string& n : runnable()) list += (list.empty() ? "" : ", ") + n;
+      DD_CHECK_VALUE(false, "DYNADIAG_CPU_ISA=", want, ": this CPU cannot run the ", want, " kernels (it runs ", list,
+                     "); unset DYNADIAG_CPU_ISA or choose one of those");
+    }
+    return want == "amx" ? "avx512" : want;
+  }
+  const char* cap_env = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string cap = cap_env == nullptr ? "" : lower(cap_env);
+  const bool allow512 = cap.empty() || cap == "avx512" || cap == "avx512_vnni" || cap == "avx512_bf16" ||
+                        cap == "amx" || cap == "avx512_fp16";
+  const bool allow2 = allow512 || cap == "avx2" || cap == "avx2_vnni";
+  if (allow512 && can_run("avx512")) return "avx512";
+  if (allow2 && can_run("avx2")) return "avx2";
+  return "portable";
+}
+
+// The kernels for fp32/bf16 at circle length P, or nullptr for the scalar loops.
+const Variant* active_variant(int64_t P) {
+  const std::string name = chosen_name();
+  const Variant* v = name == "avx512" ? variant_avx512() : name == "avx2" ? variant_avx2()
+                   : name == "portable" ? variant_portable() : nullptr;
+  if (v != nullptr && P < v->min_P) v = variant_portable();
+  return v;
+}
+
+// Which gather/scatter loop order a variant with two uses (avx512): DYNADIAG_CPU_LAYOUT=tm|fm forces one (tests
+// run both against the reference), else the variant decides by token count.
+Layout layout_from_env() {
   const char* env = std::getenv("DYNADIAG_CPU_LAYOUT");
-  if (env != nullptr && std::strcmp(env, "tm") == 0) return false;
-  if (env != nullptr && std::strcmp(env, "fm") == 0) return true;
-  return N >= 96;
+  if (env != nullptr && std::strcmp(env, "tm") == 0) return Layout::token_major;
+  if (env != nullptr && std::strcmp(env, "fm") == 0) return Layout::feature_major;
+  return Layout::automatic;
 }
 
 // bias (any floating dtype, [n]) as an accumulator-type buffer padded with zeros to a whole number of 64-wide
@@ -75,32 +167,26 @@ std::vector<Acc> padded_bias(const at::Tensor* bias, int64_t n) {
   return out;
 }
 
-// out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]) (+ bias); dispatch on dtype and on the AVX-512 fast
-// paths.
+// out[N, D] = gather(z[N, P]); out[N, P] = scatter(z[N, D]) (+ bias); dispatch on dtype and CPU variant.
 void gather_scatter(bool is_scatter, const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, int64_t P,
                     int64_t D, at::Tensor& out, const at::Tensor* bias = nullptr) {
   const int64_t N = z.size(0), K = V.size(0), n_out = is_scatter ? P : D;
   const int64_t* o = off.const_data_ptr<int64_t>();
-#if DYNADIAG_AVX512
-  if (P >= 16 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16)) {
+  const at::ScalarType st = z.scalar_type();
+  const Variant* v = st == at::kFloat || st == at::kBFloat16 ? active_variant(P) : nullptr;
+  if (v != nullptr) {
     const std::vector<float> b = padded_bias<float>(bias, n_out);
     const float* bp = b.empty() ? nullptr : b.data();
-    const bool fm = use_feature_major(N);
-    auto run = [&](auto tag) {
-      using E = decltype(tag);
-      using T = typename E::T;
-      const T* zp = z.const_data_ptr<T>();
-      const T* vp = V.const_data_ptr<T>();
-      T* op = out.mutable_data_ptr<T>();
-      if (fm && is_scatter) return scatter_fm<E>(zp, N, D, vp, o, K, P, op, bp);
-      if (fm) return gather_fm<E>(zp, N, P, vp, o, K, D, op, bp);
-      if (is_scatter) return scatter_avx512<E>(zp, N, D, vp, o, K, P, op, bp);
-      return gather_avx512<E>(zp, N, P, vp, o, K, D, op, bp);
-    };
-    return z.scalar_type() == at::kFloat ? run(F32{}) : run(BF16{});
+    const Elem e = st == at::kFloat ? Elem::f32 : Elem::bf16;
+    if (is_scatter)
+      v->scatter(e, z.const_data_ptr(), N, D, V.const_data_ptr(), o, K, P, out.mutable_data_ptr(), bp,
+                 layout_from_env());
+    else
+      v->gather(e, z.const_data_ptr(), N, P, V.const_data_ptr(), o, K, D, out.mutable_data_ptr(), bp,
+                layout_from_env());
+    return;
   }
-#endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dynadiag_gather_scatter", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "dynadiag_gather_scatter", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const std::vector<Acc> b = padded_bias<Acc>(bias, n_out);
     const Acc* bp = b.empty() ? nullptr : b.data();
@@ -123,15 +209,12 @@ void scatter(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, in
 
 void sddmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& dv) {
   const int64_t N = a.size(0), K = off.size(0);
-#if DYNADIAG_AVX512
-  if (P >= 16 && a.scalar_type() == at::kFloat)
-    return sddmm_avx512<F32>(a.const_data_ptr<float>(), b.const_data_ptr<float>(), N, D, P,
-                             off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<float>());
-  if (P >= 16 && a.scalar_type() == at::kBFloat16)
-    return sddmm_avx512<BF16>(a.const_data_ptr<c10::BFloat16>(), b.const_data_ptr<c10::BFloat16>(), N, D, P,
-                              off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<c10::BFloat16>());
-#endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "dynadiag_sddmm", [&] {
+  const at::ScalarType st = a.scalar_type();
+  const Variant* v = st == at::kFloat || st == at::kBFloat16 ? active_variant(P) : nullptr;
+  if (v != nullptr)
+    return v->sddmm(st == at::kFloat ? Elem::f32 : Elem::bf16, a.const_data_ptr(), b.const_data_ptr(), N, D, P,
+                    off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "dynadiag_sddmm", [&] {
     sddmm_scalar<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), N, D, P,
                            off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr<scalar_t>());
   });
@@ -200,7 +283,19 @@ at::Tensor diag_bwd_v(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   return dv;
 }
 
+// The variant fp32/bf16 calls run now (raises ValueError for a DYNADIAG_CPU_ISA the CPU cannot run).
+std::string isa() { return chosen_name(); }
+
+// Every variant DYNADIAG_CPU_ISA may name on this CPU, fastest first.
+std::vector<std::string> supported_isas() { return runnable(); }
+
 }  // namespace
+
+// Introspection for Python (dynadiag.kernels.cpu.isa): its own namespace, so the shared op schemas stay as they are.
+TORCH_LIBRARY(dynadiag_cpu, m) {
+  m.def("isa() -> str", &isa);
+  m.def("supported_isas() -> str[]", &supported_isas);
+}
 
 TORCH_LIBRARY_IMPL(dynadiag, CPU, m) {
   m.impl("diag_fwd", &diag_fwd);

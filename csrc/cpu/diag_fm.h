@@ -1,5 +1,5 @@
 // Feature-major (tokens in the vector lanes) AVX-512 kernel for the gather and scatter primitives of
-// diag_kernels.h. Included by diag_cpu.cpp after diag_kernels.h; needs DYNADIAG_AVX512.
+// diag_kernels.h. Included by diag_avx512.cpp after diag_kernels.h.
 //
 // Why: the token-major tile of diag_kernels.h loads each diagonal's activation window at an arbitrary shift, so
 // 15 of 16 loads split a cache line, and L1 load throughput caps it near 30 % of the FMA peak. Here a block of
@@ -24,9 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#if DYNADIAG_AVX512
-
 namespace dynadiag {
+namespace avx512 {
 
 #ifndef DD_FM_R
 #define DD_FM_R 8
@@ -325,6 +324,5 @@ void scatter_fm(const typename E::T* z, int64_t N, int64_t D, const typename E::
   fm_run<E>(z, N, D, P, D, pl, out, P, bias);
 }
 
+}  // namespace avx512
 }  // namespace dynadiag
-
-#endif  // DYNADIAG_AVX512

@@ -1,4 +1,5 @@
-// CPU kernels for wrapped-diagonal sparse matrices (see csrc/schema.cpp for the index map).
+// AVX-512 token-major kernels for the primitives of diag_isa.h (see csrc/schema.cpp for the index map); included
+// by diag_avx512.cpp only, which compiles them for AVX-512 F/BW/VL/DQ.
 //
 // Every op of the frozen layer reduces to three primitives on token-major activations (rows = tokens):
 //
@@ -12,12 +13,9 @@
 // K diagonals, so each output is written once and every FMA needs one (shifted) activation load; the values
 // vector is shared by the NB tokens. T is computed as a gather too: output r reads diagonal element
 // s = (r - p_k) mod P, valid when s < D, so no scatter conflicts arise and threads split the outputs freely.
-// Wrap-around and validity are handled with AVX-512 masked loads (two masked loads per straddling vector)
-// instead of padded copies of the activations, which would cost a full extra pass over memory.
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -27,88 +25,10 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define DYNADIAG_AVX512 1
 #include <immintrin.h>
-#else
-#define DYNADIAG_AVX512 0
-#endif
 
 namespace dynadiag {
-
-// ---------------------------------------------------------------------------------------------------------------
-// Portable scalar path: any dtype (fp64 for gradcheck, fp16, ...), any size. Accumulates in opmath (fp32/fp64).
-// ---------------------------------------------------------------------------------------------------------------
-
-template <typename T>
-void gather_scalar(const T* z, int64_t N, int64_t P, const T* V, const int64_t* off, int64_t K, int64_t D, T* out,
-                   const at::opmath_type<T>* bias = nullptr) {
-  using Acc = at::opmath_type<T>;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<Acc> acc(D);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      const T* zr = z + n * P;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t p = off[k];
-        const T* vr = V + k * D;
-        for (int64_t t = 0; t < D; ++t) {
-          int64_t j = t + p;
-          j = j >= P ? j - P : j;
-          acc[t] += Acc(vr[t]) * Acc(zr[j]);
-        }
-      }
-      for (int64_t t = 0; t < D; ++t) out[n * D + t] = T(bias ? acc[t] + bias[t] : acc[t]);
-    }
-  });
-}
-
-template <typename T>
-void scatter_scalar(const T* z, int64_t N, int64_t D, const T* V, const int64_t* off, int64_t K, int64_t P, T* out,
-                    const at::opmath_type<T>* bias = nullptr) {
-  using Acc = at::opmath_type<T>;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<Acc> acc(P);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      const T* zr = z + n * D;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t p = off[k];
-        const T* vr = V + k * D;
-        for (int64_t t = 0; t < D; ++t) {
-          int64_t r = t + p;
-          r = r >= P ? r - P : r;
-          acc[r] += Acc(vr[t]) * Acc(zr[t]);
-        }
-      }
-      for (int64_t r = 0; r < P; ++r) out[n * P + r] = T(bias ? acc[r] + bias[r] : acc[r]);
-    }
-  });
-}
-
-template <typename T>
-void sddmm_scalar(const T* a, const T* b, int64_t N, int64_t D, int64_t P, const int64_t* off, int64_t K, T* dv) {
-  using Acc = at::opmath_type<T>;
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<Acc> acc(D);
-    for (int64_t k = k0; k < k1; ++k) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      const int64_t p = off[k];
-      for (int64_t n = 0; n < N; ++n) {
-        const T* ar = a + n * D;
-        const T* br = b + n * P;
-        for (int64_t t = 0; t < D; ++t) {
-          int64_t j = t + p;
-          j = j >= P ? j - P : j;
-          acc[t] += Acc(ar[t]) * Acc(br[j]);
-        }
-      }
-      for (int64_t t = 0; t < D; ++t) dv[k * D + t] = T(acc[t]);
-    }
-  });
-}
-
-#if DYNADIAG_AVX512
+namespace avx512 {
 
 // ---------------------------------------------------------------------------------------------------------------
 // AVX-512 path. Element traits: load 16 elements as fp32 lanes, store fp32 lanes back (bf16: round to nearest).
@@ -132,17 +52,14 @@ struct BF16 {
     return _mm512_mask_mov_ps(src, m, maskz_load(m, p));
   }
   static inline __m256i narrow(__m512 v) {
-#if defined(__AVX512BF16__)
-    return (__m256i)_mm512_cvtneps_pbh(v);
-#else
-    // Round to nearest even; NaNs stay NaN (quiet bit forced).
+    // Round to nearest even; NaNs stay NaN (quiet bit forced). (vcvtneps2bf16 would need AVX512-BF16, which
+    // Skylake-X and Ice Lake lack; this variant runs on every AVX-512 CPU.)
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
-#endif
   }
   static inline void store(T* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v)); }
   static inline void mask_store(T* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
@@ -445,6 +362,5 @@ void sddmm_avx512(const typename E::T* a, const typename E::T* b, int64_t N, int
   });
 }
 
-#endif  // DYNADIAG_AVX512
-
+}  // namespace avx512
 }  // namespace dynadiag

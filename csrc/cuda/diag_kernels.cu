@@ -17,7 +17,8 @@
 //   a block owns KB diagonals x BT positions t and a slice of the tokens; each thread keeps TK x TT partial
 //   sums in registers, with the shared-memory column of every (k, t) precomputed once. Per token chunk the
 //   block stages S[:, t0:t0+BT] and the window of Q that its (sorted) diagonals touch, then every thread does
-//   TK*TT FMAs per token from shared memory. Token slices are combined with one atomicAdd per (k, t, slice).
+//   TK*TT FMAs per token from shared memory. Token slices are combined with one atomicAdd per (k, t, slice), or, in
+//   the deterministic mode, written to their own partial sums [slices, K, D] that the caller adds in a fixed order.
 #include "diag_kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -333,7 +334,8 @@ template <typename T>
 __global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, const T* __restrict__ Q,
                                                     const int64_t* __restrict__ off,
                                                     typename AccOf<T>::type* __restrict__ out, int N, int D, int M,
-                                                    int K, int tokens_per_slice, int smem_elems) {
+                                                    int K, int tokens_per_slice, int smem_elems,
+                                                    int64_t slice_stride) {
   using Acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sm = reinterpret_cast<T*>(smem_raw);
@@ -437,7 +439,12 @@ __global__ void __launch_bounds__(256) sddmm_kernel(const T* __restrict__ S, con
 #pragma unroll
     for (int j = 0; j < kTT; ++j) {
       const int t = t0 + threadIdx.x + 32 * j;
-      if (position(i, j) >= 0) atomicAdd(out + static_cast<int64_t>(k) * D + t, acc[i][j]);
+      if (position(i, j) < 0) continue;
+      if (slice_stride == 0) {
+        atomicAdd(out + static_cast<int64_t>(k) * D + t, acc[i][j]);
+      } else {  // deterministic: this slice's own partial sums (one writer per element)
+        out[blockIdx.z * slice_stride + static_cast<int64_t>(k) * D + t] = acc[i][j];
+      }
     }
   }
 }
@@ -510,10 +517,17 @@ cudaError_t apply_typed(const void* src, const void* values, const int64_t* off,
 #undef DYNADIAG_APPLY
 }
 
+// Token slices of the sddmm launch: enough blocks for about two waves, but at least 128 tokens per slice.
+int sddmm_slices(int64_t N, int64_t D, int64_t K, int num_sms) {
+  const int gx = ceil_div(D, 32 * kTT), gy = ceil_div(K, kWarpsK * kTK);
+  int64_t slices = std::max<int64_t>(1, (2 * num_sms + gx * gy - 1) / (static_cast<int64_t>(gx) * gy));
+  slices = std::min<int64_t>({slices, std::max<int64_t>(1, N / 128), 65535});
+  return ceil_div(N, ceil_div(N, slices));  // the grid's z extent (ceil(N / tokens per slice))
+}
+
 template <typename T>
 cudaError_t sddmm_typed(const void* S, const void* Q, const int64_t* off, void* out, int64_t N, int64_t D, int64_t M,
-                        int64_t K, const DeviceLimits& lim, cudaStream_t stream) {
-  const int num_sms = lim.num_sms;
+                        int64_t K, bool deterministic, const DeviceLimits& lim, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   constexpr int BT = 32 * kTT;
   const int KB = kWarpsK * kTK;
@@ -525,16 +539,14 @@ cudaError_t sddmm_typed(const void* S, const void* Q, const int64_t* off, void* 
   cudaError_t err = allow_smem(sddmm_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   const int gx = ceil_div(D, BT), gy = ceil_div(K, KB);
-  // Token slices: enough blocks for about two waves, but at least 128 tokens per slice.
-  int64_t slices = std::max<int64_t>(1, (2 * num_sms + gx * gy - 1) / (static_cast<int64_t>(gx) * gy));
-  slices = std::min<int64_t>({slices, std::max<int64_t>(1, N / 128), 65535});
+  const int slices = sddmm_slices(N, D, K, lim.num_sms);
   const int per_slice = ceil_div(N, slices);
-  const dim3 grid(gx, gy, ceil_div(N, per_slice));
+  const dim3 grid(gx, gy, slices);
   const dim3 block(32, kWarpsK);
   sddmm_kernel<T><<<grid, block, smem, stream>>>(static_cast<const T*>(S), static_cast<const T*>(Q), off,
                                                   static_cast<Acc*>(out), static_cast<int>(N), static_cast<int>(D),
                                                   static_cast<int>(M), static_cast<int>(K), per_slice,
-                                                  static_cast<int>(smem / sizeof(T)));
+                                                  static_cast<int>(smem / sizeof(T)), deterministic ? K * D : 0);
   return cudaGetLastError();
 }
 
@@ -557,19 +569,26 @@ cudaError_t diag_apply(const void* src, const void* values, const int64_t* offse
   return cudaErrorInvalidValue;
 }
 
+int diag_sddmm_slices(int64_t N, int64_t D, int64_t K, DeviceLimits limits) {
+  if (N == 0 || K == 0 || D == 0) return 0;
+  return sddmm_slices(N, D, K, limits.num_sms);
+}
+
 cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
-                       int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream) {
+                       int64_t M, int64_t K, bool deterministic, DType dtype, DeviceLimits limits,
+                       cudaStream_t stream) {
   if (N == 0 || K == 0 || D == 0) return cudaSuccess;
   if (M < D || M > INT32_MAX || N > INT32_MAX) return cudaErrorInvalidValue;
+  const bool det = deterministic;
   switch (dtype) {
     case DType::kFloat32:
-      return sddmm_typed<float>(S, Q, offsets, out, N, D, M, K, limits, stream);
+      return sddmm_typed<float>(S, Q, offsets, out, N, D, M, K, det, limits, stream);
     case DType::kBFloat16:
-      return sddmm_typed<__nv_bfloat16>(S, Q, offsets, out, N, D, M, K, limits, stream);
+      return sddmm_typed<__nv_bfloat16>(S, Q, offsets, out, N, D, M, K, det, limits, stream);
     case DType::kFloat16:
-      return sddmm_typed<__half>(S, Q, offsets, out, N, D, M, K, limits, stream);
+      return sddmm_typed<__half>(S, Q, offsets, out, N, D, M, K, det, limits, stream);
     case DType::kFloat64:
-      return sddmm_typed<double>(S, Q, offsets, out, N, D, M, K, limits, stream);
+      return sddmm_typed<double>(S, Q, offsets, out, N, D, M, K, det, limits, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -38,10 +38,15 @@ struct DeviceLimits {
 cudaError_t diag_apply(const void* src, const void* values, const int64_t* offsets, void* dst, int64_t N, int64_t A,
                        int64_t B, int64_t K, bool tall, DType dtype, DeviceLimits limits, cudaStream_t stream);
 
-// out [K, D] (accumulator type: float, or double for kFloat64; zero-initialised by the caller) +=
-// sddmm(S [N, D], Q [N, M]). Offsets as above, in [0, M).
+// sddmm(S [N, D], Q [N, M]) into `out` (accumulator type: float, or double for kFloat64; zero-initialised by the
+// caller). Offsets as above, in [0, M). The tokens are split into diag_sddmm_slices(...) slices:
+//   deterministic = false: out [K, D] += every slice's sums through atomicAdd (the order varies between runs);
+//   deterministic = true:  out [slices, K, D], each slice's own sums (no atomics); the caller adds them in a fixed
+//                          order, which gives bitwise-identical results run to run.
+int diag_sddmm_slices(int64_t N, int64_t D, int64_t K, DeviceLimits limits);
 cudaError_t diag_sddmm(const void* S, const void* Q, const int64_t* offsets, void* out, int64_t N, int64_t D,
-                       int64_t M, int64_t K, DType dtype, DeviceLimits limits, cudaStream_t stream);
+                       int64_t M, int64_t K, bool deterministic, DType dtype, DeviceLimits limits,
+                       cudaStream_t stream);
 
 // ---- v2 (diag_kernels_v2.cu). UNVALIDATED ON HARDWARE: compiled for sm_80/sm_90 in CI, never run on a GPU yet;
 // the v1 functions above stay the default (dynadiag/kernels/cuda.py: DYNADIAG_CUDA_KERNELS=v2 selects these).
@@ -62,14 +67,15 @@ struct ApplyPlanView {
 
 // dst [N, B] = apply(src [N, A]) from a plan. warps_tokens x 8 tokens per token tile; ksplit warps share a tile's
 // diagonals (the batch-1 path; their sums meet in a fixed order). Returns cudaErrorInvalidConfiguration when the
-// plan's window does not fit in shared memory (the caller falls back to v1).
+// plan's window does not fit in shared memory; the Python wrapper (dynadiag/kernels/cuda_v2.py, apply) checks
+// that before it launches and takes the v1 kernel instead, so the op itself only reports it.
 cudaError_t diag_apply_v2(const void* src, ApplyPlanView plan, void* dst, int64_t N, int64_t A, int64_t B, bool tall,
                           int warps_tokens, int ksplit, DType dtype, DeviceLimits limits, cudaStream_t stream);
 
 // partial [slices, K, D] (float; every element written) = per-token-slice sddmm(S, Q) with
 // offsets sorted ascending in [0, M); the caller sums over slices (deterministic). slices and the shared memory
-// it needs come from the two helpers; smem > limits.smem_per_block_optin means: use v1. fp32, bf16 and fp16 only
-// (kFloat64 returns cudaErrorInvalidConfiguration: the op uses v1 for gradcheck's fp64).
+// it needs come from the two helpers; smem > limits.smem_per_block_optin means: use v1's deterministic mode (the
+// op does; also for kFloat64, which returns cudaErrorInvalidConfiguration here). fp32, bf16 and fp16 only.
 int diag_sddmm_v2_slices(int64_t N, int64_t D, int64_t M, int64_t K, DType dtype, DeviceLimits limits);
 size_t diag_sddmm_v2_smem(int64_t N, int64_t D, int64_t M, int64_t K, DType dtype, DeviceLimits limits);
 cudaError_t diag_sddmm_v2(const void* S, const void* Q, const int64_t* offsets, void* partial, int64_t N, int64_t D,

@@ -8,9 +8,11 @@
 //   chunk's window of the *extended* source row (column j is src[:, j mod L], zero where j mod L >= A: the wrap
 //   and the tall form's missing columns are resolved here, once per staged element) in shared memory, tokens
 //   fastest, then every entry e of the chunk does, per output of the thread, one load of the pre-packed value
-//   vpack[e, j] (zero where the diagonal has no element) and two 16-byte shared loads of 8 tokens at the entry's
-//   shift: 8 FMAs with no wrap, validity or index arithmetic beyond one add. Stages are double-buffered: the next
-//   stage's cp.async copies are in flight while the current one computes (4- and 8-byte types).
+//   vpack[e, j] (zero where the diagonal has no element) and the 8 tokens at the entry's shift (two 16-byte shared
+//   loads, one for 16-bit types; the column pitch is an odd number of 16-byte units, so they are conflict-free):
+//   8 FMAs with no wrap, validity or index arithmetic beyond one add. Stages are double-buffered: the next stage's
+//   cp.async copies are in flight while the current one computes (4- and 8-byte types); 16-bit types stage four
+//   tokens of a column per thread through registers into one 8-byte store (cp.async cannot transpose).
 //   Batch-1 path (few token tiles): WM = 1 and KS warps split a chunk's entries; their partial sums meet in shared
 //   memory in a fixed order (deterministic, no atomics).
 // sddmm v2 (grad_V): dV[k, t] = sum_n S[n, t] Q[n, (t + p_k) mod M].
@@ -35,6 +37,7 @@ using v2::cp_async_wait;
 using v2::from_acc;
 using v2::load4;
 using v2::load8;
+using v2::store4_16;
 using v2::to_acc;
 using v2::zero_of;
 
@@ -62,22 +65,39 @@ struct ApplyArgs {
 template <typename T, int BR>
 __device__ __forceinline__ void apply_stage(const T* __restrict__ src, T* buf, int4 chunk, int n0, int BM, int SP,
                                             const ApplyArgs& a, int tid, int nthreads) {
-  const T zero = zero_of<T>();
-  for (int m = 0; m < BM; ++m) {
-    const int n = n0 + m;
-    const T* row = src + static_cast<int64_t>(n) * a.A;
-    for (int i = tid; i < chunk.w; i += nthreads) {
-      int col = chunk.z + i;
-      if (a.L < BR) {  // layers narrower than a tile: windows can wrap more than once (uniform branch)
-        while (col >= a.L) col -= a.L;  // (no %: ptxas may call a division routine, which costs a stack frame)
-      } else if (col >= a.L) {  // window < 2L: one subtraction, off the inner loop
-        col -= a.L;
+  auto wrap = [&](int col) {
+    if (a.L < BR) {  // layers narrower than a tile: windows can wrap more than once (uniform branch)
+      while (col >= a.L) col -= a.L;  // (no %: ptxas may call a division routine, which costs a stack frame)
+    } else if (col >= a.L) {  // w0 < L and W <= L + BR - 1 (plan.py), so col < 2L: one subtraction
+      col -= a.L;
+    }
+    return col;
+  };
+  if constexpr (sizeof(T) == 2) {  // four tokens of a column per thread, one 8-byte store (BM % 8 == 0)
+    for (int m = 0; m < BM; m += 4) {
+      const int n = n0 + m;
+      const T* row = src + static_cast<int64_t>(n) * a.A;
+      for (int i = tid; i < chunk.w; i += nthreads) {
+        const int col = wrap(chunk.z + i);
+        const bool ok = col < a.A;
+        const T* p = row + col;
+        store4_16(buf + i * SP + m, ok && n < a.N ? p : nullptr, ok && n + 1 < a.N ? p + a.A : nullptr,
+                  ok && n + 2 < a.N ? p + 2 * a.A : nullptr, ok && n + 3 < a.N ? p + 3 * a.A : nullptr);
       }
-      T* d = buf + i * SP + m;
-      if (n < a.N && col < a.A) {
-        copy_elem(d, row + col);
-      } else {
-        *d = zero;
+    }
+  } else {
+    const T zero = zero_of<T>();
+    for (int m = 0; m < BM; ++m) {
+      const int n = n0 + m;
+      const T* row = src + static_cast<int64_t>(n) * a.A;
+      for (int i = tid; i < chunk.w; i += nthreads) {
+        const int col = wrap(chunk.z + i);
+        T* d = buf + i * SP + m;
+        if (n < a.N && col < a.A) {
+          copy_elem(d, row + col);
+        } else {
+          *d = zero;
+        }
       }
     }
   }
@@ -131,7 +151,7 @@ __global__ void __launch_bounds__(256) apply_v2_kernel(const T* __restrict__ src
   constexpr int BR = 32 * TR;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int BM = a.WM * kTM;
-  const int SP = BM + 16 / static_cast<int>(sizeof(T));  // column pitch: 16 bytes of padding, conflict-free LDS.128
+  const int SP = v2::apply_pitch<T>(BM);  // column pitch: an odd number of 16-byte units, conflict-free LDS.128
   // Two staging buffers of wbuf columns (buffer b at smem + b * buf_elems: arithmetic, not a pointer array, which a
   // run-time index would put in local memory), then the split partial sums [KS - 1][WM][kTM][BR] (KS > 1).
   T* smem = reinterpret_cast<T*>(smem_raw);
@@ -218,7 +238,7 @@ cudaError_t launch_apply_v2(const void* src, const ApplyPlanView& plan, void* ds
   using Acc = typename AccOf<T>::type;
   constexpr int BR = 32 * TR;
   const int BM = args.WM * kTM;
-  const size_t pitch = static_cast<size_t>(BM + 16 / sizeof(T)) * sizeof(T);
+  const size_t pitch = static_cast<size_t>(v2::apply_pitch<T>(BM)) * sizeof(T);
   const size_t red = args.KS > 1 ? static_cast<size_t>(args.KS - 1) * BM * BR * sizeof(Acc) : 0;
   const size_t smem = 2 * pitch * args.wbuf + red;
   if (smem > static_cast<size_t>(lim.smem_per_block_optin) || args.WM * args.KS * 32 > 256)
@@ -269,6 +289,30 @@ struct SddmmArgs {
 template <typename T>
 __device__ __forceinline__ void sddmm_stage(const T* __restrict__ S, const T* __restrict__ Q, T* buf, int n0, int ne,
                                             int t0, int w0, int W, const SddmmArgs& a, int tid, int nthreads) {
+  if constexpr (sizeof(T) == 2) {  // the kBN = 4 tokens of a column per thread, one 8-byte store
+    for (int i = tid; i < kBT + W; i += nthreads) {
+      const T* from = nullptr;  // the column in token n0's row
+      int64_t ld;
+      if (i < kBT) {
+        ld = a.D;
+        if (t0 + i < a.D) from = S + static_cast<int64_t>(n0) * a.D + t0 + i;
+      } else {
+        ld = a.M;
+        int col = w0 + (i - kBT);
+        if (a.M < kBT) {
+          while (col >= a.M) col -= a.M;
+        } else {  // col < 3M (see the 4-byte branch below)
+          if (col >= a.M) col -= a.M;
+          if (col >= a.M) col -= a.M;
+        }
+        from = Q + static_cast<int64_t>(n0) * a.M + col;
+      }
+      const bool ok = from != nullptr;
+      store4_16(buf + i * kBN, ok && n0 < ne ? from : nullptr, ok && n0 + 1 < ne ? from + ld : nullptr,
+                ok && n0 + 2 < ne ? from + 2 * ld : nullptr, ok && n0 + 3 < ne ? from + 3 * ld : nullptr);
+    }
+    return;
+  }
   const T zero = zero_of<T>();
   const int items = (kBT + W) * kBN;
   for (int q = tid; q < items; q += nthreads) {  // q = column * kBN + token: contiguous in shared memory
@@ -281,11 +325,15 @@ __device__ __forceinline__ void sddmm_stage(const T* __restrict__ S, const T* __
         const int t = t0 + i;
         if (t < a.D) from = S + static_cast<int64_t>(n) * a.D + t;
       } else {
+        // col < w0 + W <= (M - 1) + (M - 1) + BT: below 3M once M >= BT, so two conditional subtractions bring it
+        // into [0, M). (One is not enough: with D % BT != 0 the last position block reaches past D, and a span of
+        // offsets wider than M - BT then runs the window past 2M, i.e. past the row and, on the last token, past Q.)
         int col = w0 + (i - kBT);
         if (a.M < kBT) {  // layers narrower than a block's positions: the window can wrap more than once
           while (col >= a.M) col -= a.M;
-        } else if (col >= a.M) {
-          col -= a.M;
+        } else {
+          if (col >= a.M) col -= a.M;
+          if (col >= a.M) col -= a.M;
         }
         from = Q + static_cast<int64_t>(n) * a.M + col;
       }
@@ -391,7 +439,9 @@ SddmmLaunch sddmm_v2_config(int64_t N, int64_t D, int64_t M, int64_t K, const De
   const int KB = ceil_div(ceil_div(K, k_tiles), kTK<T>) * kTK<T>;  // diagonal tiles sized to K
   const int gx = ceil_div(D, kBT), gy = ceil_div(K, KB);
   const int64_t blocks = static_cast<int64_t>(gx) * gy;
-  int64_t slices = std::max<int64_t>(1, (2 * lim.num_sms + blocks - 1) / blocks);
+  // Token slices: as many as fit in two blocks per SM without a partial last wave (rounding up left a tail, e.g.
+  // 270 blocks for 264 slots on 132 SMs, which costs a whole extra wave of the slowest block).
+  int64_t slices = std::max<int64_t>(1, (2 * lim.num_sms) / blocks);
   slices = std::min<int64_t>({slices, std::max<int64_t>(1, N / 64), 65535});
   const int per_slice = ceil_div(ceil_div(N, slices), kBN) * kBN;
   const int wbuf = 2 * kBT + static_cast<int>(M) - 1;  // S columns + the widest Q window (M + BT - 1)

@@ -1,5 +1,6 @@
 // CUDA implementations of the dynadiag ops (schemas in csrc/schema.cpp): input checks, dtype dispatch and the
 // current stream; the kernels themselves are in diag_kernels.cu (no torch headers there).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
@@ -147,6 +148,31 @@ at::Tensor diag_bwd_x_cuda(const at::Tensor& grad_y, const at::Tensor& values, c
   return grad_x;
 }
 
+// The v1 grad_values kernel on checked inputs. Token slices meet in an fp32 (fp64 for double) buffer: through
+// atomics (fast, run-to-run order varies), or, when `deterministic`, as per-slice partial sums added in a fixed
+// order (bitwise reproducible; one [slices, K, D] buffer more).
+at::Tensor v1_grad_values(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets,
+                          bool deterministic) {
+  const int64_t in = x.size(1), out = grad_y.size(1);
+  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();
+  const int64_t K = oc.size(0), D = std::min(in, out), N = x.size(0);
+  const bool tall = out >= in;
+  const DType dtype = kernel_dtype(x.scalar_type(), "diag_bwd_v");
+  const at::ScalarType acc_type = dtype == DType::kFloat64 ? at::kDouble : at::kFloat;
+  const Launch l = launch_info(x);
+  const int slices = deterministic ? dynadiag_cuda::diag_sddmm_slices(N, D, K, l.limits) : 1;
+  if (slices == 0) return at::zeros({K, D}, x.options());
+  at::Tensor acc = deterministic ? at::zeros({slices, K, D}, x.options().dtype(acc_type))
+                                 : at::zeros({K, D}, x.options().dtype(acc_type));
+  C10_CUDA_CHECK(dynadiag_cuda::diag_sddmm(tall ? xc.const_data_ptr() : gc.const_data_ptr(),
+                                           tall ? gc.const_data_ptr() : xc.const_data_ptr(),
+                                           oc.const_data_ptr<int64_t>(), acc.mutable_data_ptr(), N, D,
+                                           tall ? out : in, K, deterministic, dtype, l.limits, l.stream));
+  if (deterministic) acc = at::sum(acc, 0);
+  return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+}
+
+// v1 grad_values: atomics, unless torch.use_deterministic_algorithms(True) asks for reproducible results.
 at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
   DD_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
               "diag_bwd_v: grad_y must be [N, out] and x [N, in] with the same N");
@@ -154,18 +180,7 @@ at::Tensor diag_bwd_v_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
   check_inputs("diag_bwd_v", grad_y, x, offsets, in, out, -1);
   const c10::cuda::CUDAGuard guard(x.device());
   check_offsets_cached(offsets, std::max(in, out), "diag_bwd_v");
-  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();
-  const int64_t K = oc.size(0), D = std::min(in, out);
-  const bool tall = out >= in;
-  const DType dtype = kernel_dtype(x.scalar_type(), "diag_bwd_v");
-  // Partial sums from token slices meet in an fp32 (fp64 for double) buffer through atomics.
-  at::Tensor acc = at::zeros({K, D}, x.options().dtype(dtype == DType::kFloat64 ? at::kDouble : at::kFloat));
-  const Launch l = launch_info(x);
-  C10_CUDA_CHECK(dynadiag_cuda::diag_sddmm(tall ? xc.const_data_ptr() : gc.const_data_ptr(),
-                                           tall ? gc.const_data_ptr() : xc.const_data_ptr(),
-                                           oc.const_data_ptr<int64_t>(), acc.mutable_data_ptr(), x.size(0), D,
-                                           tall ? out : in, K, dtype, l.limits, l.stream));
-  return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
+  return v1_grad_values(grad_y, x, offsets, at::globalContext().deterministicAlgorithms());
 }
 
 // ---- v2 (UNVALIDATED ON HARDWARE; opt-in through dynadiag/kernels/cuda.py, DYNADIAG_CUDA_KERNELS=v2).
@@ -200,15 +215,20 @@ at::Tensor diag_apply_v2_cuda(const at::Tensor& src, const at::Tensor& vpack, co
                                           shifts.const_data_ptr<int>(), vpack.const_data_ptr(),
                                           static_cast<int>(tiles), static_cast<int>(tile),
                                           static_cast<int>(max_window)};
-  C10_CUDA_CHECK(dynadiag_cuda::diag_apply_v2(sc.const_data_ptr(), plan, dst.mutable_data_ptr(), src.size(0), A,
-                                              out_cols, tall, static_cast<int>(warps_tokens),
-                                              static_cast<int>(ksplit), kernel_dtype(src.scalar_type(), op),
-                                              l.limits, l.stream));
+  const cudaError_t err = dynadiag_cuda::diag_apply_v2(sc.const_data_ptr(), plan, dst.mutable_data_ptr(),
+                                                       src.size(0), A, out_cols, tall, static_cast<int>(warps_tokens),
+                                                       static_cast<int>(ksplit), kernel_dtype(src.scalar_type(), op),
+                                                       l.limits, l.stream);
+  DD_CHECK(err != cudaErrorInvalidConfiguration, op, ": a staging window of ", max_window, " columns for ",
+           warps_tokens, " x 8 tokens does not fit in this GPU's shared memory (dynadiag.kernels.cuda_v2.apply "
+           "checks this before launching and takes the v1 kernel)");
+  C10_CUDA_CHECK(err);
   return dst;
 }
 
 // grad_values without atomics: per-token-slice partial sums, added in a fixed order (bitwise deterministic). fp64
-// and rows too wide for the shared-memory window take v1.
+// and rows too wide for the shared-memory window take v1's kernel in its deterministic mode (also without atomics:
+// slower than v2, but v2's grad_values stays bitwise reproducible for every dtype and shape).
 at::Tensor diag_bwd_v_v2_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& offsets) {
   DD_CHECK(grad_y.dim() == 2 && x.dim() == 2 && grad_y.size(0) == x.size(0),
            "diag_bwd_v_v2: grad_y must be [N, out] and x [N, in] with the same N");
@@ -223,7 +243,7 @@ at::Tensor diag_bwd_v_v2_cuda(const at::Tensor& grad_y, const at::Tensor& x, con
   const Launch l = launch_info(x);
   if (dtype == DType::kFloat64 || N > INT32_MAX ||
       dynadiag_cuda::diag_sddmm_v2_smem(N, D, M, K, dtype, l.limits) > static_cast<size_t>(l.limits.smem_per_block_optin))
-    return diag_bwd_v_cuda(grad_y, x, offsets);
+    return v1_grad_values(grad_y, x, offsets, /*deterministic=*/true);
   const int slices = dynadiag_cuda::diag_sddmm_v2_slices(N, D, M, K, dtype, l.limits);
   if (slices == 0) return at::zeros({K, D}, x.options());
   const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), oc = offsets.contiguous();

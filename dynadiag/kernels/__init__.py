@@ -67,6 +67,7 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     # for offsets that form runs (grouped layers), where they can win.
     "grouped_cpu": ("dynadiag.kernels.grouped_cpu", -1),
     "grouped_triton": ("dynadiag.kernels.grouped_triton", -1),
+    "bsr_triton": ("dynadiag.kernels.bsr_triton", -1),  # torch's BSR Triton matmul: a candidate for measured auto
 }
 _LOADED: dict[str, Backend] = {}
 _AVAILABILITY: dict[tuple[str, str], tuple[bool, str]] = {}

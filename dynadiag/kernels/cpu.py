@@ -1,9 +1,12 @@
 """``cpu`` backend: the C++ kernels in ``csrc/cpu`` behind ``torch.ops.dynadiag``.
 
-fp32 and bf16 run AVX-512 kernels (fp32 accumulation); fp64 and fp16 run a portable scalar path, so
-``gradcheck`` and ``opcheck`` work through the real op. The extension is JIT-built on first use (seconds) and
-cached in ``~/.cache/dynadiag``; if the build fails, :meth:`CpuBackend.is_available` returns the compiler's
-message and ``auto`` falls back to ``reference``.
+fp32 and bf16 (fp32 accumulation) run one of several vectorized kernel variants, chosen at run time from the
+CPU's features (:func:`isa`): ``avx512``, ``avx2`` (256-bit AVX2 + FMA) or ``portable`` (compiler vectors, any
+architecture). ``DYNADIAG_CPU_ISA=scalar|portable|avx2|avx512|amx`` forces one; a variant the CPU cannot run makes
+the backend unavailable with one line that says so. fp64 and fp16 run scalar loops, so ``gradcheck`` and
+``opcheck`` work through the real op. The extension is JIT-built on first use (seconds), once for every CPU (each
+variant's file carries its own target ISA, no ``-march=native``), and cached in ``~/.cache/dynadiag``; if the build
+fails, :meth:`CpuBackend.is_available` returns the compiler's message and ``auto`` falls back to ``reference``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import torch
 from dynadiag.kernels import ops
 from dynadiag.kernels._build import ExtensionBuildError, load_extension
 
-__all__ = ["BACKEND", "CpuBackend", "cpu_library_error", "is_loaded", "load_cpu_library"]
+__all__ = ["BACKEND", "CpuBackend", "cpu_library_error", "is_loaded", "isa", "load_cpu_library", "supported_isas"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 _LOCK = threading.Lock()
 _ERROR: str | None = None
 _TRIED = False
+# Baseline flags only: the variant sources set their own target ISA, so one build serves every CPU. Link order puts
+# the baseline objects first, so where two files instantiate the same inline library code the linker keeps a
+# baseline copy.
+_SOURCES = ("diag_cpu.cpp", "diag_portable.cpp", "diag_avx2.cpp", "diag_avx512.cpp")
+_CFLAGS = ("-O3", "-fopenmp")
 
 
 def load_cpu_library() -> None:
@@ -40,10 +48,32 @@ def load_cpu_library() -> None:
             return
         _TRIED = True
         try:
-            load_extension("dynadiag_cpu", sorted((ops.CSRC / "cpu").glob("*.cpp")))
+            load_extension("dynadiag_cpu", [ops.CSRC / "cpu" / f for f in _SOURCES], extra_cflags=_CFLAGS)
         except Exception as exc:
             _ERROR = str(exc)
             raise
+
+
+def isa() -> str:
+    """The kernel variant fp32/bf16 calls run now: ``"avx512"``, ``"avx2"``, ``"portable"`` or ``"scalar"``.
+
+    ``DYNADIAG_CPU_ISA`` when set (``"amx"`` runs the ``avx512`` kernels), else the best variant the CPU runs, capped
+    by ``ATEN_CPU_CAPABILITY`` when that is set. Read per call, like the kernels do, so it can be part of a cache key.
+
+    Raises:
+        ValueError: ``DYNADIAG_CPU_ISA`` names an unknown variant or one this CPU cannot run.
+        dynadiag.kernels._build.ExtensionBuildError: the CPU library failed to build.
+    """
+    if not is_loaded():
+        load_cpu_library()
+    return str(torch.ops.dynadiag_cpu.isa())
+
+
+def supported_isas() -> list[str]:
+    """Every variant ``DYNADIAG_CPU_ISA`` may name on this CPU, fastest first (e.g. ``["avx512", "avx2", ...]``)."""
+    if not is_loaded():
+        load_cpu_library()
+    return list(torch.ops.dynadiag_cpu.supported_isas())
 
 
 def is_loaded() -> bool:
@@ -57,7 +87,7 @@ def cpu_library_error() -> str | None:
 
 
 class CpuBackend:
-    """AVX-512/OpenMP C++ kernels for frozen diagonal layers on CPU tensors."""
+    """Vectorized OpenMP C++ kernels (one variant per instruction set) for frozen diagonal layers on CPU tensors."""
 
     name = "cpu"
 
@@ -67,6 +97,7 @@ class CpuBackend:
             return False, f"the cpu backend runs on CPU tensors only (got {device})"
         try:
             load_cpu_library()
+            isa()  # a forced DYNADIAG_CPU_ISA this CPU cannot run: unavailable, with the reason
         except Exception as exc:
             return False, str(exc)
         return True, ""

@@ -8,6 +8,11 @@ backend uses them only when ``DYNADIAG_CUDA_KERNELS=v2`` is set (default ``v1``)
 Per layer and op, a plan (:mod:`dynadiag.kernels.plan`) is made once per offsets tensor and version (a host
 synchronisation: the offsets are read on the CPU) and kept on the device; the values are packed into output
 coordinates on every call (one gather, so a training step's updated ``V`` is always used).
+
+Where v2 cannot run, the v1 kernels take over, visibly: an apply whose staging window does not fit in the GPU's
+shared memory per block warns once per shape and runs v1's apply (:func:`apply`); ``grad_V`` in fp64 or with rows too
+wide for v2's shared-memory window runs v1's kernel in its deterministic mode (per-slice partial sums added in a
+fixed order, no atomics), so v2's ``grad_V`` is bitwise reproducible for every dtype and shape.
 """
 
 from __future__ import annotations
@@ -23,7 +28,18 @@ from dynadiag.kernels import ops
 from dynadiag.kernels.dense import DiagOps
 from dynadiag.kernels.plan import ApplyPlan, pack_values, plan_apply
 
-__all__ = ["BATCH1_TOKENS", "DIAG_OPS", "LaunchShape", "apply", "kernel_version", "launch_shape", "prepare"]
+__all__ = [
+    "BATCH1_TOKENS",
+    "DIAG_OPS",
+    "LaunchShape",
+    "apply",
+    "apply_pitch",
+    "apply_smem",
+    "kernel_version",
+    "launch_shape",
+    "prepare",
+    "window_limit",
+]
 
 KERNELS_ENV = "DYNADIAG_CUDA_KERNELS"
 _WARNED = False
@@ -64,13 +80,32 @@ def launch_shape(tokens: int, dtype: torch.dtype) -> LaunchShape:
     return LaunchShape(tile, 4, 1)
 
 
-def window_limit(shape: LaunchShape, dtype: torch.dtype, smem_per_block: int, smem_per_sm: int) -> int:
-    """Most extended columns one of the two staging buffers holds, sized for two blocks per SM."""
+def apply_pitch(tokens: int, itemsize: int) -> int:
+    """Staged column pitch in elements (``csrc/cuda/diag_common.cuh`` ``apply_pitch``): the tokens rounded up to an
+    odd number of 16-byte units, so the kernel's 16-byte shared loads at neighbouring columns are conflict-free."""
+    units = -(-tokens * itemsize // 16)
+    return (units | 1) * 16 // itemsize
+
+
+def _apply_bytes(shape: LaunchShape, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes per staged column (kernel: ``SP * sizeof(T)``) and of the split-reduction buffer."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc_size = 8 if dtype == torch.float64 else 4
     tokens = 8 * shape.warps_tokens
-    pitch = (tokens + 16 // itemsize) * itemsize  # bytes per staged column (kernel: SP)
-    reduce_bytes = (shape.ksplit - 1) * tokens * shape.tile * acc_size
+    return apply_pitch(tokens, itemsize) * itemsize, (shape.ksplit - 1) * tokens * shape.tile * acc_size
+
+
+def apply_smem(shape: LaunchShape, dtype: torch.dtype, window: int) -> int:
+    """Dynamic shared memory of one v2 apply launch (kernel: ``launch_apply_v2``): two staging buffers of
+    ``window`` columns and the split-reduction buffer."""
+    pitch, reduce_bytes = _apply_bytes(shape, dtype)
+    return 2 * pitch * window + reduce_bytes
+
+
+def window_limit(shape: LaunchShape, dtype: torch.dtype, smem_per_block: int, smem_per_sm: int) -> int:
+    """Most extended columns one of the two staging buffers holds, sized for two blocks per SM (at least a tile:
+    a GPU whose shared memory cannot hold even that makes :func:`apply` take the v1 kernel)."""
+    pitch, reduce_bytes = _apply_bytes(shape, dtype)
     budget = min(smem_per_block, smem_per_sm // 2 - 1024) - reduce_bytes
     return max(shape.tile, budget // 2 // pitch)
 
@@ -120,10 +155,37 @@ def prepare(
     return plan, pack_values(values.to(src.dtype), plan), shape
 
 
+def _v1_apply(src: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_cols: int, tall: bool):
+    """The same apply primitive through the v1 ops: ``diag_fwd`` computes the form ``out_cols >= A`` picks,
+    ``diag_bwd_x`` the other one (the two differ only for square layers)."""
+    if tall == (out_cols >= src.shape[1]):
+        return torch.ops.dynadiag.diag_fwd(src, values, offsets, out_cols)
+    return torch.ops.dynadiag.diag_bwd_x(src, values, offsets, out_cols)
+
+
+_FALLBACK_WARNED: set[tuple] = set()
+
+
 @torch.compiler.disable  # planning reads the offsets on the host and keeps Python caches: not traceable
 def apply(src: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_cols: int, tall: bool) -> torch.Tensor:
-    """One v2 apply primitive, ``src [N, A] -> [N, out_cols]`` (see :mod:`dynadiag.kernels.plan`)."""
+    """One v2 apply primitive, ``src [N, A] -> [N, out_cols]`` (see :mod:`dynadiag.kernels.plan`).
+
+    Where the plan's staging window does not fit in the GPU's shared memory per block, the v1 kernel computes it
+    (one warning per shape): same result, v1's speed.
+    """
     plan, vpack, shape = prepare(src, values, offsets, out_cols, tall)
+    need = apply_smem(shape, src.dtype, plan.max_window)
+    per_block = _smem(src.device)[0]
+    if need > per_block:
+        key = (src.shape[1], out_cols, tall, src.dtype, shape)
+        if key not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(key)
+            warnings.warn(
+                f"dynadiag: the v2 apply kernel needs {need} bytes of shared memory per block for {src.shape[1]} -> "
+                f"{out_cols} ({src.dtype}), this GPU allows {per_block}: this layer takes the v1 kernel",
+                stacklevel=2,
+            )
+        return _v1_apply(src, values, offsets, out_cols, tall)
     return torch.ops.dynadiag.diag_apply_v2(
         src.contiguous(),
         vpack,
