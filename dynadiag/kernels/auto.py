@@ -8,11 +8,16 @@ than dense never runs. With the measurement switched off (``DYNADIAG_AUTOTUNE=0`
 on CPU the diagonal kernels when the CPU runs a vectorised variant of them and at most a quarter of the diagonals
 are kept (the measured break-even is ~75 % sparsity), dense otherwise; on CUDA the cost model
 (:mod:`dynadiag.kernels.costmodel`).
+
+Candidates: ``cpu`` (the variant :func:`dynadiag.kernels.cpu.isa` runs) on CPU, ``cuda`` on CUDA; the band-tile
+kernels (``grouped_cpu``; ``grouped_triton`` and ``bsr_triton`` on CUDA) join where the offsets form runs of at least
+:data:`GROUPED_MIN_RUN` consecutive ids (grouped layers), the only layers they can win on.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import platform
 import weakref
@@ -28,8 +33,9 @@ __all__ = ["AutoBackend", "cpu_isa", "device_name", "for_device", "mean_run"]
 
 Rule = Callable[[int, int, int, int, torch.dtype, bool, tuple[str, ...]], Plan]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-#: grouped band-tile kernels are timed only for offsets whose runs of consecutive ids are at least this long
+#: band-tile kernels (grouped layers) are timed only for offsets whose runs of consecutive ids are at least this long
 GROUPED_MIN_RUN = 4
+_RUN_KERNELS = ("grouped_cpu", "grouped_triton", "bsr_triton")
 
 
 # caps on the dense side's instruction set (how an AVX2-only CPU is emulated on an AVX-512 one)
@@ -60,7 +66,10 @@ def cpu_isa() -> str:
     reports), plus any cap on oneDNN/MKL's own (the dense side), e.g. ``"avx512"`` or ``"avx512+onednn=AVX2"``."""
     from dynadiag.kernels import cpu
 
-    name = cpu.isa() if hasattr(cpu, "isa") else torch.backends.cpu.get_cpu_capability().lower()
+    try:
+        name = cpu.isa()
+    except Exception:  # no CPU library (build failed) or a refused DYNADIAG_CPU_ISA: what torch reports
+        name = torch.backends.cpu.get_cpu_capability().lower()
     caps = [f"{k}={os.environ[v]}" for k, v in _CAPS if os.environ.get(v)]
     return "+".join([str(name), *caps])
 
@@ -175,7 +184,7 @@ class AutoBackend:
     def _traced(
         self, in_features: int, out_features: int, k: int, tokens, dtype: torch.dtype, training: bool
     ) -> Choice:
-        names = tuple(n for n in self.candidates if n != "grouped_cpu")  # run lengths need the offsets' values
+        names = tuple(n for n in self.candidates if n not in _RUN_KERNELS)  # run lengths need the offsets' values
         if dtype == torch.float64 or not names:
             path = names[0] if names else "dense"
             return Choice(Plan(path, path, path), None, "rule")
@@ -183,8 +192,8 @@ class AutoBackend:
 
     def _names(self, offsets: torch.Tensor) -> tuple[str, ...]:
         names = tuple(self.candidates)
-        if "grouped_cpu" in names and mean_run(offsets) < GROUPED_MIN_RUN:
-            names = tuple(n for n in names if n != "grouped_cpu")
+        if any(n in _RUN_KERNELS for n in names) and mean_run(offsets) < GROUPED_MIN_RUN:
+            names = tuple(n for n in names if n not in _RUN_KERNELS)
         return names
 
     def kernel_name(
@@ -282,8 +291,10 @@ def for_device(device: torch.device) -> AutoBackend:
     if device.type == "cuda":
         from dynadiag.kernels import cuda, get_backend_status
 
-        ok = get_backend_status("cuda", device)[0]
-        candidates = {"cuda": cuda.diag_ops()} if ok else {}
+        candidates = {"cuda": cuda.diag_ops()} if get_backend_status("cuda", device)[0] else {}
+        for name in ("grouped_triton", "bsr_triton"):  # band tiles: raced on grouped layers only (runs of offsets)
+            if get_backend_status(name, device)[0]:
+                candidates[name] = importlib.import_module(f"dynadiag.kernels.{name}").DIAG_OPS
         return AutoBackend(device, candidates, _cuda_rule(device), _cuda_isa(device))
     if device.type == "cpu":
         isa = cpu_isa()

@@ -46,7 +46,8 @@ def check_offsets(offsets: torch.Tensor, num_diagonals: int, where: str) -> None
     The same check and message as the C++ ops (``csrc/dd_check.h``), for the backends written in Python. Every
     kernel walks the offsets in order, so an unsorted list would silently drop diagonals. A tensor is checked once
     per version (a frozen layer's offsets never change): on an accelerator the check needs the values on the host
-    (a synchronisation), and on CPU its half-dozen small ops would cost more than a small layer's kernel. Skipped while ``torch.compile`` traces: data-dependent checks cannot be traced.
+    (a synchronisation), and on CPU its half-dozen small ops would cost more than a small layer's kernel. Skipped
+    while ``torch.compile`` traces: data-dependent checks cannot be traced.
     """
     if torch.compiler.is_compiling():
         return
