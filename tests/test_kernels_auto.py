@@ -286,3 +286,21 @@ def test_fp64_takes_the_diagonal_kernels_for_gradcheck(tune_dir):
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: layer(a), (x,))
     assert layer.kernel == "cpu" and layer.kernel_ratio is None
+
+
+@needs_cxx
+def test_scalar_kernels_lose_to_dense(tune_dir, monkeypatch):
+    """Forced onto the scalar loops (a CPU without a vectorised variant), auto measures them slower and runs dense;
+    the rule (measurement off) never picks them either."""
+    if "cpu" not in get_backend("auto").candidates:
+        pytest.skip("cpu kernels unavailable")
+    monkeypatch.setenv("DYNADIAG_CPU_ISA", "scalar")
+    auto = for_device(torch.device("cpu"))
+    assert auto.isa.startswith("scalar")
+    layer = _layer(384, 384)
+    values, offsets = layer.V.detach(), layer.offsets
+    for training in (False, True):
+        choice = auto.choose(values, offsets, 384, 384, 256, torch.float32, training)
+        assert choice.plan == Plan() and choice.source == "measured", choice
+    autotune.set_enabled(False)
+    assert auto.choose(values, offsets, 384, 384, 256, torch.float32, False).plan == Plan()

@@ -16,6 +16,7 @@ kernels (``grouped_cpu``; ``grouped_triton`` and ``bsr_triton`` on CUDA) join wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -25,8 +26,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from dynadiag.kernels import autotune, ops
+from dynadiag.kernels import Backend, autotune, get_backend, ops
 from dynadiag.kernels.autotune import Choice, TuneKey
+from dynadiag.kernels.dense import BACKEND as DENSE
 from dynadiag.kernels.dense import DiagOps, Plan, diag_linear_mixed, frozen_weight
 
 __all__ = ["AutoBackend", "cpu_isa", "device_name", "for_device", "mean_run"]
@@ -115,6 +117,11 @@ class AutoBackend:
     def __init__(self, device: torch.device, candidates: Mapping[str, DiagOps], rule: Rule, isa: str) -> None:
         self.device = device
         self.candidates = dict(candidates)
+        # whole backends by name, for plans that run every op on one path (the common case)
+        self.backends: dict[str, Backend] = {"dense": DENSE}
+        for name in self.candidates:
+            with contextlib.suppress(ImportError, ValueError):
+                self.backends[name] = get_backend(name, device)
         self.rule = rule
         self.isa = isa
         self.device_name = device_name(device)
@@ -230,6 +237,9 @@ class AutoBackend:
         training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
         plan = self.choose(values, offsets, in_features, out_features, tokens, x.dtype, training, bias is not None)
         plan = plan.plan
+        whole = self.backends.get(plan.fwd) if plan.fwd == plan.dx == plan.dv else None
+        if whole is not None:  # one backend for every op: its own path (no per-op dispatch to pay for)
+            return whole.diag_linear(x, values, offsets, bias, in_features, out_features)
 
         def fwd(x2, v, off, out_f):
             need_w = plan.fwd == "dense" or (training and plan.dx == "dense")
