@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test wheel-test lint format bench clean
+.PHONY: setup demo test wheel-test lint format bench clean fashion-data
 WHEEL_TMP ?= $(or $(TMPDIR),/tmp)/dynadiag-wheel-test
 
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 demo: setup  ## train the default model (small ViT, 90 % DynaDiag) on the bundled digits data
 	$(PY) train.py
 
-test: setup  ## the fast test suite (slow and GPU tests: `make test PYTEST_ARGS="-m slow"`)
+test: setup  ## the fast test suite (slow tests: `PYTEST_ARGS="-m slow"`; GPU tests: `PYTEST_ARGS="-m cuda"`)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 wheel-test: setup  ## build the wheel, install it in a fresh venv outside the checkout, check the core install on `cpu`
@@ -42,6 +42,12 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+fashion-data:  ## install Fashion-MNIST's four IDX files (Debian package dataset-fashion-mnist) for data=fashion_mnist
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST is installed"; \
+	elif command -v apt-get >/dev/null; then \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y dataset-fashion-mnist; \
+	else echo "no apt-get here: put the four Fashion-MNIST .gz files in a folder and run with data.root=<folder>"; exit 1; fi
 
 bench: setup  ## CPU kernel benchmark (ratios vs dense and CSR)
 	$(PY) scripts/bench_kernels.py

@@ -3,6 +3,7 @@
     python eval.py ckpt=outputs/<date>/<time>/checkpoints/best.pt
     python eval.py ckpt=outputs/<date>/<time> backend=reference     # run dir -> checkpoints/last.pt
     python eval.py ckpt=<...>/best.pt data=digits data.eval_batch_size=128
+    python eval.py ckpt=<...>/best.pt export=<dir>   # also write the deployable artifact (docs/deploy.md)
 
 ``backend`` (kernel backend of frozen diagonal layers) and ``data`` may differ from training; the model
 architecture always comes from the checkpoint, and its weights are loaded strictly.
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 import composition as comp
 from dynadiag.checkpoint import CheckpointError, load_checkpoint
 from dynadiag.evaluate import evaluate
+from dynadiag.pretrained import save_pretrained
 from dynadiag.sparsity import sparsity_stats
 from dynadiag.throughput import measure_inference_throughput
 from dynadiag.trainer import format_summary
@@ -49,6 +51,16 @@ def load_model(state: dict[str, Any], backend: str | None, device: torch.device,
             if hasattr(module, "backend") and hasattr(module, "offsets"):
                 module.backend = backend
     return model.to(device).eval()
+
+
+def export_artifact(model: torch.nn.Module, config: dict[str, Any], directory: str) -> str:
+    """Write ``model`` with :func:`dynadiag.save_pretrained`; when the run built its model with
+    ``dynadiag.models.create_model``, record that call so ``from_pretrained(directory)`` needs no base model."""
+    node = {k: v for k, v in (config.get("model") or {}).items() if not k.startswith("_")}
+    buildable = (config.get("model") or {}).get("_target_") == "dynadiag.models.create_model" and "name" in node
+    name = node.pop("name") if buildable else None
+    save_pretrained(model, directory, base_model_name=name, base_model_kwargs=node if buildable else None)
+    return os.path.abspath(directory)
 
 
 def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
@@ -89,6 +101,8 @@ def run_eval(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
         "infer_batch_size": int(images.shape[0]),
         "device": str(device),
     }
+    if cfg.get("export"):
+        summary["exported_to"] = export_artifact(model, state["config"], str(cfg.export))
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as fh:

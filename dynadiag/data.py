@@ -1,7 +1,9 @@
-"""Datasets and loaders: scikit-learn digits, CIFAR-10/100 (on-disk pickle format), ImageFolder, synthetic.
+"""Datasets and loaders: scikit-learn digits, Fashion-MNIST (IDX files), CIFAR-10/100 (pickle format), ImageFolder,
+synthetic.
 
 Every dataset is described by one :class:`DataConfig` (plain values, built from the Hydra ``data`` group).
-:func:`build_loaders` returns the train/val loaders plus the Mixup/CutMix function and the loss that fit
+:func:`build_loaders` returns the train/val loaders (and a test loader where the dataset has a held-out test set
+that is not the validation set: Fashion-MNIST) plus the Mixup/CutMix function and the loss that fit
 the augmentation choice, so the trainer never needs to know which dataset it trains on.
 """
 
@@ -23,9 +25,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from dynadiag.distributed import rank_seed
 from dynadiag.extras import require
 
-__all__ = ["DATASETS", "DataBundle", "DataConfig", "DatasetNotFoundError", "build_datasets", "build_loaders"]
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DataConfig",
+    "DatasetNotFoundError",
+    "build_datasets",
+    "build_loaders",
+    "build_test_dataset",
+]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -65,7 +75,7 @@ class DataConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
-    # synthetic
+    # synthetic: sizes of the generated sets; fashion_mnist: num_val = validation images held out of the 60,000
     num_train: int = 512
     num_val: int = 128
 
@@ -91,6 +101,8 @@ class DataBundle:
     mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     train_loss: nn.Module
     num_classes: int
+    #: the held-out test set (evaluated once, after training) where the dataset has one apart from validation
+    test_loader: DataLoader | None = None
 
 
 class ResumableSampler(DistributedSampler):
@@ -255,10 +267,44 @@ def _imagenet(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return ImageFolder(dirs["train"], transform=train_tf), ImageFolder(dirs["val"], transform=val_tf)
 
 
+def _fashion_images(images: np.ndarray, cfg: DataConfig) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> normalised float ``[N, in_chans, img_size, img_size]``."""
+    from dynadiag.fashion_mnist import FASHION_MEAN, FASHION_STD
+
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)  # [N, 1, 28, 28]
+    x = _resize(x, cfg.img_size).sub_(FASHION_MEAN).div_(FASHION_STD)
+    return x.expand(-1, cfg.in_chans, -1, -1).contiguous() if cfg.in_chans != 1 else x
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The fixed stratified train/validation split of the 60,000 training images (the test set stays apart)."""
+    from dynadiag.fashion_mnist import load_split, stratified_split
+
+    images, labels = load_split(cfg.root, "train")
+    idx_train, idx_val = stratified_split(labels, cfg.num_val, cfg.split_seed)
+    x, y = _fashion_images(images, cfg), torch.from_numpy(labels)
+    train = TensorImageDataset(x[idx_train], y[idx_train], cfg.random_crop_padding, cfg.hflip)
+    return train, TensorImageDataset(x[idx_val], y[idx_val])
+
+
+def build_test_dataset(cfg: DataConfig) -> Dataset | None:
+    """The held-out test set, for datasets that have one apart from the validation set (Fashion-MNIST's 10,000
+    test images); ``None`` otherwise (CIFAR and ImageNet validate on their test/val split, digits on a held-out
+    share)."""
+    if cfg.name != "fashion_mnist":
+        return None
+    from dynadiag.fashion_mnist import load_split
+
+    images, labels = load_split(cfg.root, "test")
+    return TensorImageDataset(_fashion_images(images, cfg), torch.from_numpy(labels))
+
+
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """Return ``(train, val)`` datasets yielding ``(image [C, H, W] float, label int)``."""
     if cfg.name == "digits":
         return _digits(cfg)
+    if cfg.name == "fashion_mnist":
+        return _fashion_mnist(cfg)
     if cfg.name == "synthetic":
         return _synthetic(cfg)
     if cfg.name in ("cifar10", "cifar100"):
@@ -309,6 +355,17 @@ def build_loaders(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int
         generator=torch.Generator().manual_seed(seed),
         **loader_kw,
     )
+    test_ds, test_loader = build_test_dataset(cfg), None
+    if test_ds is not None:
+        test_sampler = DistributedSampler(test_ds, world_size, rank, shuffle=False) if world_size > 1 else None
+        test_loader = DataLoader(
+            test_ds,
+            batch_size=cfg.eval_batch_size,
+            shuffle=False,
+            sampler=test_sampler,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=cfg.num_workers,
+        )
     mixup_fn = None
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         mixup_fn = Mixup(
@@ -322,4 +379,4 @@ def build_loaders(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int
         loss = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
     else:
         loss = nn.CrossEntropyLoss()
-    return DataBundle(train_loader, val_loader, sampler, mixup_fn, loss, cfg.num_classes)
+    return DataBundle(train_loader, val_loader, sampler, mixup_fn, loss, cfg.num_classes, test_loader)

@@ -1,17 +1,24 @@
 """Learning-rate schedules as pure functions of the optimizer step (configured in epochs, converted once).
 
-The trainer steps a :class:`torch.optim.lr_scheduler.LambdaLR` once per optimizer step, so the schedule's
-whole state is the step count and a resumed run lands on the same learning rate.
+The trainer steps the scheduler once per optimizer step (after gradient accumulation, one step per update), so the
+schedule's whole state is the step count and a resumed run lands on the same learning rate. Two kinds:
+
+- :class:`LRSchedule`: warm-up then cosine/linear/constant, as a :class:`torch.optim.lr_scheduler.LambdaLR`;
+- :class:`TimmLRSchedule`: any per-update schedule of timm's scheduler factory (``cosine``, ``tanh``, ``step``,
+  ``multistep``, ``poly``, with timm's warm-up, cycles and noise options), stepped per update.
+
+Both honour a parameter group's ``lr_scale`` (timm's layer-wise lr decay, ``optim.layer_decay``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["LRSchedule", "build_lr_scheduler"]
+__all__ = ["LRSchedule", "TimmLRSchedule", "build_lr_scheduler"]
 
 KINDS = ("cosine", "linear", "constant")
 
@@ -56,10 +63,97 @@ class LRSchedule:
         return self.min_lr_factor + (1.0 - self.min_lr_factor) * shape
 
 
+#: timm schedules that are functions of the update count (``plateau`` needs a metric, not a step)
+TIMM_KINDS = ("cosine", "tanh", "step", "multistep", "poly")
+
+
+@dataclass
+class TimmLRSchedule:
+    """timm's scheduler factory (``timm.scheduler.create_scheduler_v2``), stepped once per optimizer step.
+
+    Epoch-valued settings are converted to optimizer steps by timm (``step_on_epochs=False``), and the run's
+    planned epochs are its ``num_epochs``.
+
+    Attributes:
+        sched: ``cosine``, ``tanh``, ``step``, ``multistep`` or ``poly``.
+        warmup_epochs: linear warm-up from ``warmup_lr`` (timm counts it inside the decay unless
+            ``kwargs={"warmup_prefix": True}``).
+        warmup_lr: absolute learning rate at step 0 of the warm-up.
+        min_lr: absolute floor of the decay.
+        kwargs: other ``create_scheduler_v2`` arguments (``decay_epochs``, ``decay_milestones``, ``decay_rate``,
+            ``cycle_limit``, ``cycle_mul``, ``cycle_decay``, ``k_decay``, ``noise``, ``warmup_prefix`` ...).
+    """
+
+    sched: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sched not in TIMM_KINDS:
+            raise ValueError(
+                f"lr_schedule.sched must be one of {list(TIMM_KINDS)} (per-step schedules), got {self.sched!r}"
+            )
+        if self.warmup_epochs < 0:
+            raise ValueError(f"lr_schedule.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        reserved = {"optimizer", "sched", "num_epochs", "step_on_epochs", "updates_per_epoch"} & set(self.kwargs)
+        if reserved:
+            raise ValueError(f"lr_schedule.kwargs cannot set {sorted(reserved)}: the trainer sets them")
+
+    def build(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int) -> _TimmPerStep:
+        from timm.scheduler import create_scheduler_v2
+
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=self.sched,
+            num_epochs=max(1, round(total_steps / steps_per_epoch)),
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            min_lr=self.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=steps_per_epoch,
+            **self.kwargs,
+        )
+        return _TimmPerStep(scheduler)
+
+
+class _TimmPerStep:
+    """A timm scheduler behind the ``step()`` / ``state_dict()`` interface the trainer uses for ``LambdaLR``."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler, self.updates = scheduler, 0
+        scheduler.step_update(0)
+
+    def step(self) -> None:
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "timm": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["timm"])
+        self.updates = int(state["updates"])
+        self.scheduler.step_update(self.updates)
+
+
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: LRSchedule, steps_per_epoch: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following ``schedule``; call ``.step()`` after every optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule.factor(step, steps_per_epoch, total_steps)
-    )
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule | TimmLRSchedule,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> Any:
+    """The per-step scheduler of ``schedule``; call ``.step()`` after every optimizer step.
+
+    A parameter group's ``lr_scale`` (set by timm's ``create_optimizer_v2(..., layer_decay=...)``) multiplies its
+    learning rate at every step, as timm's own schedulers do.
+    """
+    if isinstance(schedule, TimmLRSchedule):
+        return schedule.build(optimizer, steps_per_epoch, total_steps)
+
+    def group_lambda(scale: float):
+        return lambda step: scale * schedule.factor(step, steps_per_epoch, total_steps)
+
+    lambdas = [group_lambda(group.get("lr_scale", 1.0)) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

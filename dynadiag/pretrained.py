@@ -6,7 +6,7 @@ The folder holds two files, both readable without pickle, Hydra or the trainer:
   (``[K]``), ``bias`` and ``perm`` only (their ``alpha`` is unused once frozen and is left out);
 - ``dynadiag_config.json``: the format version and one spec per sparse layer (type, shapes, sparsity, ``k``,
   group, frozen or soft, permuted, bias), the masked dense layers, and optionally how to build the base model
-  with timm.
+  (a timm model name and its keyword arguments).
 
 ``from_pretrained`` takes the dense model the sparse one was made from (same architecture, any weights), puts a
 diagonal layer of the saved layout at every recorded name, and loads the weights with ``strict=True``. The kernel
@@ -110,8 +110,10 @@ def save_pretrained(
         model: a model with :class:`~dynadiag.DiagLinear` / :class:`~dynadiag.DiagConv2d` layers (frozen or soft)
             and/or masked dense layers.
         directory: output folder; existing files of the same names are replaced.
-        base_model_name: optional timm model name; with it, :func:`from_pretrained` can build the base model itself.
-        base_model_kwargs: keyword arguments for ``timm.create_model`` (JSON-serialisable), e.g. ``num_classes``.
+        base_model_name: optional timm model name (or a :data:`dynadiag.models.MIXER_ARCHS` key); with it,
+            :func:`from_pretrained` can build the base model itself.
+        base_model_kwargs: its keyword arguments (JSON-serialisable), e.g. ``num_classes``, ``img_size``; built with
+            :func:`dynadiag.models.create_model` when they include ``num_classes``, else ``timm.create_model``.
 
     Returns:
         The folder written.
@@ -130,7 +132,7 @@ def save_pretrained(
         "masked_layers": [name for name, _ in masked_layers(model)],
     }
     if base_model_name is not None:
-        config["base_model"] = {"timm": base_model_name, "kwargs": dict(base_model_kwargs or {})}
+        config["base_model"] = {"name": base_model_name, "kwargs": dict(base_model_kwargs or {})}
     save_file(_weights(model, frozen), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -160,9 +162,14 @@ def _build_base(config: dict[str, Any], directory: Path) -> nn.Module:
         raise ValueError(
             f"from_pretrained: {directory} records no base model; pass base_model= (the dense model it was made from)"
         )
+    kwargs = dict(base.get("kwargs") or {})
+    if "num_classes" in kwargs:  # the training framework's constructor: timm names and the MLP-Mixer shapes
+        from dynadiag.models import create_model
+
+        return create_model(base["name"], **kwargs)
     import timm
 
-    return timm.create_model(base["timm"], pretrained=False, **base.get("kwargs", {}))
+    return timm.create_model(base["name"], pretrained=False, **kwargs)
 
 
 def _make_layer(name: str, spec: dict[str, Any], old: nn.Module, backend: str) -> nn.Module:
@@ -239,7 +246,7 @@ def from_pretrained(
     Args:
         directory: the folder :func:`save_pretrained` wrote.
         base_model: the dense architecture the model was made from (its weights are overwritten); ``None``
-            builds it with timm from the recorded ``base_model_name``.
+            builds it from the recorded ``base_model_name`` and ``base_model_kwargs``.
         backend: kernel backend of the loaded diagonal layers (runtime state, not saved).
         device: where to load the weights; default: where ``base_model``'s parameters are.
 

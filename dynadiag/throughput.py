@@ -70,6 +70,14 @@ class StepTimer:
             self._t0 += float(seconds)
             self._c0 += float(cpu_seconds)
 
+    def state_dict(self) -> dict[str, float]:
+        """The accumulated timing, for checkpoints: a resumed run reports its whole-run rate, not the resumed part's."""
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "images": self.images, "seen": self._seen}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.seconds, self.cpu_seconds = float(state.get("seconds", 0.0)), float(state.get("cpu_seconds", 0.0))
+        self.images, self._seen = int(state.get("images", 0)), int(state.get("seen", 0))
+
     @property
     def images_per_second(self) -> float:
         """Images/s over the timed (post-warm-up) steps; 0.0 if none were timed yet."""

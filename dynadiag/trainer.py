@@ -3,10 +3,11 @@
 Per optimizer step, in this order (the contract of :mod:`dynadiag.methods.base`)::
 
     method.on_step_start          (e.g. set the temperature)
-    forward under autocast -> loss -> backward
+    forward under autocast -> loss -> backward   (``accum_steps`` micro-batches, gradients summed)
     method.on_after_backward      (dense gradients visible)
     unscale + clip -> optimizer.step -> lr_scheduler.step
     method.on_after_optimizer_step  (freeze, prune/regrow; may set ``method.topology_changed``)
+    EMA: re-synced to a changed topology, then updated (``ema_decay > 0``)
 
 The trainer owns the global step; the method's schedules are pure functions of it, so a checkpoint with the
 step, the model (topology included), the optimizer, the method state and the RNG states resumes exactly.
@@ -40,9 +41,10 @@ from dynadiag.checkpoint import (
     seed_rng_,
 )
 from dynadiag.data import DataBundle
+from dynadiag.ema import SparseEMA
 from dynadiag.evaluate import evaluate
 from dynadiag.loggers import Logger, NullLogger
-from dynadiag.lr_schedule import LRSchedule, build_lr_scheduler
+from dynadiag.lr_schedule import LRSchedule, TimmLRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
 from dynadiag.preemption import StopSignals, requeue_slurm_job
 from dynadiag.selection_stats import SelectionMonitor
@@ -76,6 +78,12 @@ class TrainerConfig:
             for at least one second).
         nonfinite: what to do on a NaN/inf loss: ``stop`` (raise) or ``skip`` (drop that update).
         eval_max_batches: limit validation batches (smoke runs).
+        accum_steps: micro-batches per optimizer step (gradient accumulation): each step sums the gradients of
+            ``accum_steps`` loader batches, each loss divided by ``accum_steps``; an epoch is
+            ``len(loader) // accum_steps`` steps and every schedule counts optimizer steps.
+        ema_decay: keep an exponential moving average of the weights with this decay per optimizer step (0: off);
+            it follows topology changes (:mod:`dynadiag.ema`) and is evaluated next to the model (``val_ema/*``).
+        ema_warmup: timm's EMA decay warm-up (shorter averaging horizon over the first steps).
     """
 
     epochs: int = 40
@@ -94,6 +102,9 @@ class TrainerConfig:
     final_inference_iters: int = 20
     nonfinite: str = "stop"
     eval_max_batches: int | None = None
+    accum_steps: int = 1
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -106,6 +117,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.progress not in ("auto", "on", "off"):
             raise ValueError(f"trainer.progress must be auto, on or off, got {self.progress!r}")
+        if int(self.accum_steps) != self.accum_steps or self.accum_steps < 1:
+            raise ValueError(f"trainer.accum_steps must be an integer >= 1, got {self.accum_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        self.accum_steps = int(self.accum_steps)
         self.eval_every_epochs = max(1, int(self.eval_every_epochs))
         self.log_every_steps = max(1, int(self.log_every_steps))
 
@@ -136,7 +152,7 @@ class Trainer:
         model: the model, already made sparse by ``method.apply_`` (see ``composition.build_sparse_model``).
         method: the sparse-training method that was applied to ``model`` (``SparseMethod()`` for dense training).
         optimizer_factory: builds the optimizer from the (sparsified, possibly resumed) model.
-        lr_schedule: warm-up/decay of the learning rate.
+        lr_schedule: warm-up/decay of the learning rate (per optimizer step).
         data: loaders, Mixup and loss from :func:`dynadiag.data.build_loaders`.
         config: loop settings.
         device: where to train.
@@ -154,7 +170,7 @@ class Trainer:
         model: nn.Module,
         method: SparseMethod,
         optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
-        lr_schedule: LRSchedule,
+        lr_schedule: LRSchedule | TimmLRSchedule,
         data: DataBundle,
         config: TrainerConfig,
         device: torch.device,
@@ -170,12 +186,18 @@ class Trainer:
         self.device, self.run_dir = device, run_dir
         self.logger = logger or NullLogger()
         self.run_config, self.info = run_config or {}, dict(info or {})
-        self.steps_per_epoch = len(data.train_loader)
-        if self.steps_per_epoch < 1:
+        self.steps_per_epoch = len(data.train_loader) // config.accum_steps
+        if len(data.train_loader) < 1:
             raise ValueError("the training loader yields no full batch: lower data.batch_size")
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"trainer.accum_steps={config.accum_steps} exceeds the {len(data.train_loader)} batches of an epoch: "
+                "lower trainer.accum_steps or data.batch_size"
+            )
         self.planned_steps = config.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, config.max_steps or self.planned_steps)
-        self.step, self.best_top1 = 0, -math.inf
+        self.step, self.best_top1, self.best_ema_top1 = 0, -math.inf, -math.inf
+        self.ema: SparseEMA | None = None
         self.last_eval: dict[str, Any] = {}
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -204,12 +226,13 @@ class Trainer:
             return torch.compile(module, backend=self.cfg.compile_backend)
 
         self.eval_model = compile_(model) if self.cfg.compile else model
+        self.ddp_model = None
         if not dist_utils.is_dist():
             return self.eval_model
         # broadcast_buffers=False: buffers (diagonal offsets, masks) are kept identical by the methods themselves;
         # re-broadcasting them every forward would cost a collective per step for nothing.
         ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = self.ddp_model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return compile_(ddp) if self.cfg.compile else ddp
 
     def setup(self, resume: str | None = None) -> None:
@@ -231,13 +254,20 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, self.lr_schedule, self.steps_per_epoch, self.planned_steps
         )
+        if self.cfg.ema_decay:  # from the (resumed) model, so its structure is the model's
+            self.ema = SparseEMA(self.model, self.cfg.ema_decay, self.cfg.ema_warmup)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.scaler.load_state_dict(state.get("scaler") or {})
             self.method.load_state_dict(state.get("method") or {})
             self.selection.load_state_dict(state.get("selection") or {})
+            for name, timer in (("train", self.train_timer), ("overall", self.overall_timer)):
+                timer.load_state_dict((state.get("timers") or {}).get(name) or {})
             self.step, self.best_top1 = int(state["step"]), float(state.get("best_metric", -math.inf))
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+                self.best_ema_top1 = float(state.get("best_ema_metric", -math.inf))
             self.last_eval = dict(state.get("last_eval") or {})
             self._print(f"resumed from {resume} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
         self._seed_rank_streams(state)
@@ -296,8 +326,8 @@ class Trainer:
         stop = False
         while self.step < self.total_steps and not stop:
             epoch = self._start_epoch(bar)
-            for images, labels in self.data.train_loader:
-                loss, metrics = self._train_step(images, labels)
+            for batches in self._update_batches():
+                loss, metrics = self._train_step(batches)
                 losses.add(loss)
                 self.step += 1
                 bar.update(1)
@@ -315,6 +345,15 @@ class Trainer:
         return self._finish(time.perf_counter() - t_start)
 
     # ------------------------------------------------------- loop helpers
+    def _update_batches(self):  # -> Iterator[list[tuple[images, labels]]]
+        """The loader's batches in groups of ``accum_steps``, one group per optimizer step (a short tail is dropped)."""
+        group = []
+        for batch in self.data.train_loader:
+            group.append(batch)
+            if len(group) == self.cfg.accum_steps:
+                yield group
+                group = []
+
     def _progress_bar(self) -> tqdm:
         show = self.cfg.progress == "on" or (self.cfg.progress == "auto" and sys.stderr.isatty())
         show = show and dist_utils.is_main_process()
@@ -324,7 +363,7 @@ class Trainer:
         """Position the sampler at ``self.step`` (mid-epoch after a resume); returns the 0-based epoch."""
         epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
         self.data.train_sampler.set_epoch(epoch)
-        self.data.train_sampler.skip(done_in_epoch * self.data.train_loader.batch_size)
+        self.data.train_sampler.skip(done_in_epoch * self.cfg.accum_steps * self.data.train_loader.batch_size)
         bar.set_description(f"epoch {epoch + 1}/{self.cfg.epochs}")
         self.model.train()
         return epoch
@@ -347,6 +386,7 @@ class Trainer:
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
         """The summary of a completed run, checked across ranks, written to ``summary.json`` and the logger."""
         summary = self._summary(wall_seconds)
+        summary |= self._evaluate_test()
         report = sparsity_report(self.model)
         if any(layer.kernel for layer in report.layers):  # frozen layers ran: show each one's kernel choice
             self._print(str(report))
@@ -367,6 +407,20 @@ class Trainer:
             self.logger.log_summary(summary)
         return summary
 
+    def _evaluate_test(self) -> dict[str, float]:
+        """The held-out test set, once, on the final model (``test_*`` keys; empty when the data has no test set).
+
+        Nothing in the run reads these numbers (checkpoints and best-model choice follow the validation split)."""
+        if self.data.test_loader is None:
+            return {}
+        result = evaluate(
+            self.eval_model, self.data.test_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+        )
+        record = {f"test_{k}": result[k] for k in ("top1", "top5", "loss")} | {"test_images": result["count"]}
+        self.logger.log({f"test/{k}": result[k] for k in ("loss", "top1", "top5")}, self.step)
+        self._print(f"test (held out, final model): top1 {result['top1']:.2f} on {result['count']} images")
+        return record
+
     def _stop(self, signal_name: str) -> dict[str, Any]:
         """Checkpoint at this step boundary after a stop signal; SIGUSR1 under plain Slurm also requeues the job."""
         if self.cfg.save_checkpoints:
@@ -380,31 +434,30 @@ class Trainer:
         self.logger.log({"stopped_by_signal": 1.0}, self.step)
         return {**self.info, "steps": self.step, "stopped_by": signal_name, "requeued": requeued}
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+    def _train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor | None, dict]:
+        """One optimizer step on ``batches`` (``accum_steps`` micro-batches); returns the mean loss and metrics."""
         step = self.step
         metrics = dict(self.method.on_step_start(step, self.model))
         freezing = self.method.will_freeze(step, self.model)  # this step ends with the freeze of the selection
-        images = images.to(self.device, non_blocking=True)  # [B, C, H, W]
-        labels = labels.to(self.device, non_blocking=True)  # [B]
-        if self.data.mixup_fn is not None:
-            images, labels = self.data.mixup_fn(images, labels)  # labels -> [B, num_classes] soft targets
-        for timer in (self.train_timer, self.overall_timer):
-            timer.start()
-        with self.autocast():
-            logits = self.forward_model(images)  # [B, num_classes]
-            loss = self.data.train_loss(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        # Every rank takes the same decision (a NaN on one rank would otherwise leave the others waiting in backward)
-        local_bad = not torch.isfinite(loss).item()
-        if dist_utils.any_rank(local_bad, self.device):
-            value = loss.item() if local_bad else float("nan")
-            self.logger.log({"train/nonfinite_loss": value}, step)
-            if self.cfg.nonfinite == "stop":
-                where = f"({value})" if local_bad else "on another rank"
-                raise FloatingPointError(f"non-finite loss {where} at step {step}; stopping")
-            self.lr_scheduler.step()  # skip the update but keep every schedule on the global step
-            return None, metrics
-        self.scaler.scale(loss).backward()
+        total, images_seen = None, 0
+        for index, (images, labels) in enumerate(batches):
+            images, labels = self._prepare(images, labels)
+            if index == 0:  # the first batch's transfer and Mixup stay outside the timed step
+                for timer in (self.train_timer, self.overall_timer):
+                    timer.start()
+            # Under DDP only the last micro-batch's backward all-reduces: the others accumulate locally.
+            last = index == len(batches) - 1
+            sync = nullcontext() if last or self.ddp_model is None else self.ddp_model.no_sync()
+            with sync:
+                loss = self._micro_batch_loss(images, labels, step)
+                if loss is None:  # non-finite and trainer.nonfinite=skip: drop the whole update
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.lr_scheduler.step()  # skip the update but keep every schedule on the global step
+                    return None, metrics
+                self.scaler.scale(loss if len(batches) == 1 else loss / len(batches)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            images_seen += images.shape[0]
         metrics |= self.method.on_after_backward(step, self.model, self.optimizer)
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -416,8 +469,12 @@ class Trainer:
         # freezes, so the freeze drop is the freeze's own effect (the probe's time is left out of the timers).
         before = self._freeze_probe() if freezing else None
         metrics |= self.method.on_after_optimizer_step(step, self.model, self.optimizer)
+        if self.ema is not None:
+            if self.method.topology_changed:
+                self.ema.resync_(self.model)  # new parameters: carry the averages over to the new structure
+            self.ema.update(self.model, step + 1)
         for timer in (self.train_timer, self.overall_timer):
-            timer.stop(images.shape[0] * dist_utils.world_size())  # ranks step in lockstep: global images/s
+            timer.stop(images_seen * dist_utils.world_size())  # ranks step in lockstep: global images/s
         if self.method.topology_changed:
             # New parameters (e.g. frozen compact V): rebuild wrappers, time the new compute path afresh.
             self.method.topology_changed = False
@@ -433,7 +490,31 @@ class Trainer:
                 f"(drop {freeze['selection/freeze_drop']:+.2f} pp), top-K share before "
                 f"{before[1].get('selection/topk_share', float('nan')):.3f}"
             )
-        return loss.detach(), metrics
+        return (total if len(batches) == 1 else total / len(batches)), metrics
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device, through Mixup/CutMix when the data has it."""
+        images = images.to(self.device, non_blocking=True)  # [B, C, H, W]
+        labels = labels.to(self.device, non_blocking=True)  # [B]
+        if self.data.mixup_fn is not None:
+            images, labels = self.data.mixup_fn(images, labels)  # labels -> [B, num_classes] soft targets
+        return images, labels
+
+    def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Forward one micro-batch under autocast; ``None`` when the loss is non-finite and ``nonfinite=skip``."""
+        with self.autocast():
+            logits = self.forward_model(images)  # [B, num_classes]
+            loss = self.data.train_loss(logits.float(), labels)
+        # Every rank takes the same decision (a NaN on one rank would otherwise leave the others waiting in backward)
+        local_bad = not torch.isfinite(loss).item()
+        if dist_utils.any_rank(local_bad, self.device):
+            value = loss.item() if local_bad else float("nan")
+            self.logger.log({"train/nonfinite_loss": value}, step)
+            if self.cfg.nonfinite == "stop":
+                where = f"({value})" if local_bad else "on another rank"
+                raise FloatingPointError(f"non-finite loss {where} at step {step}; stopping")
+            return None
+        return loss
 
     def _freeze_probe(self) -> tuple[float, dict[str, float]]:
         """Validation top-1 and selection numbers now, without touching the RNG streams training uses."""
@@ -469,23 +550,38 @@ class Trainer:
         record |= {"sparsity/effective": stats["effective"], "sparsity/target_layers": stats["target"]}
         record |= {f"sparsity/k/{name}": k for name, k in stats["layers"].items()}
         record["throughput/infer_images_per_s"] = self.infer_images_per_s
+        record |= self._evaluate_ema()
         selection = self.selection.observe(self.model)
         record |= selection
         if self.train_timer.images:
             record["throughput/train_images_per_s"] = self.train_timer.images_per_second
         self.logger.log(record, self.step)
         self.last_eval = {**result, "epoch": epoch, "step": self.step}
+        if "val_ema/top1" in record:
+            self.last_eval["ema_top1"] = record["val_ema/top1"]
         self._print(
             f"epoch {self.step / self.steps_per_epoch:6.2f}/{self.cfg.epochs} step {self.step:>6} | "
             f"val loss {result['loss']:.4f} "
             f"top1 {result['top1']:6.2f} (best {self.best_top1:6.2f}) | sparsity {stats['effective']:.3f} | "
             f"train {self._train_rate_text()}, infer {self.infer_images_per_s:8.1f} img/s"
+            + (f" | ema top1 {record['val_ema/top1']:6.2f}" if "val_ema/top1" in record else "")
             + self._selection_text(selection)
         )
         if self.cfg.save_checkpoints:
             self.save("last.pt")
             if improved:
                 self.save("best.pt")
+
+    def _evaluate_ema(self) -> dict[str, float]:
+        """``val_ema/{loss,top1,top5,top1_best}`` of the weight average (nothing when the EMA is off)."""
+        if self.ema is None:
+            return {}
+        self.ema.sync_runtime_(self.model)
+        result = evaluate(
+            self.ema.module, self.data.val_loader, self.device, self.autocast(), self.cfg.eval_max_batches
+        )
+        self.best_ema_top1 = max(self.best_ema_top1, result["top1"])
+        return {f"val_ema/{k}": result[k] for k in ("loss", "top1", "top5")} | {"val_ema/top1_best": self.best_ema_top1}
 
     @staticmethod
     def _selection_text(record: dict[str, float]) -> str:
@@ -506,6 +602,12 @@ class Trainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to resume exactly (see :mod:`dynadiag.checkpoint`)."""
+        state = self._base_checkpoint_state()
+        if self.ema is not None:
+            state |= {"ema": self.ema.state_dict(), "best_ema_metric": self.best_ema_top1}
+        return state
+
+    def _base_checkpoint_state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -513,6 +615,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
             "selection": self.selection.state_dict(),
+            # the throughput so far: the summary of a resumed run covers the whole run (wall and CPU time)
+            "timers": {"train": self.train_timer.state_dict(), "overall": self.overall_timer.state_dict()},
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
@@ -569,7 +673,13 @@ class Trainer:
             "device": str(self.device),
             # What computed each frozen diagonal layer last (backend, or auto's per-op plan on CUDA).
             "kernels": kernel_summary(self.model),
+            **self._ema_summary(),
         }
+
+    def _ema_summary(self) -> dict[str, float]:
+        if self.ema is None:
+            return {}
+        return {"val_ema_top1_best": self.best_ema_top1, "val_ema_top1_final": self.last_eval.get("ema_top1")}
 
     def _cpu_rates(self) -> dict[str, float]:
         """Training images per CPU-second (final topology, whole run) on a CPU device: the numbers to compare runs

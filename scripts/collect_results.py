@@ -57,6 +57,18 @@ def _job_sort_key(path: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
+def display_root(root: str) -> str:
+    """``root`` as results files name it: from Hydra's ``multirun``/``outputs`` folder on, else its last part.
+
+    Results are committed and shared, so they never carry an absolute path of the machine that wrote them.
+    """
+    parts = os.path.normpath(os.path.abspath(root)).split(os.sep)
+    for anchor in ("multirun", "outputs"):
+        if anchor in parts:
+            return "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor) :])
+    return parts[-1]
+
+
 def read_run(run_dir: str, root: str) -> dict[str, Any]:
     """One table row for ``run_dir``."""
     overrides: list[str] = []
@@ -188,7 +200,7 @@ def collect(root: str, out_dir: str | None = None) -> tuple[list[dict[str, Any]]
         writer.writeheader()
         writer.writerows(rows)
     groups = aggregate(rows)
-    text = f"# Results: {root}\n\n## Jobs\n\n{markdown_table(rows, COLUMNS)}\n"
+    text = f"# Results: {display_root(root)}\n\n## Jobs\n\n{markdown_table(rows, COLUMNS)}\n"
     if groups:
         text += f"\n## Mean +- std over seeds\n\n{aggregate_markdown(groups)}\n"
         plot(groups, os.path.join(out_dir, "accuracy_vs_sparsity.png"))

@@ -3,7 +3,7 @@
 // accumulator chains hide the latencies, so the loop runs at the ports' throughput. Used to decide whether a
 // vdpbf16ps kernel can beat the fp32-FMA kernels on a CPU (it needs > 0.5 vdpbf16ps per FMA to do so).
 //
-//   g++ -O2 -march=native scripts/cpu_isa_probe.cpp -o /tmp/cpu_isa_probe && /tmp/cpu_isa_probe
+//   g++ -O2 -march=native scripts/cpu_isa_probe.cpp -o cpu_isa_probe && ./cpu_isa_probe
 #include <immintrin.h>
 
 #include <cstdio>

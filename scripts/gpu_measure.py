@@ -5,7 +5,7 @@ Every step appends JSON lines to ``<out>/results.jsonl`` as it goes (one line pe
 a re-run with the same ``--out`` skips the steps already done (and the groups of a step already measured).
 
     python scripts/gpu_measure.py --out DIR env|ops|ksweep|determinism|profile|one ...
-    python scripts/gpu_measure.py --device cpu --out /tmp/x ops     # CPU dry run of the plumbing (tiny shapes)
+    python scripts/gpu_measure.py --device cpu --out gpu-dry-run ops  # CPU dry run of the plumbing (tiny shapes)
 
 Per-op times are CUDA-graph replays (eager calls where a method cannot be captured, e.g. CSR) of forward,
 ``grad_x`` (dX) and ``grad_V`` (dV) for the diagonal kernels (v1, and v2 when built), dense GEMMs in strict fp32,
@@ -95,12 +95,34 @@ def _problem(in_f: int, out_f: int, k: int, n: int, device: torch.device, seed: 
     return x, values, offsets, gy
 
 
+def _grouped_problem(in_f: int, out_f: int, group: int, sparsity: float, n: int, device: torch.device, seed: int = 0):
+    """Like :func:`_problem` for a grouped layer: ``ceil(K / group)`` random groups of ``group`` consecutive offsets."""
+    from dynadiag import groups as DG
+
+    num_diag = max(in_f, out_f)
+    kept = max(1, math.ceil(num_active_diagonals(in_f, out_f, sparsity) / group))
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(DG.num_groups(num_diag, group), generator=gen)[:kept]
+    offsets = DG.group_offsets(chosen, num_diag, group)
+    x, values, _, gy = _problem(in_f, out_f, offsets.numel(), n, device, seed)
+    return x, values, offsets.to(device), gy
+
+
+#: Tensor-core candidates for grouped layers (DIAG_OPS of their modules), measured with ``ops --grouped G``.
+GROUPED_METHODS = ("grouped_triton", "bsr_triton")
+
+
 def _diag_ops(version: str):
-    """The three diagonal ops of a kernel version (v1: the registered ops, CPU or CUDA; v2: CUDA only)."""
+    """The three diagonal ops of a kernel version (v1: the registered ops, CPU or CUDA; v2: CUDA only) or of a
+    grouped candidate (``grouped_triton``, ``bsr_triton``)."""
     if version == "v2":
         from dynadiag.kernels import cuda_v2
 
         return cuda_v2.DIAG_OPS
+    if version in GROUPED_METHODS:
+        import importlib
+
+        return importlib.import_module(f"dynadiag.kernels.{version}").DIAG_OPS
     dd = torch.ops.dynadiag
     return dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v
 
@@ -111,7 +133,7 @@ def methods_for(in_f, out_f, k, x, values, offsets, gy, dtype, versions, dense=T
     out: dict[str, dict[str, Callable[[], object]]] = {}
     for version in versions:
         fwd, bwd_x, bwd_v = _diag_ops(version)
-        out[f"diag_{version}"] = {
+        out[version if version in GROUPED_METHODS else f"diag_{version}"] = {
             "fwd": lambda f=fwd: f(xs, vs, offsets, out_f),
             "dx": lambda f=bwd_x: f(gys, vs, offsets, in_f),
             "dv": lambda f=bwd_v: f(gys, xs, offsets),
@@ -206,20 +228,29 @@ def _shapes_tokens(args):
 
 
 def step_ops(res: Results, args) -> None:
+    """Every (token count, shape, dtype) group, token counts outermost: the first ones (197 and 12,608 in
+    gpu_check.sh) are complete for every shape before a later one starts. ``--grouped G``: grouped layers
+    (runs of ``G`` consecutive offsets) with the grouped candidates."""
     shapes, tokens = _shapes_tokens(args)
-    for name, (in_f, out_f) in shapes.items():
-        k = num_active_diagonals(in_f, out_f, args.sparsity)
-        for n in tokens:
+    for n in tokens:
+        for name, (in_f, out_f) in shapes.items():
             for dtype in (torch.float32, torch.bfloat16):
-                group = f"{name}/{n}/{dtype}"
+                label = f"{name}-g{args.grouped}" if args.grouped else name
+                group = f"{label}/{n}/{dtype}"
                 if res.done(args.name, group):
                     continue
                 t0 = time.perf_counter()
-                x, values, offsets, gy = _problem(in_f, out_f, k, n, args.device)
+                if args.grouped:
+                    x, values, offsets, gy = _grouped_problem(in_f, out_f, args.grouped, args.sparsity, n, args.device)
+                else:
+                    x, values, offsets, gy = _problem(in_f, out_f, num_active_diagonals(in_f, out_f, args.sparsity),
+                                                      n, args.device)  # fmt: skip
+                k = offsets.numel()
                 baselines = not args.no_baselines
                 methods = methods_for(
-                    in_f, out_f, k, x, values, offsets, gy, dtype, args.versions, dense=baselines, csr=baselines
-                )
+                    in_f, out_f, k, x, values, offsets, gy, dtype, args.versions, dense=baselines,
+                    csr=baselines and not args.no_csr,
+                )  # fmt: skip
                 best = time_methods(methods, args.device, args.reps)
                 useful = 2.0 * k * min(in_f, out_f) * n
                 dense_ms = best.get("dense_fp32" if dtype == torch.float32 else "dense_bf16") or _dense_from(res, group)
@@ -228,7 +259,7 @@ def step_ops(res: Results, args) -> None:
                         tflops = useful / (ms * 1e9) if ms == ms and ms > 0 else None
                         ref = dense_ms.get(op)
                         res.add({
-                            "step": args.name, "group": group, "shape": name, "in": in_f, "out": out_f, "k": k,
+                            "step": args.name, "group": group, "shape": label, "in": in_f, "out": out_f, "k": k,
                             "tokens": n, "dtype": str(dtype).split(".")[-1], "method": method, "op": op, "ms": ms,
                             "useful_tflops": tflops,
                             "ceiling_frac": tflops / args.ceiling_tflops if tflops else None,
@@ -516,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="diag_v1")
     parser.add_argument("--tag", default="", help="suffix of the step's name in results.jsonl, e.g. _v2")
     parser.add_argument("--no-baselines", action="store_true", help="ops: diagonal kernels only (no dense, no CSR)")
+    parser.add_argument("--no-csr", action="store_true", help="ops: no cuSPARSE CSR baseline")
+    parser.add_argument("--grouped", type=int, default=0, help="ops: grouped layers with runs of this many offsets")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     args.name = args.step + args.tag

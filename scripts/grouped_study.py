@@ -8,8 +8,7 @@ Per sparsity it reports top-1 (final and mean of the last 5 evaluations) mean +-
 achieved sparsity of the sparsified layers, and paired differences ``label - g1`` and ``label - rigl`` over the
 (seed, fold) pairs both have, with 95 % t confidence intervals (``make_tables.paired_difference``).
 
-    python scripts/grouped_study.py /work/wt/group-study/multirun/grouped docs/results/digits_study_40ep/runs.csv \
-        --out docs/results/grouped
+    python scripts/grouped_study.py multirun/grouped docs/results/digits_study_40ep/runs.csv --out docs/results/grouped
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ REFERENCES = ("g1", "rigl")
 def _label(run: dict[str, Any]) -> str:
     if run["method"] != "dynadiag":
         return str(run["method"])
-    cfg_path = Path(str(run.get("run_dir", ""))) / ".hydra" / "config.yaml"
+    cfg_path = Path(str(run.get("path") or run.get("run_dir", ""))) / ".hydra" / "config.yaml"
     sparsifier = {}
     if cfg_path.is_file():
         sparsifier = (yaml.safe_load(cfg_path.read_text()) or {}).get("sparsifier") or {}

@@ -18,7 +18,12 @@ share and live diagonals / K per epoch) and, with ``--bench``,
 
 Paired differences: for every method and sparsity, ``reference - method`` (default reference ``dynadiag``) over the
 (seed, fold) pairs both have (dense pairs at any sparsity), with a 95 % t confidence interval and the two-sided
-paired t-test p-value. A difference is called real only when its CI excludes 0 and there are at least 3 pairs.
+paired t-test p-value. The comparisons of one table and metric form one family: their p-values are Holm-adjusted
+(``holm``), and a difference is called real only when its adjusted p is below 0.05 and there are at least 3 pairs.
+The CIs are per comparison (unadjusted). Pairing on (seed, fold) removes the variation between folds and seeds that
+both methods share; it does not make the pairs independent (cross-validation folds share most of their training
+images and every seed reuses the same folds), so the t intervals are somewhat too narrow and the p-values somewhat
+too small: read a verdict as "this split and these seeds", not as a claim about new data.
 """
 
 from __future__ import annotations
@@ -131,11 +136,25 @@ def load_runs_csv(path: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def relative_run_dir(run_dir: Path, root: Path) -> str:
+    """``run_dir`` relative to its output root, as results files store it (never an absolute path of the machine).
+
+    The output root is Hydra's ``multirun/`` or ``outputs/`` folder when the path has one (the last such part), else
+    the folder holding ``root``, the sweep or run directory given on the command line.
+    """
+    parts = run_dir.parts
+    for anchor in ("multirun", "outputs"):
+        if anchor in parts:
+            return Path(*parts[len(parts) - 1 - parts[::-1].index(anchor) :]).as_posix()
+    return run_dir.resolve().relative_to(root.resolve().parent).as_posix()
+
+
 def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]]:
     """One dict per finished run found under ``paths``.
 
     A path is a sweep or run directory (every ``summary.json`` below it is a run) or a ``runs.csv`` written by this
-    script, so committed results can be combined with new sweeps without re-running them.
+    script, so committed results can be combined with new sweeps without re-running them. ``run_dir`` is stored
+    relative to the output root (``relative_run_dir``); ``path`` is where the run lies on this machine (not written).
     """
     runs = []
     for root in paths:
@@ -148,7 +167,8 @@ def load_runs(paths: Iterable[str | Path], last: int = 5) -> list[dict[str, Any]
             history = _val_history(run_dir)
             runs.append(
                 {
-                    "run_dir": str(run_dir),
+                    "run_dir": relative_run_dir(run_dir, Path(root)),
+                    "path": run_dir,
                     "model": s.get("model"),
                     "data": s.get("data"),
                     "method": s.get("method"),
@@ -210,6 +230,36 @@ def paired_difference(a: dict[tuple, float], b: dict[tuple, float]) -> dict[str,
     return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half, "p": p}
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given (NaN stays NaN and is not counted in the family).
+
+    Sort the m valid p-values ascending; the i-th smallest (i from 0) becomes ``max_{j <= i} min(1, (m - j) p_(j))``.
+    Calling a difference real when its adjusted p is below alpha keeps the chance of any false call among the m
+    comparisons at or below alpha, whatever their dependence (Holm 1979).
+
+    Args:
+        pvalues: raw p-values of one family of comparisons, e.g. every paired test of one table.
+
+    Returns:
+        The adjusted p-values, same length and order.
+    """
+    valid = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(valid):
+        running = max(running, min(1.0, (len(valid) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_holm(rows: list[dict[str, Any]], min_pairs: int = 3) -> list[dict[str, Any]]:
+    """Set ``p_holm`` on paired rows: Holm over the rows with at least ``min_pairs`` pairs (the others get NaN)."""
+    family = [r["p"] if r["n"] >= min_pairs else math.nan for r in rows]
+    for row, adjusted in zip(rows, holm(family), strict=True):
+        row["p_holm"] = adjusted
+    return rows
+
+
 class Table:
     """The runs of one (model, dataset) pair, indexed by method and sparsity."""
 
@@ -260,7 +310,7 @@ def paired_rows(table: Table, reference: str, key: str | None = None) -> list[di
             d = paired_difference(ref, table.values(method, s, key))
             if d is not None:
                 rows.append({"reference": reference, "method": method, "sparsity": s, **d})
-    return rows
+    return add_holm(rows, MIN_PAIRS)  # the family: every comparison of this table and metric
 
 
 def throughput_rows(table: Table) -> list[dict[str, Any]]:
@@ -313,24 +363,34 @@ def markdown_paired(rows: list[dict[str, Any]]) -> str:
         return ""
     ref = rows[0]["reference"]
     lines = [
-        f"| sparsity | {ref} − method | mean diff (pp) | 95 % CI | paired t p | n pairs | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"| sparsity | {ref} − method | mean diff (pp) | 95 % CI | paired t p | Holm p | n pairs | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["n"] < MIN_PAIRS or math.isnan(r["lo"]):
-            verdict = "too few pairs"
-        elif r["lo"] > 0:
-            verdict = f"{ref} better"
-        elif r["hi"] < 0:
-            verdict = f"{r['method']} better"
-        else:
-            verdict = "within noise"
         ci = "" if math.isnan(r["lo"]) else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]"
         p = "" if math.isnan(r["p"]) else f"{r['p']:.3f}"
+        p_holm = "" if math.isnan(r.get("p_holm", math.nan)) else f"{r['p_holm']:.3f}"
         lines.append(
-            f"| {100 * r['sparsity']:g} % | {r['method']} | {r['mean']:+.2f} | {ci} | {p} | {r['n']} | {verdict} |"
+            f"| {100 * r['sparsity']:g} % | {r['method']} | {r['mean']:+.2f} | {ci} | {p} | {p_holm} | {r['n']} "
+            f"| {verdict(r)} |"
         )
     return "\n".join(lines)
+
+
+def verdict(row: dict[str, Any], alpha: float = 0.05) -> str:
+    """The call a paired row supports: a winner only when the Holm-adjusted p is below ``alpha``.
+
+    A difference whose unadjusted CI excludes 0 but whose adjusted p does not pass is reported as
+    ``"<winner> better (unadjusted only)"``: suggestive, not a finding of the table.
+    """
+    if row["n"] < MIN_PAIRS or math.isnan(row["lo"]):
+        return "too few pairs"
+    winner = row["reference"] if row["mean"] > 0 else row["method"]
+    if row.get("p_holm", math.nan) < alpha:
+        return f"{winner} better"
+    if row["lo"] > 0 or row["hi"] < 0:
+        return f"{winner} better (unadjusted only)"
+    return "within noise"
 
 
 def selection_rows(table: Table) -> list[dict[str, Any]]:
@@ -399,16 +459,25 @@ def write_csv(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any] | No
         writer.writerows(rows)
 
 
-def _save(fig: Any, path: Path) -> None:
-    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure."""
+def _save(fig: Any, path: Path) -> dict[str, list[str]]:
+    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure.
+
+    Returns:
+        What was drawn: ``{"<panel title> | <y label>": [labels of its lines and error bars]}`` (what a reader sees
+        in each legend).
+    """
     import matplotlib.pyplot as plt
 
+    drawn = {f"{ax.get_title()} | {ax.get_ylabel()}": ax.get_legend_handles_labels()[1] for ax in fig.axes}
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
-def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str) -> None:
+def plot_accuracy(
+    tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path, metric: str
+) -> dict[str, list[str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,10 +499,10 @@ def plot_accuracy(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], pat
         ax.set_title(f"{key[0]} on {key[1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> None:
+def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], path: Path) -> dict[str, list[str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,10 +522,10 @@ def plot_throughput(tables: dict[tuple, Table], rows: dict[tuple, list[dict]], p
             ax.set_title(f"{title}: {key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> None:
+def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path) -> dict[str, list[str]]:
     """``reference - method`` per sparsity with 95 % CIs; bars crossing 0 are within noise."""
     import matplotlib
 
@@ -484,10 +553,10 @@ def plot_paired(tables: dict[tuple, Table], reference: str, key: str, path: Path
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"fewer than {MIN_PAIRS} pairs", transform=ax.transAxes, ha="center")
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
+def plot_curves(tables: dict[tuple, Table], path: Path) -> dict[str, list[str]]:
     """Mean validation top-1 per evaluation, per method, at each table's most-run sparsity."""
     import matplotlib
 
@@ -510,7 +579,7 @@ def plot_curves(tables: dict[tuple, Table], path: Path) -> None:
         ax.set_title(f"{key[0]} on {key[1]}, sparsity {s:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -522,10 +591,11 @@ def selection_history_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
+def plot_selection(tables: dict[tuple, Table], path: Path) -> dict[str, list[str]]:
     """Top-K share and live diagonals / K per evaluation (mean over runs), per selecting method and sparsity.
 
-    One row of panels per (model, dataset) that has runs with selection metrics; returns False when none has.
+    One row of panels per (model, dataset) that has runs with selection metrics; draws nothing and returns ``{}``
+    when none has.
     """
     import matplotlib
 
@@ -534,7 +604,7 @@ def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
 
     keyed = {key: t for key, t in tables.items() if any(r.get("selection_history") for r in t.runs)}
     if not keyed:
-        return False
+        return {}
     fig, axes = plt.subplots(len(keyed), 2, figsize=(12, 4.2 * len(keyed)), squeeze=False)
     for (ax_share, ax_live), (key, table) in zip(axes, keyed.items()):
         for method in table.methods:
@@ -557,11 +627,10 @@ def plot_selection(tables: dict[tuple, Table], path: Path) -> bool:
             ax.set_title(f"{key[0]} on {key[1]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    _save(fig, path)
-    return True
+    return _save(fig, path)
 
 
-def plot_layer_speedup(bench_json: Path, path: Path) -> None:
+def plot_layer_speedup(bench_json: Path, path: Path) -> dict[str, list[str]]:
     """Kernel speedup vs dense (fwd and fwd+bwd) vs sparsity, one line per layer shape and backend."""
     import matplotlib
 
@@ -594,10 +663,11 @@ def plot_layer_speedup(bench_json: Path, path: Path) -> None:
             ax.set_title(f"{phase}, {n} tokens ({data['meta'].get('device_name') or data['meta'].get('device')})")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """Write the tables and figures; returns what each figure shows (``{file: {panel title: [series]}}``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "paths", nargs="+", help="sweep or run directories (searched for summary.json) or runs.csv files"
@@ -615,7 +685,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("runs.csv", "accuracy.csv", "paired.csv", "throughput.csv", "selection.csv", "selection_history.csv"):
         (args.out / name).unlink(missing_ok=True)
-    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if not k.endswith("history")} for r in runs])
+    written = [{k: v for k, v in r.items() if not k.endswith("history") and k != "path"} for r in runs]
+    write_csv(args.out / "runs.csv", written)
     if selection_history := selection_history_rows(runs):
         write_csv(args.out / "selection_history.csv", selection_history)
 
@@ -647,16 +718,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_csv(args.out / "accuracy.csv", acc[key], {**extra, "metric": args.metric})
         write_csv(args.out / "throughput.csv", thr[key], extra)
     (args.out / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric)
-    plot_throughput(tables, thr, args.out / "throughput.png")
-    plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png")
-    plot_curves(tables, args.out / "curves.png")
+    drawn = {
+        "accuracy.png": plot_accuracy(tables, acc, args.out / "accuracy.png", args.metric),
+        "throughput.png": plot_throughput(tables, thr, args.out / "throughput.png"),
+        "paired.png": plot_paired(tables, args.reference, METRICS[args.metric], args.out / "paired.png"),
+        "curves.png": plot_curves(tables, args.out / "curves.png"),
+    }
     (args.out / "selection.png").unlink(missing_ok=True)
-    plot_selection(tables, args.out / "selection.png")
+    drawn["selection.png"] = plot_selection(tables, args.out / "selection.png")
     if args.bench:
-        plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
+        drawn["layer_speedup.png"] = plot_layer_speedup(args.bench, args.out / "layer_speedup.png")
     print("\n".join(md))
     print(f"wrote {args.out}/tables.md, *.csv and *.png from {len(runs)} runs")
+    return drawn
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Drop-in check of DynaDiag on timm architectures across families (the README's supported-models table).
+"""Drop-in check of DynaDiag on timm architectures across families (the supported-models table of docs/models.md).
 
 Each model is created at a tiny size (no pretrained weights), sparsified with the default targets at 90 %, trained
 two AdamW steps, frozen and trained one more step; then the check asserts that

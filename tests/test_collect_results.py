@@ -49,6 +49,8 @@ def test_rows_tables_and_plot(sweep, tmp_path):
     assert "## Mean +- std over seeds" in text and "| 3 | sparsity=2 | failed |" in text
     with open(tmp_path / "results.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+    written = (tmp_path / "results.md").read_text() + (tmp_path / "results.csv").read_text()
+    assert str(sweep.parent) not in written and text.startswith(f"# Results: {sweep.name}\n")  # no machine paths
     png = (tmp_path / "accuracy_vs_sparsity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -59,3 +61,10 @@ def test_cli_writes_next_to_the_sweep_and_errors_on_empty(sweep, tmp_path, capsy
     assert "sparsity=0.9 seed=0" in capsys.readouterr().out
     assert collect_results.main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+def test_display_root_is_relative_to_the_output_root(tmp_path):
+    assert collect_results.display_root(str(tmp_path / "multirun" / "2026-01-01" / "10-00-00")) == (
+        "multirun/2026-01-01/10-00-00"
+    )
+    assert collect_results.display_root(str(tmp_path / "study")) == "study"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -14,10 +15,11 @@ from omegaconf import OmegaConf
 
 import composition
 from dynadiag.data import DataConfig
-from dynadiag.lr_schedule import LRSchedule
+from dynadiag.lr_schedule import LRSchedule, TimmLRSchedule, build_lr_scheduler
 from dynadiag.methods.base import SparseMethod
 from dynadiag.schedules import TemperatureSchedule
 from dynadiag.sparsify import DiagSparsifyConfig
+from dynadiag.sparsity import sparsity_stats
 from dynadiag.trainer import TrainerConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -89,21 +91,35 @@ def test_model_options(option):
         assert out.shape == (2, cfg.data.num_classes)
 
 
+#: methods that start dense and reach their sparsity gradually (their layers are dense at step 0)
+GRADUAL = {"gmp"}
+
+
 @pytest.mark.parametrize("option", options("sparsifier"))
 def test_sparsifier_options_instantiate_and_apply(option):
+    """Each method makes the model as sparse as ``sparsity`` says, and a training step keeps it so."""
     cfg = _compose([f"sparsifier={option}", "model=vit_nano", "data=synthetic"])
     method = instantiate(cfg.sparsifier, _convert_="all")
     assert isinstance(method, SparseMethod)
     model = instantiate(cfg.model, _convert_="all")
     method.bind(steps_per_epoch=8, total_steps=8 * cfg.trainer.epochs)
     method.apply_(model)
+    expected = 0.0 if option == "dense" else cfg.sparsity
+    assert method.sparsity == pytest.approx(expected)
+    # measured on the layers (diagonal K/P or mask non-zeros), not read back from the config
+    target = sparsity_stats(model)["target"]
+    if option not in GRADUAL:
+        assert target == pytest.approx(expected, abs=0.02), target
     optimizer = instantiate(cfg.optim, _convert_="all")(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     x = torch.randn(4, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
     method.on_step_start(0, model)
     model(x).sum().backward()
     method.on_after_backward(0, model, optimizer)
     optimizer.step()
     method.on_after_optimizer_step(0, model, optimizer)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # it trained
+    assert sparsity_stats(model)["target"] == pytest.approx(target, abs=1e-6)  # the step kept the sparsity
 
 
 @pytest.mark.parametrize("option", options("schedule"))
@@ -128,21 +144,43 @@ def test_optim_options(option):
 @pytest.mark.parametrize("option", options("lr_schedule"))
 def test_lr_schedule_options(option):
     sched = instantiate(_compose([f"lr_schedule={option}"]).lr_schedule, _convert_="all")
+    if isinstance(sched, TimmLRSchedule):  # absolute rates: built on an optimizer, it ends at min_lr
+        optimizer = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+        scheduler = build_lr_scheduler(optimizer, sched, steps_per_epoch=10, total_steps=100)
+        for _ in range(100):
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(sched.min_lr)
+        return
     assert isinstance(sched, LRSchedule)
     assert sched.factor(10**6, 10, 100) == pytest.approx(sched.min_lr_factor if sched.kind != "constant" else 1.0)
 
 
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainer_options(option):
-    tc = instantiate(_compose([f"trainer={option}"]).trainer, _convert_="all")
-    assert isinstance(tc, TrainerConfig) and tc.epochs >= 1
+    """Every key of the option reaches the TrainerConfig unchanged (no YAML value lost or coerced on the way)."""
+    node = OmegaConf.to_container(_compose([f"trainer={option}"]).trainer, resolve=True)
+    tc = instantiate(node, _convert_="all")
+    assert isinstance(tc, TrainerConfig)
+    for key, value in node.items():
+        if key != "_target_":
+            assert getattr(tc, key) == value, key
+    if option == "smoke":  # seconds, not minutes: a capped run that still evaluates and checkpoints
+        assert tc.max_steps is not None and tc.max_steps <= 10 and tc.save_checkpoints and tc.eval_every_epochs == 1
 
 
 @pytest.mark.parametrize("option", options("logger"))
-def test_logger_options(option):
+def test_logger_options(option, tmp_path, monkeypatch):
+    """Each option writes metrics.jsonl; a W&B option runs offline (nothing uploaded, files in the run dir)."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = _compose([f"logger={option}"])
-    assert "jsonl" in cfg.logger.backends
-    assert cfg.logger.mode in ("offline", "online", "disabled")
+    assert cfg.logger.mode != "online"  # no option uploads unless the user opts in
+    logger = composition.build_run_logger(cfg.logger, str(tmp_path), "run", {"sparsity": 0.9})
+    logger.log({"train/loss": 1.5}, step=3)
+    logger.finish()
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 3 and record["train/loss"] == 1.5
+    if "wandb" in cfg.logger.backends:
+        assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run in the run directory"
 
 
 @pytest.mark.parametrize("option", options("experiment"))

@@ -222,3 +222,25 @@ def test_torchrun_resume_matches_uninterrupted_two_rank_run(tmp_path):
     wa, wb = (load_checkpoint(tmp_path / run)["model"] for run in ("resumed", "reference"))
     for key in wb:
         assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow  # ~30 s: two ranks through train.py
+def test_torchrun_gradient_accumulation_and_ema(tmp_path):
+    """Two ranks, two micro-batches of 8 per rank and step (DDP all-reduces on the last one only), with an EMA that
+    follows the freeze: the ranks end identical and the steps count optimizer updates."""
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    overrides = ["data.batch_size=16", "trainer.accum_steps=2", "trainer.ema_decay=0.9"]
+    result = subprocess.run(
+        [os.path.join(ROOT, "scripts", "train_ddp.sh"), "2", *OVERRIDES, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert summary["steps"] == 8 and load_checkpoint(run_dir)["steps_per_epoch"] == 4
+    assert summary["val_ema_top1_final"] is not None

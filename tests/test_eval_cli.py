@@ -91,3 +91,18 @@ def test_eval_errors(trained, tmp_path):
     save_checkpoint(tmp_path / "bad.pt", state)
     with pytest.raises(CheckpointError, match="does not match the model"):
         eval_app.run_eval(_compose("eval", [f"ckpt={tmp_path / 'bad.pt'}"]))
+
+
+def test_eval_exports_an_artifact_that_loads_without_the_run(trained, tmp_path):
+    import torch
+
+    import dynadiag
+    from dynadiag.checkpoint import load_checkpoint
+
+    run_dir, _ = trained
+    cfg = _compose("eval", [f"ckpt={run_dir}", "min_seconds=0", "inference_iters=1", f"export={tmp_path / 'model'}"])
+    assert eval_app.run_eval(cfg)["exported_to"] == str(tmp_path / "model")
+    model = dynadiag.from_pretrained(tmp_path / "model").eval()  # built from the run's recorded create_model call
+    trained_model = eval_app.load_model(load_checkpoint(run_dir), None, torch.device("cpu"), str(run_dir))
+    x = torch.randn(3, 3, 16, 16)  # the synthetic data: 3 channels, 16 x 16
+    torch.testing.assert_close(model(x), trained_model(x), rtol=0, atol=0)

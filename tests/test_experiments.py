@@ -7,6 +7,7 @@ method construction), which is what rots.
 
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -131,8 +132,12 @@ def test_experiment_trains_two_steps(name, tmp_path):
     cfg = _compose([f"+experiment={name}", *SMOKE, *_tiny_model(base)])
     assert cfg.trainer.epochs == base.trainer.epochs and cfg.optim == base.optim  # the recipe is untouched
     summary = _run(cfg, tmp_path)
-    assert summary["steps"] == 2 and summary["method"] == instantiate(base.sparsifier, _convert_="all").name
+    method = instantiate(base.sparsifier, _convert_="all")
+    assert summary["steps"] == 2 and summary["method"] == method.name
     assert summary["infer_images_per_s"] > 0 and summary["val_top1_final"] is not None
+    # the experiment's sparsity reached the model's layers (measured on them: K/P or mask non-zeros)
+    assert summary["sparsity_target_layers"] == pytest.approx(method.sparsity, abs=0.03)
+    assert math.isfinite(summary["val_loss_final"])
 
 
 def test_imagenet_recipe_follows_deit():
@@ -218,24 +223,23 @@ def test_digits_study_methods_and_make_tables(tmp_path):
             assert summary["method"] == method and summary["data"] == "digits"
             job += 1
     out = tmp_path / "tables"
-    make_tables.main([str(sweep), "--out", str(out)])
+    drawn = make_tables.main([str(sweep), "--out", str(out)])
     runs = make_tables.load_runs([sweep])
     assert len(runs) == 2 * len(methods) and {r["fold"] for r in runs} == {0, 1}
+    assert sorted(r["run_dir"] for r in runs) == [f"sweep/{job}" for job in sorted(map(str, range(job)))]
     text = (out / "tables.md").read_text()
     for method in methods:
         assert f"| {method} |" in text
     assert "dynadiag − method" in text and "Throughput" in text and "(CPU time)" in text
-    for name in (
-        "runs.csv",
-        "accuracy.csv",
-        "paired.csv",
-        "throughput.csv",
-        "accuracy.png",
-        "throughput.png",
-        "paired.png",
-        "curves.png",
-    ):
-        assert (out / name).stat().st_size > 0
+    assert str(tmp_path) not in (out / "runs.csv").read_text()  # run directories relative to the output root
+    sparse = [m for m in methods if m != "dense"]
+    (accuracy,) = drawn["accuracy.png"].values()  # one panel: vit on digits
+    assert accuracy == ["dense (± std)", *sparse]
+    assert [panel for panel in drawn["throughput.png"].values()] == [["dense", *sparse]] * 2  # training, inference
+    (curves,) = drawn["curves.png"].values()
+    assert curves == [f"{m} (n=2)" for m in methods]  # one validation curve per method, both folds
+    (paired_panel,) = drawn["paired.png"].values()
+    assert paired_panel == []  # 2 pairs < MIN_PAIRS: no interval is drawn
     paired = [line for line in (out / "paired.csv").read_text().splitlines()[1:] if ",rigl," in line]
     assert paired and all(",2," in line for line in paired)  # two (seed, fold) pairs per comparison
 
@@ -253,6 +257,41 @@ def test_paired_difference_statistics():
     assert make_tables.paired_difference(a, {(1, 0): 1.0}) is None  # no common (seed, fold)
 
 
+def test_holm_adjusts_like_the_textbook():
+    """Holm (1979): the i-th smallest of m p-values times (m - i), made monotone; NaN is not part of the family."""
+    assert make_tables.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = make_tables.holm([math.nan, 0.01, 0.02])
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.02, 0.02])
+    assert make_tables.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert make_tables.holm([]) == []
+
+
+def test_verdicts_are_family_wise():
+    """Two unadjusted p = .021 and .027 among 16 comparisons do not survive Holm: reported as unadjusted only."""
+    rows = [
+        {"reference": "ours", "method": f"m{i}", "sparsity": 0.9, "mean": 1.0, "std": 1.0, "n": 10}
+        | {"lo": 0.1 if p < 0.05 else -0.5, "hi": 2.0, "p": p}
+        for i, p in enumerate([0.021, 0.027, 0.0001] + [0.5] * 13)
+    ]
+    make_tables.add_holm(rows)
+    assert [make_tables.verdict(r) for r in rows[:4]] == [
+        "ours better (unadjusted only)",
+        "ours better (unadjusted only)",
+        "ours better",
+        "within noise",
+    ]
+    assert rows[2]["p_holm"] == pytest.approx(16 * 0.0001)
+    assert "| Holm p |" in make_tables.markdown_paired(rows)
+
+
+def test_run_dirs_are_stored_relative_to_the_output_root(tmp_path):
+    sweep = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
+    assert make_tables.relative_run_dir(sweep / "3", sweep) == "multirun/2026-01-01/10-00-00/3"
+    study = tmp_path / "study" / "default"
+    (study / "dense-seed0").mkdir(parents=True)
+    assert make_tables.relative_run_dir(study / "dense-seed0", study) == "default/dense-seed0"
+
+
 def test_make_tables_reads_bench_kernels_json(tmp_path):
     records = []
     for s in (0.5, 0.9):
@@ -265,8 +304,10 @@ def test_make_tables_reads_bench_kernels_json(tmp_path):
     add_ratios(records)
     path = tmp_path / "bench_kernels.json"
     path.write_text(json.dumps({"meta": {"device": "cpu"}, "records": records}))
-    make_tables.plot_layer_speedup(path, tmp_path / "layer_speedup.png")
-    assert (tmp_path / "layer_speedup.png").stat().st_size > 0
+    drawn = make_tables.plot_layer_speedup(path, tmp_path / "layer_speedup.png")
+    # fwd and fwd+bwd panels at 197 tokens, one line per method and layer shape
+    assert [key.split(" | ")[0] for key in drawn] == ["fwd, 197 tokens (cpu)", "fb, 197 tokens (cpu)"]
+    assert list(drawn.values()) == [["cpu_fp32 768->768"]] * 2  # dense is the 1.0 line, not a series
 
 
 def test_make_tables_reads_its_own_runs_csv(tmp_path):
@@ -323,10 +364,11 @@ def test_make_tables_plots_selection_curves_and_keeps_them_in_csv(tmp_path):
             ]
             (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "tables"
-    make_tables.main([str(sweep), "--out", str(out)])
+    drawn = make_tables.main([str(sweep), "--out", str(out)])
     rows = list(csv.DictReader((out / "selection_history.csv").open()))
     assert len(rows) == 2 * 2 * 3 and {r["method"] for r in rows} == {"dynadiag", "sparse_dynadiag"}
-    assert (out / "selection.png").stat().st_size > 0
+    expected = ["dynadiag 90 % (n=2)", "sparse_dynadiag 90 % (n=2)"]
+    assert list(drawn["selection.png"].values()) == [expected, expected]  # top-K share, live / K
     again = make_tables.load_runs([out / "runs.csv"])
     by_method = {(r["method"], r["seed"]): r["selection_history"] for r in again}
     assert by_method[("sparse_dynadiag", 1)] == [
@@ -335,5 +377,5 @@ def test_make_tables_plots_selection_curves_and_keeps_them_in_csv(tmp_path):
         for e in (1, 2, 3)
     ]
     (out / "selection.png").unlink()
-    make_tables.main([str(out / "runs.csv"), "--out", str(tmp_path / "again")])
-    assert (tmp_path / "again" / "selection.png").stat().st_size > 0
+    again_drawn = make_tables.main([str(out / "runs.csv"), "--out", str(tmp_path / "again")])
+    assert again_drawn["selection.png"] == drawn["selection.png"]

@@ -78,8 +78,62 @@ def test_sweep_determinism_profile_and_report(tmp_path):
     assert "| proj | 40 | float32 | diag_v1 |" in report and "K sweep" in report
 
 
-def test_gpu_check_script_parses():
-    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+def test_grouped_ops_measure_the_tensor_core_candidates(tmp_path, monkeypatch):
+    """``ops --grouped 32``: grouped layers timed on grouped_triton and bsr_triton next to dense (CPU: the
+    interpreter and torch's CPU BSR kernels; bf16 BSR has no CPU kernel and is recorded as NaN)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["ops", "--device", "cpu", "--out", str(tmp_path), "--reps", "1", "--grouped", "32", "--no-csr",
+            "--versions", "grouped_triton", "bsr_triton", "--tag", "_g32"]  # fmt: skip
+    assert gpu_measure.main(args) == 0
+    rows = [r for r in _lines(tmp_path) if "method" in r]
+    assert {r["method"] for r in rows} == {"grouped_triton", "bsr_triton", "dense_fp32", "dense_bf16"}
+    assert {r["shape"] for r in rows} == {"proj-g32", "fc1-g32"}
+    assert all(r["ms"] > 0 for r in rows if r["dtype"] == "float32")
+    assert all(r["k"] % 32 == 0 or r["k"] == r["in"] for r in rows)  # whole groups of 32 offsets
+
+
+def _copied_tree(tmp_path: Path) -> Path:
+    """The files a device run gets: the working tree without .git (a copy may lack it)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("scripts", "dynadiag", "csrc", "tests", "pyproject.toml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(src, tree / name)
+    return tree
+
+
+def test_gpu_check_dry_run_stays_in_budget_and_returns_one_archive(tmp_path):
+    """The whole script in its CPU dry mode on a copied tree without .git: every step is recorded (run, skipped for
+    the budget, or skipped as CUDA-only), the run ends within the budget, and DEST holds results.jsonl plus one
+    archive named from GPU_CHECK_NAME."""
+    import tarfile
+    import time
+
+    tree = _copied_tree(tmp_path)
+    dest = tmp_path / "dest"
+    budget = 20
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "BUDGET_S": str(budget), "GPU_CHECK_NAME": "dry", "OUT": str(dest)}  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(tree / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert elapsed < budget + 15, proc.stdout[-2000:]
+    assert sorted(p.name for p in dest.iterdir()) == ["dry.tar.gz", "results.jsonl"]
+    rows = _lines_tolerant(dest)
+    runs = {r["step"][:-4]: r for r in rows if str(r.get("step", "")).endswith(":run")}
+    assert {"env", "build", "ops", "ops_v2", "tests_cuda", "ncu", "probe"} <= set(runs)
+    assert runs["env"]["status"] == "done" and runs["ops_v2"]["note"] == "dry run (cpu)"
+    assert any(r["note"] == "budget" for r in runs.values())  # the budget cut the later steps
+    assert any(r.get("step") == "env" and r.get("device") == "cpu" for r in rows)
+    with tarfile.open(dest / "dry.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"dry/results.jsonl", "dry/gpu_check.log", "dry/README.md"} <= names
+    assert (tree / "docs" / "benchmarks" / "gpu" / "dry" / "results.jsonl").exists()
 
 
 @pytest.mark.slow

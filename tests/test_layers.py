@@ -173,10 +173,19 @@ def test_low_precision_inputs(dtype, frozen):
 
 
 def test_autocast_frozen():
+    """Under bf16 autocast a frozen layer computes the same function in bf16: inputs and kept values rounded to
+    bf16, products summed in fp32, the result rounded once (a wrong offset, a lost bias or fp32 output fails)."""
+    torch.manual_seed(0)
     layer = DiagLinear(16, 8, sparsity=0.5, backend="reference").freeze_()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(torch.randn(3, 16))
+        y = layer(x)
     assert y.dtype == torch.bfloat16
+    weight = _explicit_weight(layer).to(torch.bfloat16).double()  # [out, in], the bf16 values autocast uses
+    ref = x.to(torch.bfloat16).double() @ weight.T + layer.bias.to(torch.bfloat16).double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the output
 
 
 def test_bad_inputs():

@@ -236,9 +236,10 @@ def test_trainer_run_grouped_permuted_reports_the_achieved_sparsity(tmp_path):
 
 
 # What the ungrouped method kept in this 12-step run (tiny_vit, seed 0, reference backend, 1 thread) before grouped
-# support existed (main at f1c18ee, the code of the issue-13 study's runs). The group=1 path must keep doing exactly
-# this: the whole state dict and the candidate set after every step were compared bit for bit (both `reference` and
-# `cpu`) when grouped support landed; this pins the selection (exact) and the trained values (sums, to 1e-5).
+# support existed (commit f1c18ee, the code of the sparse DynaDiag study's runs). The group=1 path must keep doing
+# exactly this: the whole state dict and the candidate set after every step were compared bit for bit (both
+# `reference` and `cpu`) when grouped support landed; this pins the selection (exact) and the trained values (sums,
+# to 1e-5).
 G1_OFFSETS = {
     "blocks.0.attn.qkv": [7, 17, 21, 23, 26, 31, 37, 47, 50, 51, 54, 64, 68, 69, 71, 73, 74, 75, 81, 82],
     "blocks.0.attn.proj": [4, 5, 15, 17, 18, 24, 27],

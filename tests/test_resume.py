@@ -18,9 +18,12 @@ import train
 from dynadiag.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 256 images / batch 16 = 16 steps per epoch, 3 epochs; DynaDiag freezes after epoch 1 (a topology change).
-# Checkpoints every 3 steps: 3, 6, ..., 45 are all mid-epoch; only the final evaluation writes one at an epoch end.
-STEPS_PER_EPOCH, TOTAL = 16, 48
+# 256 images / batch 16 = 16 steps per epoch, 3 epochs. The default method (sparse_dynadiag) swaps candidate
+# diagonals after steps 4, 8, ..., 20 (regrow.delta_t=4: each swap replaces V and its optimizer state) and freezes
+# after step 24 (half the run): a resume must replay both topology changes. Checkpoints every 5 steps (5, 10, ...,
+# 45) are all mid-epoch, and the first one already holds a swapped candidate set; only the final evaluation writes
+# one at an epoch end.
+STEPS_PER_EPOCH, TOTAL, DELTA_T, FREEZE = 16, 48, 4, 24
 OVERRIDES = [
     "data=synthetic",
     "data.img_size=8",
@@ -32,8 +35,10 @@ OVERRIDES = [
     "trainer.max_steps=null",
     "trainer.epochs=3",
     "trainer.eval_every_epochs=100",
-    "trainer.ckpt_every_steps=3",
-    "schedule.freeze_epoch=1",
+    "trainer.ckpt_every_steps=5",
+    "trainer.log_every_steps=1",
+    "sparsifier=sparse_dynadiag",
+    f"regrow.delta_t={DELTA_T}",
     "trainer.inference_iters=0",
     "trainer.final_inference_iters=0",
     "backend=reference",
@@ -87,15 +92,27 @@ def kill_after_first_checkpoint(run_dir, timeout: float = 240.0) -> int:
     return int(load_checkpoint(last)["step"])
 
 
+def _new_diagonals_per_step(run_dir) -> dict[int, float]:
+    """Step -> diagonals that entered the candidate sets at that step's update (from metrics.jsonl)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["train/sparse_dynadiag/num_new"] for r in records if "train/sparse_dynadiag/num_new" in r}
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     killed_at = kill_after_first_checkpoint(tmp_path / "killed")
-    assert 0 < killed_at < TOTAL and killed_at % STEPS_PER_EPOCH != 0  # mid-epoch
+    assert DELTA_T <= killed_at < FREEZE and killed_at % STEPS_PER_EPOCH != 0  # mid-epoch, mid-selection
     # Re-running the same command in the same directory: resume=auto (the default) picks up last.pt.
     cfg = compose_cfg(OVERRIDES)
     assert cfg.resume == "auto"
     resumed = train.train(cfg, run_dir=str(tmp_path / "killed"))
     reference = train.train(compose_cfg(OVERRIDES), run_dir=str(tmp_path / "reference"))
     assert resumed["steps"] == reference["steps"] == TOTAL
+    # the resumed stretch crossed real topology changes: candidate swaps that brought in new diagonals, and the freeze
+    swaps = _new_diagonals_per_step(tmp_path / "reference")
+    assert sorted(swaps) == list(range(DELTA_T, FREEZE, DELTA_T))
+    assert any(swaps[step] > 0 for step in swaps if step > killed_at) and swaps[DELTA_T] > 0
+    assert _new_diagonals_per_step(tmp_path / "killed") == swaps
+    assert reference["topk_share_at_freeze"] == pytest.approx(1.0)
     for key in ("val_loss_final", "val_top1_final", "val_top5_final", "val_top1_best", "sparsity_effective"):
         assert resumed[key] == reference[key], key  # bitwise, not approximately
     a, b = final_weights(tmp_path / "killed"), final_weights(tmp_path / "reference")
@@ -111,7 +128,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_rerun_of_a_finished_run_resumes_at_its_end(tmp_path):
-    overrides = [*OVERRIDES, "trainer.epochs=1", "schedule.freeze_epoch=0.5", "trainer.ckpt_every_steps=0"]
+    overrides = [*OVERRIDES, "trainer.epochs=1", "trainer.ckpt_every_steps=0"]
     first = train.train(compose_cfg(overrides), run_dir=str(tmp_path))
     again = train.train(compose_cfg(overrides), run_dir=str(tmp_path))  # auto-resume: no step is trained twice
     assert first["steps"] == again["steps"] == STEPS_PER_EPOCH
@@ -163,6 +180,7 @@ def test_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, sig
     resumed = train.train(compose_cfg(OVERRIDES), run_dir=str(run_dir))  # resume=auto
     reference, reference_dir = reference_run
     assert resumed["steps"] == reference["steps"] == TOTAL
+    assert _new_diagonals_per_step(run_dir) == _new_diagonals_per_step(reference_dir)  # the same swaps
     for key in ("val_loss_final", "val_top1_final", "val_top5_final", "val_top1_best", "sparsity_effective"):
         assert resumed[key] == reference[key], key
     a, b = final_weights(run_dir), final_weights(reference_dir)

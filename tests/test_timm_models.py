@@ -1,6 +1,6 @@
 """Drop-in on timm architectures across families: sparsify with the default targets, train, freeze, check the exact
 sparsity and that ``densify_`` gives back the same function (the check lives in ``scripts/timm_models.py``, which
-also prints the README's supported-models table)."""
+also prints the supported-models table of docs/models.md)."""
 
 from __future__ import annotations
 

@@ -163,6 +163,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, stop_at, uninterrupted):
     summary = resumed.fit(resume=str(tmp_path / "part" / "checkpoints" / "last.pt"))
     assert summary["steps"] == full_summary["steps"] == 12
     assert summary["val_loss_final"] == full_summary["val_loss_final"]  # bitwise on CPU
+    # the throughput covers the whole run, not only the resumed part (same timed steps as without the stop)
+    assert resumed.overall_timer.images == full.overall_timer.images > 0
+    assert resumed.overall_timer.cpu_seconds > first.overall_timer.cpu_seconds > 0
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     assert full_state.keys() == resumed_state.keys()
     for key, value in full_state.items():

@@ -1,5 +1,6 @@
-"""Every bad configuration named in the issue fails up front with one clear line (``error_message``), before
-any training step; unknown config-group options are named with their choices before Hydra composes."""
+"""Every bad configuration (values, groups, devices, data) fails up front with one clear line
+(``error_message``), before any training step; unknown config-group options are named with their choices
+before Hydra composes."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_unknown_group_option_lists_the_choices(args, expected):
     [
         ["model=vit_t", "data=synthetic", "sparsifier=rigl", "sparsity=0.5,0.9"],
         ["-m", "model=vit_t,vit_s", "+experiment=digits_dense", "hydra/launcher=slurm"],
-        ["data.root=/x", "hydra.run.dir=/tmp/x", "trainer.epochs=3", "seed=range(3)"],
+        ["data.root=/x", "hydra.run.dir=outputs/x", "trainer.epochs=3", "seed=range(3)"],
     ],
 )
 def test_valid_overrides_pass_the_group_check(args):

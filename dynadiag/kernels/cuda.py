@@ -8,7 +8,10 @@ machine, 1-2 min on 2 cores) for the current GPU's architecture and cached in ``
 Two kernel versions: v1 (``diag_kernels.cu``, the default, measured on an H200) and v2 (``diag_kernels_v2.cu``:
 pre-packed values and per-tile diagonal lists from a host plan, wrap-padded windows, double-buffered
 ``cp.async`` staging, a batch-1 path, a deterministic ``grad_V``), selected with ``DYNADIAG_CUDA_KERNELS=v2``.
-v2 is UNVALIDATED ON HARDWARE (compiled and planned on CPU only) until a GPU run compares the two.
+v2 is UNVALIDATED ON HARDWARE (compiled and planned on CPU only) until a GPU run compares the two. v1's ``grad_V``
+adds token slices with ``atomicAdd`` (run-to-run order varies) unless ``torch.use_deterministic_algorithms(True)``
+is set, which switches it to per-slice partial sums added in a fixed order; v2's ``grad_V`` is always deterministic
+(see ``docs/gpu.md``).
 
 Offsets must be strictly ascending and lie in ``[0, max(in, out))``; the op raises ``ValueError`` otherwise. The
 check reads the offsets on the host once per offsets tensor and version (a frozen layer's buffer never changes), so

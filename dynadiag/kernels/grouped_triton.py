@@ -4,11 +4,12 @@ A frozen layer's tile plan (:mod:`dynadiag.kernels.tile_plan`) is built once per
 (:meth:`GroupedTritonBackend.prepare`) or on the first call, and kept on the device; a call packs the values into
 the plan's tiles (one scatter on the device) and launches one kernel: no host index building, no ``.cpu()``, no
 synchronisation. Per row block of ``R = 32`` outputs the plan lists column steps of ``BK = 32`` source columns that
-hold kept weights (a greedy cover: a band of ``g = 32`` consecutive diagonals spans 63 columns, i.e. two steps,
-where the previous kernel padded every window to the next power of two, 64 or 128, for the longest run of the
-layer). A program per (row block, token block) sums ``tl.dot([tokens, BK] @ [BK, R])`` over its steps with fp32
-accumulation; bf16/fp16 run on tensor cores, fp32 in TF32 when ``torch.get_float32_matmul_precision()`` allows it
-(``"high"``/``"medium"``), else in full fp32 (``"highest"``, torch's default), like cuBLAS for dense layers.
+hold kept weights (a greedy cover with steps at multiples of 8 columns, so activations load as 16-byte vectors: a
+band of ``g = 32`` consecutive diagonals spans 63 columns, two steps, instead of a window padded to a power of two
+for the longest run of the layer). A program per (row block, token block) sums ``tl.dot([tokens, BK] @ [BK, R])``
+over its steps with fp32 accumulation; bf16/fp16 run on tensor cores, fp32 in TF32 when
+``torch.get_float32_matmul_precision()`` allows it (``"high"``/``"medium"``), else in full fp32 (``"highest"``,
+torch's default), like cuBLAS for dense layers.
 
 Backward: ``grad_x`` is the same kernel on the transposed plan (``W^T``); ``grad_values`` is a block SDDMM on the
 forward plan's steps, ``[BK, tokens] @ [tokens, R]`` per step (tokens split into slices on large GPUs, added in a
@@ -42,11 +43,14 @@ __all__ = ["BACKEND", "DIAG_OPS", "GroupedTritonBackend", "grouped_apply", "grou
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROWS = 32  # output rows per tile (R)
 BLOCK_K = 32  # source columns per step (BK)
+# Steps start at multiples of 8 columns, so a row's 32 columns are four 16-byte vectors (bf16/fp16; fp32: eight).
+# Free for grouped layers whose g is a multiple of 8: their bands start at multiples of g.
+ALIGN = 8
 
 
 def _apply_kernel(
     src, tiles, step_col, block_ptr, dst, N, A, B,
-    BLOCK_N: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(0)  # row block fastest: programs of one token block share its rows of src in L2
     pid_n = tl.program_id(1)
@@ -59,7 +63,7 @@ def _apply_kernel(
     s0 = tl.load(block_ptr + pid_b)
     s1 = tl.load(block_ptr + pid_b + 1)
     for s in range(s0, s1):
-        cols = tl.load(step_col + s) + rk
+        cols = tl.multiple_of(tl.load(step_col + s), ALIGN) + rk  # aligned steps: 16-byte vector loads
         a = tl.load(src + row[:, None] + cols[None, :], mask=mask_n[:, None] & (cols < A)[None, :], other=0.0)
         b = tl.load(tiles + s * (BK * R) + rk[:, None] * R + rr[None, :])  # int32: < 2**31 elements (checked)
         if IEEE:
@@ -73,14 +77,14 @@ def _apply_kernel(
 
 def _grad_kernel(
     x, gy, step_col, step_block, scratch, N, A, B, S, per_slice,
-    BLOCK_N: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     # scratch[slice, s] = x[tokens, step columns]^T @ gy[tokens, block rows]  ([BK, R], fp32), tokens of the slice.
     s = tl.program_id(0)
     sl = tl.program_id(1)
     rr = tl.arange(0, R)
     rk = tl.arange(0, BK)
-    cols = tl.load(step_col + s) + rk
+    cols = tl.multiple_of(tl.load(step_col + s), ALIGN) + rk
     rows = tl.load(step_block + s) * R + rr
     n_begin = sl * per_slice
     n_end = tl.minimum(N, n_begin + per_slice)
@@ -109,8 +113,9 @@ def _kernels() -> tuple[Any, Any]:
 
 def plans(offsets: torch.Tensor, in_features: int, out_features: int) -> tuple[TilePlan, TilePlan]:
     """The layer's (forward, ``grad_x``) tile plans on the offsets' device, built once per offsets tensor."""
-    spec = ("grouped_triton", in_features, out_features, ROWS, BLOCK_K)
-    return cached_plan(offsets, spec, lambda: layer_plans(offsets, in_features, out_features, R=ROWS, BK=BLOCK_K))
+    spec = ("grouped_triton", in_features, out_features, ROWS, BLOCK_K, ALIGN)
+    build = lambda: layer_plans(offsets, in_features, out_features, R=ROWS, BK=BLOCK_K, align=ALIGN)  # noqa: E731
+    return cached_plan(offsets, spec, build)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -139,7 +144,7 @@ def grouped_apply(src: torch.Tensor, tiles: torch.Tensor, plan: TilePlan) -> tor
     grid = (plan.block_ptr.numel() - 1, -(-n // block_n))
     apply_kernel[grid](
         src, tiles, plan.step_col, plan.block_ptr, dst, n, plan.A, plan.B,
-        BLOCK_N=block_n, R=plan.R, BK=plan.BK, IEEE=_ieee(src.dtype),
+        BLOCK_N=block_n, R=plan.R, BK=plan.BK, IEEE=_ieee(src.dtype), ALIGN=ALIGN,
     )  # fmt: skip
     return dst
 
@@ -171,7 +176,7 @@ def grouped_grad_values(x: torch.Tensor, grad_y: torch.Tensor, plan: TilePlan, s
     scratch = torch.empty(slices, plan.steps * plan.BK * plan.R, dtype=torch.float32, device=x.device)
     grad_kernel[(plan.steps, slices)](
         x, grad_y, plan.step_col, plan.step_block, scratch, n, plan.A, plan.B, plan.steps, per_slice,
-        BLOCK_N=block_n, R=plan.R, BK=plan.BK, IEEE=_ieee(x.dtype),
+        BLOCK_N=block_n, R=plan.R, BK=plan.BK, IEEE=_ieee(x.dtype), ALIGN=ALIGN,
     )  # fmt: skip
     summed = scratch[0] if slices == 1 else scratch.sum(0)  # fixed order: deterministic
     return summed.index_select(0, plan.pos).view(shape).to(x.dtype)

@@ -73,8 +73,15 @@ def plan_tiles(
     BK: int = 32,
     aligned: bool = False,
     layout: str = "kr",
+    align: int = 1,
 ) -> TilePlan:
-    """Plan the steps of ``Wmat [B, A]`` whose kept weights sit at ``(rows, cols)`` (see the module docstring)."""
+    """Plan the steps of ``Wmat [B, A]`` whose kept weights sit at ``(rows, cols)`` (see the module docstring).
+
+    ``align``: greedy steps start at a multiple of it (``align = 8`` lets a kernel load 8 consecutive 16-bit or
+    4-byte elements as one 16-byte vector); ``aligned=True`` means ``align = BK`` (BSR blocks).
+    """
+    if aligned:
+        align = BK
     r = rows.detach().reshape(-1).cpu().numpy().astype(np.int64)
     c = cols.detach().reshape(-1).cpu().numpy().astype(np.int64)
     nblocks = -(-B // R)
@@ -84,13 +91,14 @@ def plan_tiles(
     bounds = np.searchsorted(keys, np.arange(nblocks + 1) * A)
     for b in range(nblocks):
         occupied = keys[bounds[b] : bounds[b + 1]] - b * A
-        if aligned:
+        if align == BK:
             starts = np.unique(occupied // BK) * BK
         else:
             starts, i = [], 0
-            while i < len(occupied):  # greedy interval cover: a step from the first uncovered column
-                starts.append(occupied[i])
-                i = int(np.searchsorted(occupied, occupied[i] + BK))
+            while i < len(occupied):  # greedy interval cover: a step from the first uncovered column (aligned down)
+                start = occupied[i] - occupied[i] % align
+                starts.append(start)
+                i = int(np.searchsorted(occupied, start + BK))
             starts = np.asarray(starts, dtype=np.int64)
         starts_per_block.append(starts)
     counts = np.array([len(s) for s in starts_per_block], dtype=np.int64)

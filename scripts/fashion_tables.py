@@ -1,0 +1,227 @@
+"""Tables and the plot of the Fashion-MNIST study from its ``runs.csv`` (written by ``scripts/run_study.py``).
+
+- Accuracy per cell: validation (the split every choice was made on) and test top-1 (the reported number), mean
+  +- std over seeds, achieved sparsity of the sparsified layers.
+- Paired differences against ``sparse_dynadiag`` (free diagonals, same target sparsity) on the test split, per seed,
+  with 95 % t confidence intervals and the paired t-test p-value; each table (one per target sparsity) is one
+  family whose p-values are Holm-adjusted.
+- Whole-run training images per CPU-second (soft phase, freeze and all; 1 thread) and the ratio to dense.
+
+The tables replace the block between ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` of the page;
+the plot is written next to the CSV.
+
+    python scripts/fashion_tables.py                      # docs/results/fashion_mnist/runs.csv -> the page
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_tables import paired_difference
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CSV = ROOT / "docs" / "results" / "fashion_mnist" / "runs.csv"
+DEFAULT_PAGE = ROOT / "docs" / "results" / "fashion_mnist.md"
+REFERENCE = "sparse_dynadiag"
+ORDER = ("dense", "sparse_dynadiag", "dynadiag", "diag_heur", "rigl", "srigl", "set", "static")
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+
+Cell = tuple[str, float, int, bool]  # method, sparsity, group, permute
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values in the given order (NaN stays NaN and is not counted in the family)."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))  # step-down, kept monotone
+        adjusted[i] = running
+    return adjusted
+
+
+def load(path: Path) -> dict[Cell, dict[int, dict[str, Any]]]:
+    """cell -> seed -> row (numbers as floats); a later row of the same cell and seed replaces an earlier one."""
+    cells: dict[Cell, dict[int, dict[str, Any]]] = defaultdict(dict)
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            cell = (row["method"], float(row["sparsity"]), int(row["group"] or 1), row["permute"] == "True")
+            numbers = {}
+            for key, value in row.items():
+                try:
+                    numbers[key] = float(value)
+                except (TypeError, ValueError):
+                    numbers[key] = value
+            cells[cell][int(row["seed"])] = numbers
+    return cells
+
+
+def label(cell: Cell) -> str:
+    method, _, group, permute = cell
+    return method + (f" g={group}" + (" +perm" if permute else "") if group > 1 else "")
+
+
+def _order(cell: Cell) -> tuple:
+    method, sparsity, group, _ = cell
+    return (sparsity, ORDER.index(method) if method in ORDER else len(ORDER), method, group)
+
+
+def _stats(runs: dict[int, dict[str, Any]], key: str) -> tuple[float, float, int]:
+    values = [r[key] for r in runs.values() if isinstance(r.get(key), float)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    if n == 0:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def accuracy_table(cells: dict[Cell, dict[int, dict]]) -> list[str]:
+    dense = _stats(cells.get(("dense", 0.0, 1, False), {}), "train_images_per_cpu_s_overall")[0]
+    lines = [
+        "| target | method | seeds | val top-1 | **test top-1** | sparsity (achieved) | train img / CPU-s | vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in sorted(cells, key=_order):
+        runs = cells[cell]
+        val, test = _stats(runs, "val_top1"), _stats(runs, "test_top1")
+        speed = _stats(runs, "train_images_per_cpu_s_overall")
+        achieved = _stats(runs, "sparsity_effective")[0]
+        ratio = f"{speed[0] / dense:.2f}x" if dense == dense and speed[2] else "–"
+        target = "–" if cell[0] == "dense" else f"{cell[1]:.0%}"
+        lines.append(
+            f"| {target} | {label(cell)} | {len(runs)} | {_fmt(*val)} | **{_fmt(*test)}** | "
+            f"{achieved:.3f} | {_fmt(*speed, digits=0)} | {ratio} |"
+        )
+    return lines
+
+
+def paired_rows(cells: dict[Cell, dict[int, dict]], sparsity: float, key: str = "test_top1") -> list[dict[str, Any]]:
+    """Each cell of this target sparsity (and dense) minus ``sparse_dynadiag`` at it, paired by seed; Holm over the
+    rows."""
+    reference = cells.get((REFERENCE, sparsity, 1, False))
+    if not reference:
+        return []
+    ref_values = {s: r[key] for s, r in reference.items() if isinstance(r.get(key), float)}
+    rows = []
+    for cell in sorted(cells, key=_order):
+        if cell == (REFERENCE, sparsity, 1, False) or (cell[1] != sparsity and cell[0] != "dense"):
+            continue
+        values = {s: r[key] for s, r in cells[cell].items() if isinstance(r.get(key), float)}
+        diff = paired_difference(values, ref_values)
+        if diff is not None:
+            rows.append({"cell": cell, **diff})
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"| method | pairs | test top-1 − {REFERENCE} (pp) | 95 % CI | p | p (Holm) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ci = f"[{r['lo']:+.2f}, {r['hi']:+.2f}]" if r["n"] > 1 else "– (1 pair)"
+        p = "–" if math.isnan(r["p"]) else f"{r['p']:.3f}"
+        ph = "–" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3f}"
+        lines.append(f"| {label(r['cell'])} | {r['n']} | {r['mean']:+.2f} | {ci} | {p} | {ph} |")
+    return lines
+
+
+def plot(cells: dict[Cell, dict[int, dict]], path: Path) -> None:
+    """Test top-1 (mean and seeds) against whole-run training images per CPU-second, one point per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = {0.0: "*", 0.9: "o", 0.98: "s"}
+    for cell in sorted(cells, key=_order):
+        runs = cells[cell]
+        test, speed = _stats(runs, "test_top1"), _stats(runs, "train_images_per_cpu_s_overall")
+        if not test[2] or not speed[2]:
+            continue
+        ax.errorbar(
+            speed[0],
+            test[0],
+            yerr=test[1] if test[2] > 1 else None,
+            marker=markers.get(cell[1], "^"),
+            capsize=3,
+            linestyle="none",
+            label=f"{label(cell)} {'' if cell[0] == 'dense' else f'{cell[1]:.0%}'}",
+        )
+    ax.set_xlabel("training images per CPU-second (whole run, 1 thread)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Fashion-MNIST, ViT patch 7 / width 64 / depth 4 (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(cells: dict[Cell, dict[int, dict]], csv_link: str, plot_link: str) -> str:
+    seeds = sorted({s for runs in cells.values() for s in runs})
+    parts = [
+        f"Runs: {sum(len(r) for r in cells.values())} (seeds {', '.join(map(str, seeds))}), generated by "
+        f"`python scripts/fashion_tables.py` from [runs.csv]({csv_link}).",
+        "",
+        "### Accuracy and training cost",
+        "",
+        *accuracy_table(cells),
+        "",
+    ]
+    for sparsity in sorted({c[1] for c in cells if c[0] != "dense"}):
+        rows = paired_rows(cells, sparsity)
+        if rows:
+            parts += [
+                f"### Paired differences against {REFERENCE} at {sparsity:.0%} (test split)",
+                "",
+                *paired_table(rows),
+                "",
+            ]
+    parts += [f"![test top-1 vs training images per CPU-second]({plot_link})", ""]
+    return "\n".join(parts)
+
+
+def update_page(page: Path, block: str) -> None:
+    text = page.read_text(encoding="utf-8") if page.is_file() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {page} has no {BEGIN} ... {END} block to fill")
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    page.write_text(pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--csv", default=str(DEFAULT_CSV))
+    parser.add_argument("--page", default=str(DEFAULT_PAGE), help="markdown page whose tables block is replaced")
+    args = parser.parse_args(argv)
+    csv_path = Path(args.csv)
+    cells = load(csv_path)
+    plot_path = csv_path.with_name("test_top1_vs_cost.png")
+    plot(cells, plot_path)
+    page = Path(args.page)
+    links = [os.path.relpath(p, page.resolve().parent) for p in (csv_path.resolve(), plot_path.resolve())]
+    update_page(page, render(cells, *links))
+    print(f"wrote {args.page} and {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

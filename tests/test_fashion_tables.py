@@ -1,0 +1,63 @@
+"""Fashion-MNIST study tables: Holm adjustment, paired differences by seed, the page block and the plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from scripts import fashion_tables, run_study  # noqa: E402
+
+
+def test_holm_steps_down_and_stays_monotone():
+    # sorted p: 0.01 (x3) -> 0.03, 0.03 (x2) -> 0.06, 0.04 (x1) -> 0.04 but kept >= 0.06
+    assert fashion_tables.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
+    adjusted = fashion_tables.holm([0.5, math.nan, 0.9])
+    assert adjusted[0] == pytest.approx(1.0) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(1.0)
+
+
+def _write_runs(path, cells: dict[tuple, list[float]]) -> None:
+    for (method, sparsity, group, permute), tests in cells.items():
+        for seed, test in enumerate(tests):
+            speed = 3000.0 if method == "dense" else 3600.0
+            row = dict(method=method, sparsity=sparsity, group=group, permute=permute, seed=seed, val_top1=test + 0.5)
+            row |= dict(test_top1=test, sparsity_effective=0.0 if method == "dense" else sparsity)
+            run_study.append_row(path, {**row, "train_images_per_cpu_s_overall": speed + seed})
+
+
+def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
+    csv_path = tmp_path / "fashion_mnist" / "runs.csv"
+    _write_runs(
+        csv_path,
+        {
+            ("dense", 0.0, 1, False): [91.0, 90.5, 91.5],
+            ("sparse_dynadiag", 0.9, 1, False): [89.0, 88.0, 90.0],
+            ("rigl", 0.9, 1, False): [88.0, 86.0, 89.5],  # differences -1, -2, -0.5
+            ("sparse_dynadiag", 0.9, 32, True): [88.5],
+            ("sparse_dynadiag", 0.98, 1, False): [85.0, 84.0],
+            ("dynadiag", 0.98, 1, False): [80.0, 80.0],
+        },
+    )
+    page = tmp_path / "fashion_mnist.md"
+    page.write_text(f"# title\n\n{fashion_tables.BEGIN}\nold\n{fashion_tables.END}\n\nafter\n")
+    fashion_tables.main(["--csv", str(csv_path), "--page", str(page)])
+    text = page.read_text()
+    assert text.startswith("# title") and text.rstrip().endswith("after") and "old" not in text
+    assert (tmp_path / "fashion_mnist" / "test_top1_vs_cost.png").stat().st_size > 0
+    assert "](fashion_mnist/runs.csv)" in text
+    cells = fashion_tables.load(csv_path)
+    rows = {fashion_tables.label(r["cell"]): r for r in fashion_tables.paired_rows(cells, 0.9)}
+    assert set(rows) == {"dense", "rigl", "sparse_dynadiag g=32 +perm"}
+    assert rows["rigl"]["mean"] == pytest.approx(-3.5 / 3) and rows["rigl"]["n"] == 3
+    assert rows["dense"]["mean"] == pytest.approx(2.0)
+    family = [rows["dense"]["p"], rows["rigl"]["p"]]  # the single-pair row has no p and is not counted
+    assert sorted(r["p_holm"] for r in (rows["dense"], rows["rigl"])) == pytest.approx(
+        sorted(fashion_tables.holm(family))
+    )
+    assert math.isnan(rows["sparse_dynadiag g=32 +perm"]["p_holm"])
+    assert "| rigl | 3 | -1.17 |" in text and "at 98% (test split)" in text
+    assert "| – | dense | 3 |" in text and "1.20x" in text  # 3601 / 3001 img per CPU-s
