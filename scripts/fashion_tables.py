@@ -4,7 +4,7 @@
   +- std over seeds, achieved sparsity of the sparsified layers.
 - Paired differences against ``sparse_dynadiag`` (free diagonals, same target sparsity) on the test split, per seed,
   with 95 % t confidence intervals and the paired t-test p-value; each table (one per target sparsity) is one
-  family whose p-values are Holm-adjusted.
+  family whose p-values are Holm-adjusted (``make_tables.add_holm``: comparisons with at least 3 pairs).
 - Whole-run training images per CPU-second (soft phase, freeze and all; 1 thread) and the ratio to dense.
 
 The tables replace the block between ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` of the page;
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tables import paired_difference
+from make_tables import MIN_PAIRS, add_holm, paired_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = ROOT / "docs" / "results" / "fashion_mnist" / "runs.csv"
@@ -38,16 +38,6 @@ ORDER = ("dense", "sparse_dynadiag", "dynadiag", "diag_heur", "rigl", "srigl", "
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
 Cell = tuple[str, float, int, bool]  # method, sparsity, group, permute
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values in the given order (NaN stays NaN and is not counted in the family)."""
-    finite = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
-    adjusted, running = [math.nan] * len(pvalues), 0.0
-    for rank, (p, i) in enumerate(finite):
-        running = max(running, min(1.0, (len(finite) - rank) * p))  # step-down, kept monotone
-        adjusted[i] = running
-    return adjusted
 
 
 def load(path: Path) -> dict[Cell, dict[int, dict[str, Any]]]:
@@ -111,7 +101,7 @@ def accuracy_table(cells: dict[Cell, dict[int, dict]]) -> list[str]:
 
 def paired_rows(cells: dict[Cell, dict[int, dict]], sparsity: float, key: str = "test_top1") -> list[dict[str, Any]]:
     """Each cell of this target sparsity (and dense) minus ``sparse_dynadiag`` at it, paired by seed; Holm over the
-    rows."""
+    rows with at least ``MIN_PAIRS`` pairs."""
     reference = cells.get((REFERENCE, sparsity, 1, False))
     if not reference:
         return []
@@ -124,9 +114,7 @@ def paired_rows(cells: dict[Cell, dict[int, dict]], sparsity: float, key: str = 
         diff = paired_difference(values, ref_values)
         if diff is not None:
             rows.append({"cell": cell, **diff})
-    for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
-        row["p_holm"] = adjusted
-    return rows
+    return add_holm(rows, MIN_PAIRS)  # the family: every comparison of this table
 
 
 def paired_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Fashion-MNIST study tables: Holm adjustment, paired differences by seed, the page block and the plot."""
+"""Fashion-MNIST study tables: paired differences by seed with Holm per table, the page block and the plot."""
 
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts import fashion_tables, run_study  # noqa: E402
-
-
-def test_holm_steps_down_and_stays_monotone():
-    # sorted p: 0.01 (x3) -> 0.03, 0.03 (x2) -> 0.06, 0.04 (x1) -> 0.04 but kept >= 0.06
-    assert fashion_tables.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
-    adjusted = fashion_tables.holm([0.5, math.nan, 0.9])
-    assert adjusted[0] == pytest.approx(1.0) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(1.0)
+from scripts import fashion_tables, make_tables, run_study  # noqa: E402
 
 
 def _write_runs(path, cells: dict[tuple, list[float]]) -> None:
@@ -55,9 +48,7 @@ def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
     assert rows["rigl"]["mean"] == pytest.approx(-3.5 / 3) and rows["rigl"]["n"] == 3
     assert rows["dense"]["mean"] == pytest.approx(2.0)
     family = [rows["dense"]["p"], rows["rigl"]["p"]]  # the single-pair row has no p and is not counted
-    assert sorted(r["p_holm"] for r in (rows["dense"], rows["rigl"])) == pytest.approx(
-        sorted(fashion_tables.holm(family))
-    )
+    assert sorted(r["p_holm"] for r in (rows["dense"], rows["rigl"])) == pytest.approx(sorted(make_tables.holm(family)))
     assert math.isnan(rows["sparse_dynadiag g=32 +perm"]["p_holm"])
     assert "| rigl | 3 | -1.17 |" in text and "at 98% (test split)" in text
     assert "| – | dense | 3 |" in text and "1.20x" in text  # 3601 / 3001 img per CPU-s
