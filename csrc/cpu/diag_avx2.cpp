@@ -20,9 +20,19 @@ namespace dynadiag {
 namespace avx2 {
 namespace {
 
+#ifndef DD_AVX2_NB
+#define DD_AVX2_NB 4
+#endif
+#ifndef DD_AVX2_TV
+#define DD_AVX2_TV 3
+#endif
+#ifndef DD_AVX2_KB
+#define DD_AVX2_KB 4
+#endif
+
 struct Avx2 {
   using v = __m256;
-  static constexpr int L = 8, NB = 4, TV = 3, KB = 4;
+  static constexpr int L = 8, NB = DD_AVX2_NB, TV = DD_AVX2_TV, KB = DD_AVX2_KB;
   static inline v zero() { return _mm256_setzero_ps(); }
   static inline v load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, v x) { _mm256_storeu_ps(p, x); }
