@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# auto's measured choices go to a per-session folder: tests neither read a user's cache nor leave entries in it.
+os.environ.setdefault("DYNADIAG_AUTOTUNE_CACHE", tempfile.mkdtemp(prefix="dynadiag-autotune-"))
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
