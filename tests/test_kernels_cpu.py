@@ -138,7 +138,7 @@ def test_frozen_layer_uses_cpu_backend_and_matches_dense():
     dense = layer.to_linear()
     x = torch.randn(3, 5, 96)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
-    assert get_backend("auto", "cpu").name == "cpu"
+    assert "cpu" in get_backend("auto", "cpu").candidates  # auto races the cpu kernels against dense GEMMs
 
 
 def test_rejects_unsupported_inputs():
