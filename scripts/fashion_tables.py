@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = ROOT / "docs" / "results" / "fashion_mnist" / "runs.csv"
 DEFAULT_PAGE = ROOT / "docs" / "results" / "fashion_mnist.md"
 REFERENCE = "sparse_dynadiag"
-ORDER = ("dense", "sparse_dynadiag", "dynadiag", "diag_heur", "rigl", "srigl", "set", "static")
+ORDER = ("dense", "sparse_dynadiag", "dynadiag", "diag_heur", "rigl", "sparsimony_rigl", "srigl", "set", "static")
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
 Cell = tuple[str, float, int, bool]  # method, sparsity, group, permute

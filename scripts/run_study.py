@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = ROOT / "docs" / "results" / "fashion_mnist" / "runs.csv"
 EXPERIMENT = "fashion_study"
 BASELINES = ("static", "set", "rigl", "srigl", "diag_heur")
+#: third-party reference rows, run last (sparsimony_rigl needs `pip install --no-deps sparsimony==0.1.0`)
+REFERENCES = ("sparsimony_rigl",)
 COLUMNS = [
     "method",
     "sparsity",
@@ -90,11 +92,11 @@ class Cell:
 
 
 def study_cells() -> list[Cell]:
-    """The study's cells, in launch order within a seed: the DynaDiag variants first, then the baselines."""
+    """The study's cells, in launch order within a seed: the DynaDiag variants, the baselines, the reference rows."""
     cells = [Cell("dense", 0.0)]
     cells += [Cell(m, s) for m in ("sparse_dynadiag", "dynadiag") for s in (0.9, 0.98)]
     cells += [Cell("sparse_dynadiag", 0.9, g, True) for g in (8, 32)]
-    cells += [Cell(m, s) for m in BASELINES for s in (0.9, 0.98)]
+    cells += [Cell(m, s) for m in BASELINES + REFERENCES for s in (0.9, 0.98)]
     return cells
 
 
