@@ -11,7 +11,7 @@ WHEEL_TMP ?= $(or $(TMPDIR),/tmp)/dynadiag-wheel-test
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'  # dev = the [train] and [onnx] extras + test tools
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev = every extra ([train], [onnx], ...) + test tools
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,7 +28,7 @@ wheel-test: setup  ## build the wheel, install it in a fresh venv outside the ch
 	$(PY) -m venv --without-pip $(WHEEL_TMP)/venv
 	# The fresh venv takes torch & co. from .venv through a path file (nothing downloaded); dynadiag comes from the
 	# wheel alone (.venv's editable install is not activated by a plain path entry). wheel_check.py hides the
-	# [train] and [onnx] extras' packages before importing dynadiag, so it checks what `pip install dynadiag` gives.
+	# extras' packages ([train], [onnx], ...) before importing dynadiag, so it checks what `pip install dynadiag` gives.
 	$(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))" > \
 		"$$($(WHEEL_TMP)/venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/deps.pth"
 	$(PY) -m pip --python $(WHEEL_TMP)/venv/bin/python install --quiet --no-deps --no-index $(WHEEL_TMP)/dist/*.whl

@@ -8,7 +8,7 @@ the configs need no custom resolver.
 
 Route of a run (``train.py``)::
 
-    validate_config(cfg)                       device, backend, global batch vs ranks
+    validate_config(cfg)                       device, backend (and auto's measurement switch), global batch vs ranks
     build_data(cfg.data, ...)                  DataConfig -> loaders for this rank's share of the global batch
     build_sparse_model(cfg.model, cfg.sparsifier)
         instantiate(model)                     timm model (dense)
@@ -36,7 +36,7 @@ from torch import nn
 from dynadiag import distributed as dist_utils
 from dynadiag.checkpoint import CheckpointError
 from dynadiag.data import DataBundle, DataConfig, build_loaders
-from dynadiag.kernels import BackendUnavailableError, backend_names, get_backend
+from dynadiag.kernels import BackendUnavailableError, autotune, backend_names, get_backend
 from dynadiag.loggers import Logger, build_logger
 from dynadiag.methods.base import SparseMethod
 from dynadiag.trainer import Trainer
@@ -49,6 +49,7 @@ __all__ = [
     "build_sparse_model",
     "build_trainer",
     "check_group_overrides",
+    "configure_autotune",
     "error_message",
     "group_choices",
     "is_multirun",
@@ -131,6 +132,16 @@ def validate_backend(backend: str, device: torch.device) -> None:
         get_backend(backend, device)  # raises with the list of backends available on this device
 
 
+def configure_autotune(value: Any) -> None:
+    """``autotune``: ``true``/``false`` switches ``auto``'s measured kernel choice on/off for the run; ``null`` leaves
+    it to ``$DYNADIAG_AUTOTUNE`` (default on)."""
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        raise ValueError(f"autotune must be true, false or null, got {value!r}")
+    autotune.set_enabled(value)
+
+
 def validate_config(cfg: DictConfig) -> torch.device:
     """Check the run-level values (those no library object owns) before anything is built.
 
@@ -142,6 +153,7 @@ def validate_config(cfg: DictConfig) -> torch.device:
     """
     device = resolve_device(str(cfg.device))
     validate_backend(str(cfg.backend), device)
+    configure_autotune(cfg.get("autotune"))
     batch = int(cfg.data.batch_size)
     if batch < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {batch}")

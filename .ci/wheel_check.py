@@ -2,7 +2,7 @@
 
 The installed wheel must bring its kernel sources: the ``cpu`` backend builds them into an empty cache and a
 frozen DiagLinear on it matches the ``reference`` backend. The check runs as a core install (``pip install
-dynadiag``, no extras) would: the venv borrows ``.venv``'s packages, so the ``train`` and ``onnx`` extras are hidden
+dynadiag``, no extras) would: the venv borrows ``.venv``'s packages, so every extra's packages are hidden
 first (a ``None`` entry in ``sys.modules`` makes ``import`` fail and ``find_spec`` report them missing).
 """
 
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 EXTRAS = ("hydra", "hydra_plugins", "omegaconf", "submitit", "wandb", "sklearn", "matplotlib")
-EXTRAS += ("onnx", "onnxruntime", "onnxscript")
+EXTRAS += ("onnx", "onnxruntime", "onnxscript", "lightning", "pytorch_lightning", "transformers", "accelerate")
 for hidden in EXTRAS:
     sys.modules[hidden] = None  # type: ignore[assignment]
 
@@ -35,7 +35,7 @@ assert os.environ["DYNADIAG_CACHE"] and not any(Path(os.environ["DYNADIAG_CACHE"
 # the core install: the extras' packages are optional requirements of the wheel, and no module imports them
 for requirement in importlib.metadata.requires("dynadiag") or []:
     name = requirement.split(";")[0].strip().lower()
-    if name.startswith(("hydra", "omegaconf", "wandb", "scikit-learn", "matplotlib", "onnx")):
+    if name.startswith(("hydra", "omegaconf", "wandb", "scikit-learn", "matplotlib", "onnx", "pytorch-lightning")):
         assert "extra ==" in requirement, f"core requirement on an extra's package: {requirement}"
 modules = [info.name for info in pkgutil.walk_packages(dynadiag.__path__, "dynadiag.")]
 for name in modules:

@@ -8,6 +8,10 @@ longer matches the model. :meth:`SparseEMA.resync_` rebuilds the copy from the m
 the averages over: every diagonal present before and after keeps its averaged row (matched by diagonal offset, not
 by row number), every other tensor of unchanged name and shape keeps its average, and new diagonals start from the
 model's current values. The trainer calls it whenever the method reports a topology change.
+
+Sparse DynaDiag's stable layout (``stable_params``) changes the diagonal a row holds in place (the ``slots`` buffer),
+without a topology change: :meth:`SparseEMA.update` restarts such rows from the model's values before averaging, so
+the result is the same as resyncing.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ RUNTIME_ATTRS = ("temperature", "hardness", "normalize")
 
 
 def diagonal_rows(layer: DiagLinear | DiagConv2d) -> torch.Tensor:  # [rows of V] int64
-    """The diagonal offset stored in each row of ``layer.V``."""
+    """The diagonal offset stored in each row of ``layer.V`` (``-1``: a free row of the stable layout)."""
     rows = layer.V.shape[0]
     if layer.is_frozen:
         return layer.offsets
+    if getattr(layer, "slots", None) is not None:
+        return layer.slots
     candidate_offsets = getattr(layer, "candidate_offsets", None)
     if candidate_offsets is not None and candidate_offsets().numel() == rows:
         return candidate_offsets()
@@ -67,7 +73,20 @@ class SparseEMA:
 
     def update(self, model: nn.Module, step: int) -> None:
         """Average in the weights after optimizer step number ``step`` (1-based: the first update copies)."""
+        self._restart_moved_rows_(model)
         self.ema.update(model, step=step)
+
+    @torch.no_grad()
+    def _restart_moved_rows_(self, model: nn.Module) -> None:
+        """Rows of a stable-layout ``V`` that hold another diagonal than in the copy start from the model's values."""
+        copies = _diag_layers(self.module)
+        for name, layer in _diag_layers(model).items():
+            twin = copies.get(name)
+            slots, twin_slots = getattr(layer, "slots", None), getattr(twin, "slots", None)
+            if slots is None or twin_slots is None or twin_slots.shape != slots.shape:
+                continue
+            moved = twin_slots != slots  # [R]
+            twin.V[moved] = layer.V.detach()[moved].to(twin.V.dtype)
 
     @torch.no_grad()
     def resync_(self, model: nn.Module) -> None:
@@ -113,8 +132,10 @@ def _carry_rows_(new: torch.Tensor, old: torch.Tensor, new_rows: torch.Tensor, o
     if new_rows.numel() == 0 or old_rows.numel() == 0:
         return
     size = 1 + max(int(new_rows.max()), int(old_rows.max()))
-    where = torch.full((size,), -1, dtype=torch.long, device=old.device)
-    where[old_rows.to(old.device)] = torch.arange(old_rows.numel(), device=old.device)
+    where = torch.full((size + 1,), -1, dtype=torch.long, device=old.device)  # [size]: -1 (a free row) -> the extra
+    held = torch.nonzero(old_rows >= 0).flatten().to(old.device)
+    where[old_rows.to(old.device)[held]] = held
+    where[size] = -1
     source = where[new_rows.to(old.device)]  # [rows of new]: row of old holding that diagonal, or -1
-    kept = source >= 0
+    kept = (source >= 0) & (new_rows.to(old.device) >= 0)
     new[kept.to(new.device)] = old[source[kept]].to(new.device)

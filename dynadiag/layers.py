@@ -175,10 +175,12 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         self.temperature = 1.0
         #: module name inside the model, set by :func:`dynadiag.sparsify_`; used in error messages.
         self.layer_name = ""
-        #: what computed the last frozen forward: a backend name, or ``auto``'s per-op plan on CUDA (e.g.
-        #: ``"fwd=cuda,dx=cuda,dv=dense"``); ``""`` before the first frozen forward. Shown in the sparsify report
-        #: and the run summary.
+        #: what computed the last frozen forward: a backend name, or ``auto``'s per-op plan (e.g. ``"cpu"``,
+        #: ``"dense"``, ``"fwd=cuda,dx=cuda,dv=dense"``); ``""`` before the first frozen forward. Shown in the
+        #: sparsify report and the run summary.
         self.kernel = ""
+        #: ``auto``'s measured dense time over the chosen plan's time for that call (``None``: not measured).
+        self.kernel_ratio: float | None = None
         self.V = nn.Parameter(torch.empty(self.num_diagonals, self.diag_length, **factory))  # [P, D]
         self.alpha = nn.Parameter(torch.empty(self.num_groups, **factory))  # [P] (g = 1) or [G]
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -269,13 +271,20 @@ class DiagLinear(DiagonalSparseMixin, nn.Module):
         values = self.V if getattr(backend, "casts_values", False) else self.V.to(dtype)
         args = (x2d, values, self.offsets, bias, self.in_features, self.out_features)
         y = backend.diag_linear(*args, perm=self.perm) if fuse_perm else backend.diag_linear(*args)
+        self._note_kernel(backend, x2d, dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _note_kernel(self, backend, x2d: torch.Tensor, dtype: torch.dtype) -> None:
+        """Record what computed this call (``kernel``) and, for ``auto``, its measured speed-up over dense."""
         kernel_name = getattr(backend, "kernel_name", None)
         if kernel_name is None:
-            self.kernel = backend.name
-        else:
-            training = torch.is_grad_enabled() and (x2d.requires_grad or self.V.requires_grad)
-            self.kernel = kernel_name(self.in_features, self.out_features, self.k, x2d.shape[0], dtype, training)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            self.kernel, self.kernel_ratio = backend.name, None
+            return
+        training = torch.is_grad_enabled() and (x2d.requires_grad or self.V.requires_grad)
+        problem = (self.in_features, self.out_features, self.k, x2d.shape[0], dtype, training)
+        self.kernel = kernel_name(*problem)
+        ratio = getattr(backend, "kernel_ratio", None)
+        self.kernel_ratio = None if ratio is None else ratio(*problem)
 
     @classmethod
     def from_linear(

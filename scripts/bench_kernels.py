@@ -9,15 +9,24 @@ and of the weights) and forward+backward of:
 - the ``reference`` backend (dense materialisation) and every other backend available on the device, in fp32
   and bf16 (bf16 is compared with dense bf16, which runs on AMX / tensor cores).
 
-Methods are interleaved within each repeat and the minimum over repeats is kept, so load from other processes
-hits all methods alike. With several ``--threads`` every case is timed at each thread count in the same run
-(1 thread on ``--clock process``: CPU time of the process; more threads always on the wall clock). Prints
-ratios vs dense and vs CSR and the fraction of the FLOP ceiling ``1/(1-s)``; writes ``<out>/bench_kernels.json``
-(with the CPU model, its ISA flags and the load average) and one ``<out>/bench_kernels_t<threads>.png`` per
-thread count.
+Methods are interleaved within each repeat and the minimum (or, with ``--stat median``, the median) over repeats is
+kept, so load from other processes hits all methods alike. With several ``--threads`` every case is timed at each
+thread count in the same run (1 thread on ``--clock process``: CPU time of the process; more threads always on the
+wall clock). Prints ratios vs dense and vs CSR and the fraction of the FLOP ceiling ``1/(1-s)``; writes
+``<out>/bench_kernels.json`` (with the CPU model, its ISA flags and the load average) and one
+``<out>/bench_kernels_t<threads>.png`` per thread count.
 
     python scripts/bench_kernels.py --device cpu --threads 1 2 --clock process --out docs/benchmarks/cpu
     python scripts/bench_kernels.py --device cuda --quick
+
+CPU kernel variants: ``--isa avx2 portable`` times the ``cpu`` backend once per variant (methods ``cpu-avx2``,
+``cpu-portable``, interleaved in one run; ``DYNADIAG_CPU_ISA`` is set around each call). The JSON records the
+variants, the one the CPU would pick, torch's CPU capability and whether the run is *emulated*: a variant below the
+CPU's own, or a dense side capped with ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` (set those before the
+process starts). An AVX2-only CPU emulated on an AVX-512 one:
+
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python scripts/bench_kernels.py --isa avx2 \
+        --threads 1 --clock process --stat median --sparsities 0.9 --out docs/benchmarks/cpu/zen5-avx2
 """
 
 from __future__ import annotations
@@ -28,8 +37,10 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +48,8 @@ import torch.nn.functional as F
 
 from dynadiag.functional import num_active_diagonals
 from dynadiag.kernels import available_backends, get_backend
+
+DENSE_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
 TOKENS = (197, 1576)
@@ -129,6 +142,55 @@ def _phases(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], gra
     return {"fwd": fwd, "bwd": bwd, "fb": fb}
 
 
+@contextmanager
+def _cpu_isa(isa: str | None):
+    """Run the ``cpu`` backend's ``isa`` variant inside the block (``None``: leave the dispatch alone)."""
+    if isa is None:
+        yield
+        return
+    old = os.environ.get("DYNADIAG_CPU_ISA")
+    os.environ["DYNADIAG_CPU_ISA"] = isa
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DYNADIAG_CPU_ISA"]
+        else:
+            os.environ["DYNADIAG_CPU_ISA"] = old
+
+
+def _with_isa(fn: Callable[[], object], isa: str) -> Callable[[], object]:
+    def run():
+        with _cpu_isa(isa):
+            return fn()
+
+    return run
+
+
+def cpu_isa_info(isas: tuple[str, ...]) -> dict:
+    """The CPU kernel variants timed, the one the CPU would pick, and how each one's figures are to be read.
+
+    Per variant: ``native`` (the CPU's own variant against its own dense), ``emulated`` (the dense side capped with
+    ``ONEDNN_MAX_CPU_ISA``/``MKL_ENABLE_INSTRUCTIONS``: a CPU with that variant emulated) or ``forced`` (a lower
+    variant against the uncapped dense of this CPU).
+    """
+    from dynadiag.kernels import cpu
+
+    with _cpu_isa("auto"):
+        native = cpu.isa()
+    caps = {k: os.environ[k] for k in DENSE_CAPS if os.environ.get(k)}
+    timed = list(isas) or [native]
+    label = {v: "emulated" if caps else ("native" if v == native else "forced") for v in timed}
+    return {
+        "variants": label,
+        "native_variant": native,
+        "supported": cpu.supported_isas(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dense_caps": caps,
+        "emulated": bool(caps),
+    }
+
+
 def _csr_phases(in_f: int, out_f: int, nnz: int, x: torch.Tensor, grad_y: torch.Tensor) -> dict:
     """Unstructured CSR with ``nnz`` random entries; explicit sparse products (no autograd support needed)."""
     device = x.device
@@ -166,8 +228,15 @@ def bench_case(
     csr: bool,
     clock: str = "wall",
     threads: tuple[int, ...] = (0,),
+    isas: tuple[str, ...] = (),
+    stat: str = "min",
+    dense_dtypes: tuple[str, ...] = ("fp32", "bf16"),
 ) -> list[dict]:
     """Time every method on one (shape, tokens, sparsity) case at each thread count (0: torch's default).
+
+    ``isas``: CPU kernel variants the ``cpu`` backend runs as separate methods (``cpu-<isa>``); empty: the one
+    the dispatch picks. ``stat``: ``min`` or ``median`` over the repeats. ``dense_dtypes``: the dense baselines
+    (fp32 always: every ratio needs it).
 
     Returns one record per (method, thread count).
     """
@@ -181,8 +250,8 @@ def bench_case(
     w32 = (torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)).to(device)
 
     methods: dict[str, dict] = {}
-    dense_dtypes = [("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)]
-    for label, dtype in dense_dtypes:
+    dense = [("dense_fp32", torch.float32)] + [("dense_bf16", torch.bfloat16)] * ("bf16" in dense_dtypes)
+    for label, dtype in dense:
         x, w = x32.to(dtype).requires_grad_(), w32.to(dtype).requires_grad_()
         methods[label] = _phases(lambda x=x, w=w: F.linear(x, w), [x, w], gy32.to(dtype))
     if device.type == "cuda":
@@ -192,15 +261,21 @@ def bench_case(
         methods["csr_fp32"] = _csr_phases(in_f, out_f, k * length, x32, gy32)
     for name in backends:
         backend = get_backend(name, device)
-        for dtype in (torch.float32, torch.bfloat16):
-            x, v = x32.to(dtype).requires_grad_(), values32.to(dtype).requires_grad_()
-            fn = lambda b=backend, x=x, v=v: b.diag_linear(x, v, offsets, None, in_f, out_f)  # noqa: E731
-            try:
-                fn()
-            except Exception as exc:
-                print(f"  skip {name} {dtype}: {type(exc).__name__}: {exc}")
-                continue
-            methods[f"{name}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = _phases(fn, [x, v], gy32.to(dtype))
+        for isa in isas if name == "cpu" and isas else (None,):
+            label = name if isa is None else f"{name}-{isa}"
+            for dtype in (torch.float32, torch.bfloat16):
+                x, v = x32.to(dtype).requires_grad_(), values32.to(dtype).requires_grad_()
+                fn = lambda b=backend, x=x, v=v: b.diag_linear(x, v, offsets, None, in_f, out_f)  # noqa: E731
+                try:
+                    with _cpu_isa(isa):
+                        fn()
+                except Exception as exc:
+                    print(f"  skip {label} {dtype}: {type(exc).__name__}: {exc}")
+                    continue
+                phases = _phases(fn, [x, v], gy32.to(dtype))
+                if isa is not None:  # the variant is read per op call, backward included
+                    phases = {p: _with_isa(f, isa) for p, f in phases.items()}
+                methods[f"{label}_{'fp32' if dtype == torch.float32 else 'bf16'}"] = phases
 
     achieved = 1.0 - k / num_diag
     records = []
@@ -209,7 +284,7 @@ def bench_case(
             torch.set_num_threads(t)
         # CPU time only measures elapsed time when a single thread does the work.
         timer = Timer(device, clock if device.type == "cuda" or torch.get_num_threads() == 1 else "wall")
-        best = {m: dict.fromkeys(PHASES, math.inf) for m in methods}
+        samples: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PHASES} for m in methods}
         for m, phases in methods.items():  # warm-up (JIT builds, oneDNN primitive caches, autotuning)
             for p in PHASES:
                 tf32 = m == "dense_tf32"
@@ -219,8 +294,10 @@ def bench_case(
             for m, phases in methods.items():
                 torch.backends.cuda.matmul.allow_tf32 = m == "dense_tf32"
                 for p in PHASES:
-                    best[m][p] = min(best[m][p], timer(phases[p], graph=p == "fwd"))
+                    samples[m][p].append(timer(phases[p], graph=p == "fwd"))
         torch.backends.cuda.matmul.allow_tf32 = False
+        pick = min if stat == "min" else statistics.median
+        best = {m: {p: pick(v) for p, v in per.items()} for m, per in samples.items()}
         for m, times in best.items():
             records.append(
                 {
@@ -249,7 +326,7 @@ def add_ratios(records: list[dict]) -> None:
         for m, r in case.items():
             if m.startswith("dense"):
                 continue
-            same = "dense_bf16" if m.endswith("bf16") else "dense_fp32"
+            same = "dense_bf16" if m.endswith("bf16") and "dense_bf16" in case else "dense_fp32"
             ceiling = 1.0 / (1.0 - r["achieved_sparsity"])
             for p in PHASES:
                 r[f"{p}_vs_dense"] = case[same][f"{p}_ms"] / r[f"{p}_ms"]
@@ -336,13 +413,13 @@ def machine_info() -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    head = f"{'shape':>11} {'N':>5} {'thr':>3} {'s':>5} {'method':>14} | {'fwd ms':>8} {'bwd ms':>8} {'fb ms':>8} |"
+    head = f"{'shape':>11} {'N':>5} {'thr':>3} {'s':>5} {'method':>17} | {'fwd ms':>8} {'bwd ms':>8} {'fb ms':>8} |"
     head += f" {'fwd/dn':>6} {'fb/dn':>6} {'fwd/csr':>7} {'fb/csr':>6} {'ceil%':>5}"
     print(head)
     print("-" * len(head))
     for r in records:
         case = f"{r['in']:>5}x{r['out']:<5} {r['tokens']:>5} {r.get('threads', 0):>3} {r['sparsity']:>5}"
-        line = f"{case} {r['method']:>14} |"
+        line = f"{case} {r['method']:>17} |"
         line += f" {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['fb_ms']:8.2f} |"
         if "fwd_vs_dense" in r:
             csr = f" {r.get('fwd_vs_csr', math.nan):7.2f} {r.get('fb_vs_csr', math.nan):6.2f}"
@@ -400,6 +477,15 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the reference backend")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"], help="CPU timer (see Timer)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks/<device>)")
+    parser.add_argument("--isa", nargs="*", default=[], help="CPU kernel variants to time (DYNADIAG_CPU_ISA values)")
+    parser.add_argument(
+        "--dense-dtypes",
+        nargs="*",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="dense baselines (fp32 is always timed; bf16 on a CPU without AVX512-BF16/AMX is far slower than fp32)",
+    )
+    parser.add_argument("--stat", default="min", choices=["min", "median"], help="statistic over the repeats")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -416,7 +502,10 @@ def main() -> None:
         backends.append("reference")
     out = args.out or Path("docs/benchmarks") / device.type
     out.mkdir(parents=True, exist_ok=True)
+    isa_info = cpu_isa_info(tuple(args.isa)) if device.type == "cpu" and "cpu" in backends else None
     print(f"device={device} threads={threads} backends={backends} torch={torch.__version__} machine={machine}")
+    if isa_info is not None:
+        print(f"cpu kernel variants: {isa_info}")
 
     records: list[dict] = []
     for name, (in_f, out_f) in shapes.items():
@@ -424,7 +513,19 @@ def main() -> None:
             for s in sparsities:
                 t0 = time.perf_counter()
                 records += bench_case(
-                    in_f, out_f, n, s, device, backends, args.reps, not args.no_csr, args.clock, threads
+                    in_f,
+                    out_f,
+                    n,
+                    s,
+                    device,
+                    backends,
+                    args.reps,
+                    not args.no_csr,
+                    args.clock,
+                    threads,
+                    tuple(args.isa),
+                    args.stat,
+                    tuple(args.dense_dtypes),
                 )
                 print(f"  {name} {in_f}->{out_f} N={n} s={s}: {time.perf_counter() - t0:.1f}s", flush=True)
     add_ratios(records)
@@ -434,7 +535,7 @@ def main() -> None:
     }
     for key, per_tokens in summary.items():
         for n, per_method in per_tokens.items():
-            print(f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense of the same dtype):")
+            print(f"\n{key}: geometric mean over {list(shapes)} at {n} tokens (speedup vs dense, same dtype or fp32):")
             for m, entry in per_method.items():
                 cells = [f"s={s}: fwd {v['fwd']:.2f} fb {v['fb']:.2f}" for s, v in entry.items() if isinstance(v, dict)]
                 print(f"  {m:>14}: " + "; ".join(cells))
@@ -446,7 +547,9 @@ def main() -> None:
         "threads": list(threads),
         "torch": torch.__version__,
         "reps": args.reps,
+        "stat": args.stat,
         "clock": args.clock,
+        "cpu_isa": isa_info,  # kernel variants timed, the CPU's own, dense caps, emulated or native
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "shapes": shapes,
@@ -456,6 +559,8 @@ def main() -> None:
         json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1)
     )
     shown = [b for b in backends if b != "reference"]
+    if args.isa and "cpu" in shown:
+        shown = [n for b in shown for n in ([f"cpu-{i}" for i in args.isa] if b == "cpu" else [b])]
     for t in sorted(set(threads)):
         plot(records, out / f"bench_kernels_t{t}.png", tokens, shown, t)
     print(f"wrote {out / 'bench_kernels.json'} and {out}/bench_kernels_t*.png")

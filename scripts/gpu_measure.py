@@ -319,19 +319,26 @@ def step_determinism(res: Results, args) -> None:
     n = 12608 if args.device.type == "cuda" else tokens[-1]
     k = num_active_diagonals(in_f, out_f, args.sparsity)
     x, _values, offsets, gy = _problem(in_f, out_f, k, n, args.device)
-    for version in args.versions:
-        group = f"{name}/{n}/{version}"
+    timer = Timer(args.device, "process" if args.device.type == "cpu" else "wall")
+    # Default mode, then under torch.use_deterministic_algorithms(True) (v1's grad_V then adds per-slice sums in a
+    # fixed order instead of atomics: bitwise equal, at the cost measured here).
+    for version, deterministic in [(v, d) for v in args.versions for d in (False, True)]:
+        group = f"{name}/{n}/{version}" + ("/deterministic" if deterministic else "")
         if res.done(args.name, group):
             continue
         bwd_v = _diag_ops(version)[2]
+        torch.use_deterministic_algorithms(deterministic)
         try:
             runs = [bwd_v(gy, x, offsets) for _ in range(5)]
             same = all(torch.equal(runs[0], r) for r in runs[1:])
             spread = max(float((r - runs[0]).abs().max()) for r in runs[1:])
-            res.add({"step": args.name, "group": group, "version": version, "bitwise_equal": same,
-                     "max_abs_diff": spread})  # fmt: skip
+            ms = min(timer(lambda f=bwd_v: f(gy, x, offsets)) for _ in range(args.reps))
+            res.add({"step": args.name, "group": group, "version": version, "deterministic_mode": deterministic,
+                     "bitwise_equal": same, "max_abs_diff": spread, "dv_ms": ms})  # fmt: skip
         except Exception as exc:
             res.add({"step": args.name, "group": group, "version": version, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            torch.use_deterministic_algorithms(False)
     res.add({"step": args.name, "status": "done"})
 
 
@@ -512,8 +519,8 @@ def step_report(res: Results, args) -> None:
     det = res.of("determinism", prefix=True)
     if det:
         lines += ["dV determinism (5 calls):", ""]
-        lines += [f"- {r['group']}: bitwise equal {r.get('bitwise_equal')}, max diff {r.get('max_abs_diff')}"
-                  f"{' ' + r['error'] if 'error' in r else ''}" for r in det]  # fmt: skip
+        lines += [f"- {r['group']}: bitwise equal {r.get('bitwise_equal')}, max diff {r.get('max_abs_diff')}, "
+                  f"dV {_fmt(r.get('dv_ms'))} ms{' ' + r['error'] if 'error' in r else ''}" for r in det]  # fmt: skip
         lines.append("")
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -178,12 +178,13 @@ class _NoBar:
 
 def set_candidate_density(method, density: float, optimizer: torch.optim.Optimizer) -> None:
     """Give every soft layer ``round(density * K)`` random candidates (same draw for every run of the script);
-    ``optimizer`` moves to the layers' new ``V``."""
+    ``optimizer`` follows (the compact layout's new ``V``; the stable layout changes rows in place, so with the
+    default ``density_start=3`` its ``V`` keeps ``3K`` rows for every density up to 3)."""
     generator = torch.Generator().manual_seed(1)
     for _, layer in method.layers:
         count = min(layer.num_diagonals, max(layer.k, round(density * layer.k)))
         ids = torch.randperm(layer.num_diagonals, generator=generator)[:count]
-        layer.set_candidates_(ids, optimizer=optimizer)  # V (the candidates' rows) is a new parameter
+        layer.set_candidates_(ids, optimizer=optimizer)
 
 
 def target_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -285,6 +286,7 @@ def main() -> None:
             for _ in range(3):
                 variant.step()  # warm-up: kernel builds, allocator, optimizer state
         best: dict[str, tuple[float, dict[str, float], float]] = {}
+        per_rep: dict[str, list[float]] = defaultdict(list)
         for _ in range(args.reps):
             for name, variant in variants.items():
                 variant.clock.seconds.clear()
@@ -294,12 +296,14 @@ def main() -> None:
                 variant.clock.on = False
                 parts = variant.parts_ms(args.steps)
                 step_ms = sum(parts.values())
+                per_rep[name].append(step_ms)
                 if name not in best or step_ms < best[name][0]:
                     best[name] = (step_ms, parts, 1e3 * variant.data_seconds / args.steps)
         for name, variant in variants.items():
             step_ms, parts, data_ms = best[name]
             linear = layers_ms(variant, args.reps)
             rows[name] = {"ms_per_step": step_ms, "loader_ms": data_ms, "parts_ms": parts, "target_layers_ms": linear}
+            rows[name]["median_ms_per_step"] = sorted(per_rep[name])[len(per_rep[name]) // 2]
         load = os.getloadavg()[0]
         ref = rows["dense"]["ms_per_step"] if "dense" in rows else rows[args.variants[0]]["ms_per_step"]
         print(
@@ -313,7 +317,7 @@ def main() -> None:
             rest = row["ms_per_step"] - row["target_layers_ms"]
             row["vs_dense"] = ref / row["ms_per_step"]
             print(
-                f"{name:<10}{row['ms_per_step']:8.1f}{row['vs_dense']:8.2f}x"
+                f"{name:<10}{row['ms_per_step']:8.1f}{row['vs_dense']:8.2f}x (median {row['median_ms_per_step']:.1f})"
                 f"{row['target_layers_ms']:8.1f}{rest:8.1f} | "
                 + "".join(f"{row['parts_ms'][p]:20.1f}" for p in PARTS)
                 + f"   (loader {row['loader_ms']:.1f})"

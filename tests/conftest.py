@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# auto's measured choices go to a per-session folder: tests neither read a user's cache nor leave entries in it.
+os.environ.setdefault("DYNADIAG_AUTOTUNE_CACHE", tempfile.mkdtemp(prefix="dynadiag-autotune-"))
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -16,13 +19,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The CPU kernel variants (dynadiag.kernels.cpu) and, for avx512, both gather/scatter layouts: every variant this
-# CPU can run is checked against the reference, so an AVX-512 machine tests the avx2 and portable kernels too.
+# The CPU kernel variants (dynadiag.kernels.cpu) and, for avx512 and avx2, both gather/scatter layouts: every variant
+# this CPU can run is checked against the reference, so an AVX-512 machine tests the avx2 and portable kernels too.
 CPU_VARIANTS = [
     ("avx512", "auto"),
     ("avx512", "tm"),
     ("avx512", "fm"),
     ("avx2", "auto"),
+    ("avx2", "tm"),
+    ("avx2", "fm"),
     ("portable", "auto"),
     ("scalar", "auto"),
 ]

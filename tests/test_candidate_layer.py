@@ -366,3 +366,26 @@ def test_kept_dropped_values_come_back():
     layer.set_candidates_(torch.tensor([0, 1, 2, 4]))  # 0 comes back, 1 enters for the first time
     assert torch.equal(layer.V[0], moved[0]) and torch.equal(layer.V[2], moved[2])  # the values they had
     assert torch.equal(layer.V[1], initial[1])  # never trained: its initial values
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("hardness", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("extra", [0, 5])  # K' = K (theta from the spread) and K' > K
+def test_weighted_rows_node_is_bit_identical_to_the_composed_ops(normalize, hardness, extra):
+    from dynadiag.candidate_layer import weighted_candidate_rows
+
+    torch.manual_seed(3)
+    layer = CandidateDiagLinear(24, 40, sparsity=0.8)
+    with torch.no_grad():
+        layer.alpha.normal_()
+    ids = torch.randperm(layer.num_diagonals)[: layer.k + extra].sort().values
+    layer.set_candidates_(ids)
+    with torch.no_grad():
+        layer.V.normal_()
+    args = (layer.k_groups, 0.3, hardness, normalize)
+    grad = torch.randn(layer.V.shape)
+    fused = weighted_candidate_rows(layer.V, layer.alpha, layer.candidate_ids(), *args)
+    gv, ga = torch.autograd.grad(fused, (layer.V, layer.alpha), grad)
+    composed = layer.V * candidate_weights(layer.alpha[layer.candidate_ids()], *args)[:, None]
+    cv, ca = torch.autograd.grad(composed, (layer.V, layer.alpha), grad)
+    assert torch.equal(fused, composed) and torch.equal(gv, cv) and torch.equal(ga, ca)

@@ -7,6 +7,7 @@ import pytest
 from dynadiag.extras import require
 
 EXTRAS = ("hydra", "hydra_plugins", "omegaconf", "submitit", "wandb", "sklearn", "matplotlib", "onnx", "onnxruntime")
+EXTRAS += ("lightning", "pytorch_lightning", "transformers", "accelerate")
 
 
 def test_require_names_the_extra():

@@ -198,3 +198,42 @@ def test_attach_rejects_bad_arguments():
         dynadiag.attach(model, optimizer, "sparse_dynadiag", total_steps=4)
     with pytest.raises(ValueError, match="total_steps"):
         dynadiag.attach(model, optimizer, DiagSparsifyConfig(0.8), total_steps=0)
+
+
+def test_a_ddp_wrapper_built_once_trains_through_candidate_updates(tmp_path):
+    """Stable parameters: DDP wraps the model once after attach and follows every candidate update (no rebuild; the
+    compact layout fails here with DDP's "parameters that were not used" error at the step after an update)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        runs = {}
+        for wrap in (True, False):
+            torch.manual_seed(0)
+            model = tiny_vit()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            method = SparseDynaDiagMethod(DiagSparsifyConfig(0.8), delta_t=1, freeze_fraction=1.0)
+            attached = dynadiag.attach(model, optimizer, method, total_steps=8)
+            forward = DistributedDataParallel(model, broadcast_buffers=False) if wrap else model
+            values = [m.V for m in model.modules() if isinstance(m, CandidateDiagLinear)]
+            grown = 0.0
+            generator = torch.Generator().manual_seed(1)
+            for _ in range(6):  # six candidate updates, no freeze
+                x = torch.randn(4, 3, IMG, IMG, generator=generator)
+                y = torch.randint(0, CLASSES, (4,), generator=generator)
+                F.cross_entropy(forward(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                grown += attached.metrics.get("sparse_dynadiag/num_new", 0.0)
+            assert grown > 0  # diagonals from outside the set entered, in place
+            now = [m.V for m in model.modules() if isinstance(m, CandidateDiagLinear)]
+            assert len(now) == len(values) and all(a is b for a, b in zip(now, values, strict=True))  # same objects
+            runs[wrap] = model.state_dict()
+        for key, value in runs[True].items():
+            torch.testing.assert_close(value, runs[False][key], msg=key)  # DDP over one rank: the same training
+    finally:
+        dist.destroy_process_group()

@@ -11,8 +11,10 @@ def test_reference_always_available():
     assert get_backend("reference", "cpu").name == "reference"
 
 
-def test_auto_returns_an_available_backend():
-    assert get_backend("auto", "cpu").name in available_backends("cpu")
+def test_auto_races_only_available_kernels():
+    auto = get_backend("auto", "cpu")
+    assert auto.name == "auto" and auto is get_backend("auto", "cpu")
+    assert set(auto.candidates) <= set(available_backends("cpu"))
 
 
 def test_unknown_backend_lists_choices():

@@ -7,7 +7,7 @@ from _methods_common import run_steps, tiny_vit
 from torch import nn
 
 from dynadiag.methods.density import num_kept
-from dynadiag.methods.masks import MaskSparsifyConfig, reset_optimizer_state_
+from dynadiag.methods.masks import MaskSparsifyConfig, reset_optimizer_state_, sparse_init_
 from dynadiag.methods.static import StaticMethod
 from dynadiag.sparsity import MASK_BUFFER, MaskReport, masked_layers
 from dynadiag.targets import select_layers
@@ -154,3 +154,31 @@ def test_mixer_and_resnet_targets_match_dynadiag():
     assert "layer1.0.conv1" in names and "layer2.0.downsample.0" in names and "conv1" not in names
     assert "fc" not in names
     assert [n for n, _ in select_layers(resnet, include=["fc"], types=(nn.Linear,), head="sparse")] == ["fc"]
+
+
+def test_sparse_init_scales_each_neuron_to_its_kept_fan_in():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 8)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, :2] = True  # fan-in 2 of 8: x2
+    mask[1, :8] = True  # dense row: unchanged
+    # row 2 keeps nothing: it stays as it is (its weights are masked anyway)
+    scaled = weight.clone()
+    sparse_init_(scaled, mask)
+    assert torch.allclose(scaled[0], weight[0] * 2) and torch.equal(
+        scaled[1:], weight[1:] * torch.tensor([[1.0], [8**0.5]])
+    )
+    # in a layer, the kept weights' pre-activation variance matches the dense layer's (statistically)
+    torch.manual_seed(1)
+    dense, sparse = nn.Linear(256, 256, bias=False), nn.Linear(256, 256, bias=False)
+    sparse.weight.data.copy_(dense.weight)
+    model = nn.Sequential()
+    model.add_module("fc", sparse)
+    StaticMethod(MaskSparsifyConfig(0.9, include=["fc"], head="sparse", first_layer="sparse", init="sparse")).apply_(
+        model
+    )
+    x = torch.randn(512, 256)
+    ratio = (sparse(x).std() / dense(x).std()).item()
+    assert 0.9 < ratio < 1.1
+    with pytest.raises(ValueError, match="init"):
+        MaskSparsifyConfig(0.9, init="xavier")

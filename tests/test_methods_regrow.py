@@ -91,11 +91,17 @@ def _sparsity_checker(method, expected_updates):
     return check, seen
 
 
-@pytest.mark.parametrize("cls", [SETMethod, RigLMethod])
-@pytest.mark.parametrize("distribution", ["uniform", "erk"])
-def test_drop_grow_training_keeps_sparsity_and_zeros(cls, distribution):
+@pytest.mark.parametrize(
+    ("cls", "distribution", "reset_state"),
+    [(SETMethod, "uniform", "all"), (RigLMethod, "erk", "all"), (RigLMethod, "uniform", "momentum")],
+)
+def test_drop_grow_training_keeps_sparsity_and_zeros(cls, distribution, reset_state):
     model = tiny_vit()
-    method = cls(MaskSparsifyConfig(0.9, distribution=distribution), RegrowSchedule(delta_t=2, t_end=0.75))
+    method = cls(
+        MaskSparsifyConfig(0.9, distribution=distribution),
+        RegrowSchedule(delta_t=2, t_end=0.75),
+        reset_state=reset_state,
+    )
     method.apply_(model)
     method.bind(steps_per_epoch=4, total_steps=12)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -129,3 +135,108 @@ def test_set_regrowth_is_seeded_by_step():
     a, b, c = final_masks(0), final_masks(0), final_masks(5)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, z) for x, z in zip(a, c))
+
+
+def _one_layer(method_cls, weight, mask, drop_fraction, **kwargs):
+    """A bias-free 4x4 linear layer under ``method_cls`` with the given weight and mask, updating after every step."""
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(*reversed(weight.shape), bias=False))
+    method = method_cls(
+        MaskSparsifyConfig(1 - mask.float().mean().item(), include=["fc"], head="sparse", first_layer="sparse"),
+        RegrowSchedule(delta_t=1, drop_fraction=drop_fraction, t_end=1.0, decay="constant"),
+        **kwargs,
+    )
+    method.apply_(model)
+    method.bind(steps_per_epoch=10, total_steps=10)
+    model.fc.weight_mask.copy_(mask)
+    with torch.no_grad():
+        model.fc.weight.copy_(weight * mask)
+    return model, method
+
+
+def test_rigl_update_drops_and_grows_exactly_the_named_entries():
+    # 8 active weights, drop fraction 0.25 -> the 2 smallest |w| among the active ones go: (0, 1) and (2, 0).
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weight = torch.tensor([[0.9, 0.05, 0, 0], [-0.8, 0.7, 0, 0], [0.01, -0.6, 0, 0], [0.5, 0.4, 0, 0]])
+    # The 2 largest |dense gradient| among the entries not kept: (3, 3) = -9 and the just-dropped (2, 0) = 8;
+    # active entries' gradients (even larger) must not count.
+    grad = torch.tensor([[50.0, 0.1, 1.0, 2.0], [50.0, 50.0, 3.0, 0.5], [8.0, 50.0, 0.2, 0.3], [50.0, 50.0, 4.0, -9.0]])
+    model, method = _one_layer(RigLMethod, weight, mask, 0.25)
+    layer = model.fc
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    layer.weight.grad = grad.clone()
+    method.on_after_backward(0, model, optimizer)
+    optimizer.step()  # lr 0: weights unchanged, Adam moments = f(masked gradient)
+    metrics = method.on_after_optimizer_step(0, model, optimizer)
+
+    expected = mask.clone()
+    expected[0, 1] = False  # dropped
+    expected[3, 3] = True  # grown
+    assert torch.equal(layer.weight_mask, expected)  # (2, 0) was dropped and grown back: still active
+    assert metrics["rigl/num_regrown"] == 2 and metrics["rigl/num_new"] == 1
+    assert layer.weight[3, 3] == 0 and layer.weight[0, 1] == 0  # the new connection starts at zero
+    # the dropped-and-regrown weight was never off: it keeps its value and Adam state (RigL's reinit_when_same=False)
+    assert layer.weight[2, 0].item() == pytest.approx(0.01)
+    state = optimizer.state[layer.weight]
+    assert state["exp_avg"][2, 0] != 0 and state["exp_avg_sq"][2, 0] != 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key][0, 1] == 0 and state[key][3, 3] == 0  # dropped and new entries lose their state
+    keep = mask & expected
+    assert torch.equal(layer.weight[keep], (weight * mask)[keep])  # kept weights untouched
+
+
+def test_momentum_only_reset_keeps_second_moments():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weight = torch.tensor([[0.9, 0.05, 0, 0], [-0.8, 0.7, 0, 0], [0.01, -0.6, 0, 0], [0.5, 0.4, 0, 0]])
+    grad = torch.tensor([[1.0, 2.0, 1.0, 2.0], [1.0, 1.0, 3.0, 0.5], [1.0, 1.0, 0.2, 0.3], [1.0, 1.0, 4.0, -9.0]])
+    model, method = _one_layer(RigLMethod, weight, mask, 0.25, reset_state="momentum")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    model.fc.weight.grad = grad.clone()
+    method.on_after_backward(0, model, optimizer)
+    optimizer.step()
+    v_before = optimizer.state[model.fc.weight]["exp_avg_sq"].clone()
+    method.on_after_optimizer_step(0, model, optimizer)
+    state = optimizer.state[model.fc.weight]
+    changed = mask ^ model.fc.weight_mask  # dropped (0, 1) and (2, 0), grown (3, 3) and (3, 2)
+    assert int(changed.sum()) == 4
+    assert torch.all(state["exp_avg"][changed] == 0)
+    assert torch.equal(state["exp_avg_sq"], v_before) and state["exp_avg_sq"][0, 1] > 0
+    with pytest.raises(ValueError, match="reset_state"):
+        RigLMethod(MaskSparsifyConfig(0.9), reset_state="some")
+
+
+def test_set_update_drops_the_smallest_magnitudes_and_grows_at_random():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weight = torch.tensor([[0.9, 0.05, 0, 0], [-0.8, 0.7, 0, 0], [0.01, -0.6, 0, 0], [0.5, 0.4, 0, 0]])
+    model, method = _one_layer(SETMethod, weight, mask, 0.25, seed=4)
+    layer = model.fc
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    layer.weight.grad = torch.ones(4, 4)
+    method.on_after_backward(0, model, optimizer)
+    optimizer.step()
+    method.on_after_optimizer_step(0, model, optimizer)
+    new = layer.weight_mask
+    # drop: the 2 smallest |w| among the active weights, (0, 1) = 0.05 and (2, 0) = 0.01
+    kept = mask.clone()
+    kept[0, 1] = kept[2, 0] = False
+    # grow: the 2 best random scores among the entries not kept (just-dropped ones included); the seed and step
+    # fix the draw, so the method's own score for this step names them
+    candidates = torch.where(kept, -1.0, method.grow_score("fc", layer, 0))
+    assert torch.equal(new, kept | (candidates >= candidates.flatten().topk(2).values[-1]))
+    assert int(new.sum()) == 8
+    assert torch.all(layer.weight[new & ~mask] == 0)
+
+
+def test_num_updates_spreads_updates_over_any_run_length():
+    for total in (100, 440, 880, 10_000):
+        schedule = RegrowSchedule(num_updates=15, t_end=0.75, total_steps=total)
+        updates = [s for s in range(total) if schedule.is_update_step(s)]
+        assert len(updates) == 15, total
+        end = int(0.75 * total)
+        assert [s + 1 for s in updates] == [math.ceil(k * end / 16) for k in range(1, 16)], total
+    tiny = RegrowSchedule(num_updates=15, t_end=0.75, total_steps=10)  # 7 steps before t_end: one per step
+    assert [s for s in range(10) if tiny.is_update_step(s)] == list(range(6))
+    every7 = RegrowSchedule(delta_t=7, total_steps=100)  # delta_t when num_updates is unset
+    assert [s + 1 for s in range(100) if every7.is_update_step(s)] == list(range(7, 75, 7))
+    with pytest.raises(ValueError, match="num_updates"):
+        RegrowSchedule(num_updates=0)

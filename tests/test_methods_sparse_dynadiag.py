@@ -72,12 +72,64 @@ def test_layers_run_candidates_grow_new_diagonals_and_end_with_exactly_k(drop_sc
     assert all(id(m.V) in held for m in layers)
 
 
+@pytest.mark.parametrize(("group", "grow_init"), [(1, "zero"), (2, "zero"), (5, "zero"), (1, "keep")])
+def test_stable_params_keep_the_parameter_objects_and_train_as_the_compact_layout(group, grow_init):
+    """The stable layout changes rows in place: same V object from apply_ to the freeze, and the same run."""
+    compact, compact_method, compact_opt = make(group=group, grow_init=grow_init, stable_params=False)
+    model, method, optimizer = make(group=group, grow_init=grow_init)
+    layers = [m for _, m in method.layers]
+    params = [m.V for m in layers]
+    assert all(m.is_stable and m.V.shape[0] == min(m.num_diagonals, 3 * m.k_groups * group) for m in layers)
+    changes = []
+
+    def check(step, metrics):
+        changes.append(method.topology_changed)
+        method.topology_changed = False
+        for m, p in zip(layers, params, strict=True):
+            if not m.is_frozen:
+                assert m.V is p  # never replaced before the freeze
+                free = m.slots < 0
+                assert int((~free).sum()) == m.candidate_offsets().numel() and not m.V[free].any()
+                assert torch.equal(m.slots[m.slots >= 0].sort().values, m.candidate_offsets())
+                for value in optimizer.state[m.V].values():
+                    assert value.dim() == 0 or not value[free].any()  # free rows hold no optimizer state
+
+    torch.manual_seed(1)  # the same batches for both runs
+    run_steps(compact, compact_method, compact_opt, 12)
+    torch.manual_seed(1)
+    run_steps(model, method, optimizer, 12, after_step=check)
+    assert not any(changes[:8]) and changes[8]  # only the freeze (step 8) replaces V
+    for (name, a), (_, b) in zip(compact_method.layers, method.layers, strict=True):
+        assert torch.equal(a.offsets, b.offsets), name
+        torch.testing.assert_close(a.V, b.V, rtol=1e-5, atol=1e-6)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}
+
+
+def test_stable_checkpoint_loads_mid_soft_phase_into_a_fresh_model():
+    model, method, optimizer = make()
+    run_steps(model, method, optimizer, 4)
+    fresh, _, _ = make()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    compact, _, _ = make(stable_params=False)  # a compact model takes the stable checkpoint's layout
+    compact.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    for other in (fresh, compact):
+        for a, b in zip(model.modules(), other.modules(), strict=True):
+            if isinstance(a, CandidateDiagLinear):  # runtime schedule state, set by on_step_start
+                b.temperature, b.hardness = a.temperature, a.hardness
+                assert b.is_stable and b.V.shape == a.V.shape
+        other.eval()
+        model.eval()
+        torch.testing.assert_close(other(x), model(x))
+
+
 GROUPED = [(1, False), (4, True), (5, False), (7, True)]  # g = 5, 7 divide no P of tiny_vit: short last groups
 
 
 @pytest.mark.parametrize(("group", "grow_init"), [(1, "zero"), (2, "zero"), (1, "keep")])
 def test_v_stores_the_candidates_only_and_the_optimizer_follows(group, grow_init):
-    model, method, optimizer = make(group=group, grow_init=grow_init)
+    model, method, optimizer = make(group=group, grow_init=grow_init, stable_params=False)  # the compact layout
     layers = [m for _, m in method.layers]
     changes = []
 

@@ -57,18 +57,25 @@ def test_grouped_and_candidate_layers_round_trip(tmp_path):
     candidate.set_candidates_(torch.tensor([0, 3, 5, 8, 9, 11, 14, 20, 30, 31]))
     candidate.temperature, candidate.hardness = 0.5, 0.25
     frozen_candidate = CandidateDiagLinear(40, 32, sparsity=0.75, bias=False)
-    for layer in (grouped, candidate, frozen_candidate):
+    stable = CandidateDiagLinear(24, 24, sparsity=0.75)  # the stable layout, with free rows
+    stable.set_candidates_(torch.arange(12))
+    stable.enable_stable_storage_(12)
+    stable.set_candidates_(torch.tensor([1, 2, 5, 7, 13, 17, 19]), fresh=torch.arange(24) >= 13, zero_fresh=False)
+    for layer in (grouped, candidate, frozen_candidate, stable):
         torch.nn.init.normal_(layer.alpha)
     frozen_candidate.freeze_()
-    model = nn.Sequential(grouped, nn.ReLU(), frozen_candidate, candidate)
+    model = nn.Sequential(grouped, nn.ReLU(), frozen_candidate, candidate, stable)
     save_pretrained(model, tmp_path)
-    base = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32, bias=False), nn.Linear(32, 24))
+    base = nn.Sequential(
+        nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32, bias=False), nn.Linear(32, 24), nn.Linear(24, 24)
+    )
     loaded = from_pretrained(tmp_path, base)
     x = torch.randn(7, 24)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert type(loaded[2]) is DiagLinear and loaded[2].alpha is None  # a frozen candidate layer is a frozen layer
     assert type(loaded[3]) is CandidateDiagLinear and loaded[3].hardness == 0.25
     assert loaded[0].group == 4
+    assert loaded[4].is_stable and torch.equal(loaded[4].slots, stable.slots)
 
 
 def test_conv_and_masked_layers_round_trip(tmp_path):

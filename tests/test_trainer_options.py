@@ -139,6 +139,33 @@ def test_ema_follows_topology_through_training_and_resumes(tmp_path):
         assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
 
 
+def test_ema_restarts_rows_that_the_stable_layout_gives_another_diagonal():
+    torch.manual_seed(0)
+    layer = CandidateDiagLinear(16, 16, sparsity=0.75)  # K = 4 of 16 diagonals
+    layer.set_candidates_(torch.arange(8))
+    layer.enable_stable_storage_(8)
+    model = torch.nn.Sequential(layer)
+    ema = SparseEMA(model, decay=0.5)
+    with torch.no_grad():
+        layer.V.add_(1.0)
+    ema.update(model, step=5)  # EMA V = old V + 0.5
+    averaged = ema.module[0].V.detach().clone()
+    v = layer.V
+    layer.set_candidates_(torch.tensor([0, 1, 2, 3, 4, 5, 6, 12]))  # 7 leaves, 12 enters at zero into its row
+    assert layer.V is v and layer.slots.tolist() == [0, 1, 2, 3, 4, 5, 6, 12]
+    ema.update(model, step=6)
+    copy = ema.module[0]
+    assert torch.equal(copy.slots, layer.slots)
+    torch.testing.assert_close(copy.V[7], torch.zeros_like(copy.V[7]))  # the new diagonal: the model's values
+    torch.testing.assert_close(copy.V[:7], 0.5 * averaged[:7] + 0.5 * layer.V.detach()[:7])  # the others: averaged
+    layer.freeze_()
+    ema.resync_(model)  # the freeze: rows matched by diagonal through the slots
+    frozen = ema.module[0]
+    assert frozen.is_frozen and torch.equal(frozen.offsets, layer.offsets)
+    for row, diagonal in enumerate(frozen.offsets.tolist()):
+        torch.testing.assert_close(frozen.V[row], copy.V[copy.slots.tolist().index(diagonal)])
+
+
 def test_ema_off_by_default(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1, save_checkpoints=False)
     summary = trainer.fit()
@@ -158,6 +185,7 @@ def test_layer_decay_scales_every_group(tmp_path, schedule):
     peak = max(group["lr"] / group["lr_scale"] for group in groups)
     for group in groups:
         assert group["lr"] == pytest.approx(peak * group["lr_scale"])
+    assert trainer.method._alpha_opt.param_groups[0]["lr"] == pytest.approx(peak)  # alpha: the undecayed rate
     held = {id(p) for group in groups for p in group["params"]}  # the candidate updates kept the new V in the groups
     assert all(id(m.V) in held for m in trainer.model.modules() if isinstance(m, DiagLinear))
 

@@ -246,8 +246,10 @@ cudaError_t launch_apply_v2(const void* src, const ApplyPlanView& plan, void* ds
   cudaError_t err = allow_smem(apply_v2_kernel<T, TR>, smem);
   if (err != cudaSuccess) return err;
   const int ntt = ceil_div(args.N, BM);
-  // Enough blocks for about four per SM, the rest of the token tiles looped inside a block (the pipeline).
-  const int gy = std::max(1, std::min({ntt, ceil_div(4 * lim.num_sms, args.tiles), 65535}));
+  // At most four blocks per SM (two waves of the two resident blocks the staging buffers are sized for), the rest of
+  // the token tiles looped inside a block (the pipeline). Rounded down: rounding up left a partial third wave, e.g.
+  // 18 tiles x 30 = 540 blocks for 528 slots on 132 SMs.
+  const int gy = std::max(1, std::min({ntt, (4 * lim.num_sms) / args.tiles, 65535}));
   const dim3 grid(args.tiles, gy);
   const dim3 block(32, args.WM * args.KS);
   apply_v2_kernel<T, TR><<<grid, block, smem, stream>>>(

@@ -63,7 +63,12 @@ class AttachedMethod:
     """
 
     def __init__(
-        self, method: SparseMethod, model: nn.Module, optimizer: torch.optim.Optimizer, bound: bool = True
+        self,
+        method: SparseMethod,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        bound: bool = True,
+        step_pre_hook: bool = True,
     ) -> None:
         self.method, self.model, self.optimizer = method, model, optimizer
         self.step = 0
@@ -71,10 +76,9 @@ class AttachedMethod:
         self.metrics: dict[str, float] = {}
         self._callbacks: list[Callable[[nn.Module], Any]] = []
         self._dense_grads: dict[int, torch.Tensor] = {}  # id(weight) -> dense gradient of a masked weight
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-        ]
+        self._handles = [optimizer.register_step_post_hook(self._post_step)]
+        if step_pre_hook:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         if isinstance(method, MaskedMethod):
             # keep the dense gradient only for a method that reads it (RigL-style growth; not SET or a static mask)
             keep_dense = type(method).capture is not MaskedMethod.capture
@@ -128,6 +132,14 @@ class AttachedMethod:
         return hook
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.after_backward()
+
+    def after_backward(self) -> None:
+        """Run the method's ``on_after_backward`` now: the optimizer's step pre-hook does this, unless
+        :func:`attach` was called with ``step_pre_hook=False`` (a loop that passes a closure to ``optimizer.step``,
+        which runs the backward pass *inside* the step, after the pre-hooks: Lightning calls this from its
+        ``on_before_optimizer_step``)."""
+        optimizer = self.optimizer
         if not self.bound:
             raise RuntimeError("dynadiag.attach: call .bind(total_steps, steps_per_epoch) before the first step")
         if not self._dense_grads:
@@ -209,6 +221,7 @@ def attach(
     total_steps: int | None = None,
     steps_per_epoch: int = 1,
     apply: bool = True,
+    step_pre_hook: bool = True,
 ) -> AttachedMethod:
     """Sparsify ``model`` with ``method`` and drive the method from ``optimizer``'s steps.
 
@@ -223,6 +236,8 @@ def attach(
         steps_per_epoch: optimizer steps per epoch, for schedules configured in epochs (DynaDiag's temperature
             schedule, GMP); methods scheduled in fractions of the run ignore it.
         apply: ``False`` when ``method.apply_(model)`` was already called (e.g. before a checkpoint was loaded).
+        step_pre_hook: run ``on_after_backward`` in the optimizer's step pre-hook; ``False`` for loops that call
+            ``optimizer.step(closure)`` (call :meth:`AttachedMethod.after_backward` after the closure's backward).
 
     Returns:
         The :class:`AttachedMethod` (its ``step``, ``metrics``, ``state_dict``, ``on_topology_change``, ``detach``).
@@ -241,4 +256,4 @@ def attach(
         before = dict(model.named_parameters())
         method.apply_(model)
         repoint_optimizer_(optimizer, before, model)
-    return AttachedMethod(method, model, optimizer, bound=total_steps is not None)
+    return AttachedMethod(method, model, optimizer, bound=total_steps is not None, step_pre_hook=step_pre_hook)

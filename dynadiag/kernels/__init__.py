@@ -3,8 +3,9 @@
 A backend computes ``y = x W^T + b`` for a frozen layer that keeps ``K`` wrapped diagonals. Backends are
 looked up by name in a registry and imported lazily, so a missing compiler or GPU only matters to the
 backend that needs it. ``reference`` (pure PyTorch) is the ground truth every other backend is tested
-against; ``auto`` picks the fastest backend that works for the tensor's device and dtype; on CUDA it picks per
-layer, token count, dtype and op between the ``cuda`` kernels and dense GEMMs (:mod:`dynadiag.kernels.costmodel`).
+against; ``auto`` (:mod:`dynadiag.kernels.auto`) runs each op of each layer on the diagonal kernel or a dense GEMM,
+whichever it measured faster on this machine for that shape, token count, dtype and phase (cached on disk,
+:mod:`dynadiag.kernels.autotune`), so it is never slower than dense.
 
 Every backend module exposes a module-level ``BACKEND`` object implementing :class:`Backend`.
 """
@@ -17,7 +18,14 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Backend", "BackendUnavailableError", "available_backends", "get_backend", "register_backend"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "get_backend_status",
+    "register_backend",
+]
 
 
 class BackendUnavailableError(ValueError):
@@ -52,11 +60,11 @@ _REGISTRY: dict[str, tuple[str, int]] = {
     "cpu": ("dynadiag.kernels.cpu", 20),
     "triton": ("dynadiag.kernels.triton", 10),
     "cuda": ("dynadiag.kernels.cuda", 30),
-    # Dense GEMMs on the scattered weight: never chosen by priority (-1); ``auto`` on CUDA mixes it in per op
-    # through the cost model (dynadiag.kernels.costmodel).
+    # Dense GEMMs on the scattered weight, priced as nn.Linear: never chosen by priority (-1); ``auto`` mixes it in
+    # per op where it measures faster (dynadiag.kernels.auto).
     "dense": ("dynadiag.kernels.dense", -1),
-    # Band-tile kernels for grouped layers (dynadiag.groups); explicit-only: below "reference", so "auto" never
-    # picks them for the single-diagonal layers they would run slowly.
+    # Band-tile kernels for grouped layers (dynadiag.groups); below "reference" in priority; "auto" times them only
+    # for offsets that form runs (grouped layers), where they can win.
     "grouped_cpu": ("dynadiag.kernels.grouped_cpu", -1),
     "grouped_triton": ("dynadiag.kernels.grouped_triton", -1),
     "bsr_triton": ("dynadiag.kernels.bsr_triton", -1),  # torch's BSR Triton matmul: a candidate for measured auto
@@ -94,6 +102,11 @@ def _check(name: str, device: torch.device) -> tuple[bool, str]:
     return _AVAILABILITY[key]
 
 
+def get_backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device`` (building it if needed), and why not; remembered per device."""
+    return _check(name, torch.device(device))
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of backends that can run on ``device``, fastest first."""
     device = torch.device(device)
@@ -112,17 +125,8 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
         BackendUnavailableError: ``name`` is unknown, or was chosen explicitly and cannot run on ``device``.
     """
     device = torch.device(device)
-    if name == "auto" and device.type == "cuda" and _check("cuda", device)[0]:
-        return _auto_cuda(device)
     if name == "auto":
-        for candidate in sorted(_REGISTRY, key=lambda n: -_REGISTRY[n][1]):
-            ok, why = _check(candidate, device)
-            if ok:
-                return _load(candidate)
-            if candidate in ("cpu", "cuda") and _device_matches(candidate, device) and candidate not in _WARNED:
-                _WARNED.add(candidate)
-                warnings.warn(f"dynadiag: backend '{candidate}' unavailable ({why}); falling back", stacklevel=2)
-        raise BackendUnavailableError("no kernel backend available (the reference backend should always work)")
+        return _auto(device)
     if name not in _REGISTRY:
         raise BackendUnavailableError(f"unknown backend '{name}'; choose one of {backend_names()}")
     ok, why = _check(name, device)
@@ -133,16 +137,17 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
     return _load(name)
 
 
-def _auto_cuda(device: torch.device) -> Backend:
-    """``auto`` on CUDA: the cost model's per-op mix of the ``cuda`` kernels and dense GEMMs (one per device)."""
+def _auto(device: torch.device) -> Backend:
+    """``auto`` for ``device`` (one per device): measured per-op choice between its diagonal kernels and dense."""
     key = str(device)
     if key not in _AUTO:
-        from dynadiag.kernels import cuda
-        from dynadiag.kernels.costmodel import AutoBackend, profile_for
+        from dynadiag.kernels.auto import for_device
 
-        _AUTO[key] = AutoBackend("cuda", cuda.diag_ops(), profile_for(device))
+        diag = {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
+        if diag is not None and diag not in _WARNED:
+            ok, why = _check(diag, device)
+            if not ok:
+                _WARNED.add(diag)
+                warnings.warn(f"dynadiag: backend '{diag}' unavailable ({why}); auto uses dense GEMMs", stacklevel=3)
+        _AUTO[key] = for_device(device)
     return _AUTO[key]
-
-
-def _device_matches(backend: str, device: torch.device) -> bool:
-    return backend == device.type

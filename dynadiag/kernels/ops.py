@@ -36,7 +36,7 @@ __all__ = [
 CSRC = source_dir()
 _LOCK = threading.Lock()
 _REGISTERED = False
-# id(offsets) -> (weak reference, version, data pointer, P) of offsets tensors already checked on an accelerator.
+# id(offsets) -> (weak reference, version, data pointer, P) of offsets tensors already checked.
 _CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
@@ -44,14 +44,15 @@ def check_offsets(offsets: torch.Tensor, num_diagonals: int, where: str) -> None
     """Raise ``ValueError`` unless ``offsets`` (``[K]``) is strictly ascending and in ``[0, num_diagonals)``.
 
     The same check and message as the C++ ops (``csrc/dd_check.h``), for the backends written in Python. Every
-    kernel walks the offsets in order, so an unsorted list would silently drop diagonals. On an accelerator the
-    check needs the values on the host (a synchronisation), so a tensor is checked once per version (a frozen
-    layer's offsets never change). Skipped while ``torch.compile`` traces: data-dependent checks cannot be traced.
+    kernel walks the offsets in order, so an unsorted list would silently drop diagonals. A tensor is checked once
+    per version (a frozen layer's offsets never change): on an accelerator the check needs the values on the host
+    (a synchronisation), and on CPU its half-dozen small ops would cost more than a small layer's kernel. Skipped
+    while ``torch.compile`` traces: data-dependent checks cannot be traced.
     """
     if torch.compiler.is_compiling():
         return
     key = None
-    if offsets.device.type != "cpu" and not offsets.is_inference():
+    if not offsets.is_inference():
         key = id(offsets)
         seen = _CHECKED.get(key)
         state = (offsets._version, offsets.data_ptr(), num_diagonals)

@@ -8,10 +8,10 @@ The trainer owns the step counter and calls these hooks in a fixed order every o
     clip; optimizer.step(); lr_scheduler.step()
     metrics |= method.on_after_optimizer_step(step, model, optimizer)  # re-mask, freeze, prune/regrow
 
-A method is built with plain values (Hydra config -> ``instantiate``), then ``bind``-ed to the run length,
-then ``apply_``-ed to the model once before the optimizer is created. Schedules are configured in epochs
-and converted to steps once, in ``bind``. All topology state lives in module buffers/parameters or in
-``state_dict()``, so a checkpoint restores it exactly.
+A method is built with plain values (Hydra config -> ``instantiate``), ``apply_``-ed to the model once before
+the optimizer is created (at model build), then ``bind``-ed to the run length by the trainer: ``apply_`` must
+not depend on the run length. Schedules are configured in epochs and converted to steps once, in ``bind``. All
+topology state lives in module buffers/parameters or in ``state_dict()``, so a checkpoint restores it exactly.
 """
 
 from __future__ import annotations

@@ -40,21 +40,67 @@ from dynadiag.sparsity import (
 )
 from dynadiag.targets import select_layers
 
-__all__ = ["MaskSparsifyConfig", "MaskedMethod", "reset_optimizer_state_"]
+__all__ = ["INITS", "MaskSparsifyConfig", "MaskedMethod", "grad_flow_init_", "reset_optimizer_state_", "sparse_init_"]
+
+#: initialisations of the kept weights (:attr:`MaskSparsifyConfig.init`)
+INITS = ("dense", "sparse", "grad_flow")
 
 
 @torch.no_grad()
-def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
+def sparse_init_(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Scale each output neuron's kept weights by ``sqrt(fan_in / kept fan_in)`` in place.
+
+    A neuron that keeps ``k`` of its ``n`` inputs then has the pre-activation variance of its dense init (for
+    independent inputs), instead of ``k / n`` of it; at 98 % sparsity that is a factor ~7 in the weights' scale.
+
+    Args:
+        weight: ``[out, ...]`` (a linear ``[out, in]`` or a conv ``[out, in, kh, kw]`` weight).
+        mask: boolean, shaped like ``weight`` (``True`` = kept).
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # [out, fan_in]
+    kept = rows.sum(dim=1).clamp_min(1).to(weight.dtype)  # [out]
+    scale = (rows.shape[1] / kept).sqrt()  # [out]
+    weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
+
+
+@torch.no_grad()
+def grad_flow_init_(weight: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> None:
+    """sparsimony's ``grad_flow`` init in place: kept weights of a neuron with kept fan-in ``k`` ~ ``N(0, (2 / k)^2)``.
+
+    Args:
+        weight: ``[out, ...]``.
+        mask: boolean, shaped like ``weight`` (``True`` = kept); masked weights become zero.
+        generator: CPU generator the draw comes from.
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # [out, fan_in]
+    std = 2.0 / rows.sum(dim=1).clamp_min(1).to(weight.dtype)  # [out]
+    draw = torch.randn(rows.shape, generator=generator, dtype=weight.dtype) * std.cpu()[:, None]
+    weight.copy_((draw.to(weight.device) * rows).view_as(weight))
+
+
+#: optimizer state keys that carry a direction (momentum); the rest (Adam's second moments) only scale a step
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+@torch.no_grad()
+def reset_optimizer_state_(
+    optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor, momentum_only: bool = False
+) -> None:
     """Zero ``optimizer``'s per-element state (momentum, Adam moments) of ``param`` at the positions ``where``.
 
-    Scalar state such as Adam's ``step`` is shared by the whole tensor and left alone.
+    Scalar state such as Adam's ``step`` is shared by the whole tensor and left alone. With ``momentum_only`` the
+    second moments (``exp_avg_sq``, ``max_exp_avg_sq``) are kept: with zero momentum and a zero gradient a masked
+    weight still does not move, and a weight regrown later keeps a step size in line with its history instead of
+    Adam's bias-corrected first steps from zero moments (several times ``lr`` for tens of steps).
     """
     if optimizer is None:
         return
     state = optimizer.state.get(param)
     if not state:
         return
-    for value in state.values():
+    for key, value in state.items():
+        if momentum_only and key not in MOMENTUM_KEYS:
+            continue
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(where.to(value.device), 0)
 
@@ -72,6 +118,12 @@ class MaskSparsifyConfig:
         head: ``"dense"`` (default, as DynaDiag) or ``"sparse"``: the classifier.
         convs: sparsify matching ``nn.Conv2d`` layers (ResNet blocks) too.
         erk_power_scale: ERK exponent.
+        init: ``"dense"`` (default): the kept weights keep the model's own initialisation; ``"sparse"``: each
+            output neuron's kept weights are scaled by ``sqrt(fan_in / kept fan_in)``, so its pre-activation
+            variance at initialisation matches the dense layer's (the sparse-aware init of Liu et al. 2019 and
+            Evci et al. 2022, "Gradient flow in sparse neural networks"); ``"grad_flow"``: sparsimony's and the
+            SRigL authors' ``grad_flow`` init, kept weights drawn from ``N(0, std = 2 / kept fan_in)`` (a standard
+            deviation where the paper's rule has a variance, so far larger weights than either other choice).
     """
 
     sparsity: float
@@ -82,9 +134,12 @@ class MaskSparsifyConfig:
     head: str = "dense"
     convs: bool = True
     erk_power_scale: float = 1.0
+    init: str = "dense"
 
     def __post_init__(self) -> None:
         self.sparsity = validate_sparsity(self.sparsity, where="MaskSparsifyConfig: ")
+        if self.init not in INITS:
+            raise ValueError(f"MaskSparsifyConfig: unknown init '{self.init}'; choose one of {list(INITS)}")
         self.include = None if self.include is None else tuple(self.include)
         self.exclude = tuple(self.exclude)
         self.erk_power_scale = float(self.erk_power_scale)
@@ -108,6 +163,7 @@ class MaskedMethod(SparseMethod):
         self.include, self.exclude = config.include, config.exclude
         self.first_layer, self.head, self.convs = config.first_layer, config.head, config.convs
         self.erk_power_scale = config.erk_power_scale
+        self.init = config.init
         self.seed = int(seed)
         #: ``(name, module)`` of the masked layers, in model order; set by :meth:`apply_`
         self.layers: list[tuple[str, nn.Module]] = []
@@ -148,6 +204,10 @@ class MaskedMethod(SparseMethod):
             if getattr(module, MASK_BUFFER, None) is not None:
                 raise ValueError(f"layer '{name}' already has a {MASK_BUFFER}; apply_ a masked method only once")
             apply_mask_(module, self.initial_mask(module, self.densities[name], generator))
+            if self.init == "sparse":
+                sparse_init_(module.weight, module.weight_mask)
+            elif self.init == "grad_flow":
+                grad_flow_init_(module.weight, module.weight_mask, generator)
         return self.report(model)
 
     # ----------------------------------------------------------------------------------------------- hooks

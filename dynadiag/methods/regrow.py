@@ -4,10 +4,15 @@ Schedule (Evci et al. 2020): an update after every ``delta_t`` optimizer steps w
 ``t_end * total_steps`` steps are done; the fraction of each layer's active weights dropped (and regrown) is
 ``drop_fraction`` decayed over ``[0, t_end * total_steps]`` (cosine by default:
 ``drop_fraction / 2 * (1 + cos(pi * t / t_end))``). Like the other schedules it is a pure function of the step.
+``num_updates`` instead of ``delta_t`` spreads that many updates evenly over ``[0, t_end)`` whatever the run length,
+so a short run gets as many topology updates as a long one (RigL's ``delta_t = 100`` was sized for ImageNet runs of
+~32k steps: ~240 updates; a 440-step run would get 3).
 
 An update, per layer: drop the ``n`` active weights with the smallest magnitude, then grow ``n`` inactive ones
 (which may include weights just dropped) chosen by a method-specific score: random for SET, dense-gradient
-magnitude for RigL. Grown weights start at zero and the optimizer state of every changed weight is reset.
+magnitude for RigL. Newly activated weights start at zero and lose their optimizer state; a weight dropped and
+regrown in the same update keeps its value and state (google-research/rigl's default, ``reinit_when_same=False``:
+it was never inactive).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dynadiag.methods.masks import MaskedMethod, MaskSparsifyConfig, reset_optim
 __all__ = ["DECAYS", "DropGrowMethod", "RegrowSchedule", "drop_and_grow"]
 
 DECAYS = ("cosine", "linear", "constant")
+RESET_STATES = ("all", "momentum")
 
 
 @dataclass
@@ -30,11 +36,13 @@ class RegrowSchedule:
     """When to prune/regrow and how much (the config group ``regrow/`` instantiates it).
 
     Attributes:
-        delta_t: optimizer steps between updates.
+        delta_t: optimizer steps between updates (ignored when ``num_updates`` is set).
         drop_fraction: fraction of a layer's active weights replaced at the first update (RigL's alpha).
         t_end: fraction of the run after which the topology stays fixed.
         decay: how ``drop_fraction`` decays to 0 at ``t_end``: ``cosine``, ``linear`` or ``constant``.
         total_steps: length of the run in optimizer steps (set by the method's ``bind``).
+        num_updates: if set, the number of updates before ``t_end`` whatever the run length, evenly spread: the k-th
+            follows step ``ceil(k * t_end * total_steps / (num_updates + 1))`` (one per step if the run is shorter).
     """
 
     delta_t: int = 100
@@ -42,6 +50,7 @@ class RegrowSchedule:
     t_end: float = 0.75
     decay: str = "cosine"
     total_steps: int = 1
+    num_updates: int | None = None
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -52,7 +61,10 @@ class RegrowSchedule:
             raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
         if not 0.0 <= self.t_end <= 1.0:
             raise ValueError(f"t_end is a fraction of the run in [0, 1], got {self.t_end}")
+        if self.num_updates is not None and int(self.num_updates) < 1:
+            raise ValueError(f"num_updates must be >= 1 (or null to use delta_t), got {self.num_updates}")
         self.delta_t = int(self.delta_t)
+        self.num_updates = None if self.num_updates is None else int(self.num_updates)
 
     @property
     def end_step(self) -> int:
@@ -60,8 +72,14 @@ class RegrowSchedule:
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after the optimizer step with 0-based index ``step``."""
-        done = step + 1
-        return done % self.delta_t == 0 and done < self.end_step
+        done, end = step + 1, self.end_step
+        if done >= end:
+            return False
+        if self.num_updates is None:
+            return done % self.delta_t == 0
+        # the k-th update follows step ceil(k * end / (num_updates + 1)), k = 1..num_updates: evenly spread
+        n = self.num_updates + 1
+        return (done * n) // end > ((done - 1) * n) // end
 
     def fraction(self, step: int) -> float:
         """Drop fraction for an update after step ``step`` (0 once ``t_end`` is reached)."""
@@ -89,7 +107,7 @@ def drop_and_grow(
 
     Returns:
         ``(new_mask, grown)``, boolean ``[N]``: the new mask and the grown entries (which may include entries
-        just dropped; RigL re-initialises those too).
+        just dropped; ``grown & ~mask`` are the new connections).
     """
     n_active = int(mask.sum())
     n_drop = max(0, min(int(n_drop), n_active))
@@ -113,12 +131,23 @@ class DropGrowMethod(MaskedMethod):
         config: which layers are masked, how sparse, and the layer-wise density.
         schedule: when to update and how much to drop (default: RigL's, :class:`RegrowSchedule`'s defaults).
         seed: seeds the initial masks and random regrowth (the same on every rank).
+        reset_state: optimizer state of changed weights to zero: ``"all"`` (RigL's ``reset_momentum``: every slot)
+            or ``"momentum"`` (momentum / Adam's first moment only; the second moment is kept).
     """
 
     name = "drop_grow"
 
-    def __init__(self, config: MaskSparsifyConfig, schedule: RegrowSchedule | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: MaskSparsifyConfig,
+        schedule: RegrowSchedule | None = None,
+        seed: int = 0,
+        reset_state: str = "all",
+    ) -> None:
         super().__init__(config, seed=seed)
+        if reset_state not in RESET_STATES:
+            raise ValueError(f"unknown reset_state '{reset_state}'; choose one of {list(RESET_STATES)}")
+        self.reset_state = reset_state
         self.schedule = schedule if schedule is not None else RegrowSchedule()
         #: per-layer grow scores captured from the dense gradients at an update step
         self._grow_scores: dict[str, torch.Tensor] = {}
@@ -160,11 +189,13 @@ class DropGrowMethod(MaskedMethod):
                 continue
             old = module.weight_mask
             new, grown = self.update_layer(name, module, scores[name], fraction)
-            # Grown connections start at zero and, like dropped ones, lose their optimizer state.
-            module.weight.masked_fill_(grown | ~new, 0.0)
-            reset_optimizer_state_(optimizer, module.weight, grown | (old & ~new))
+            # New connections start at zero and, like dropped ones, lose their optimizer state; one dropped and
+            # regrown in the same update was never off, so it keeps both (RigL's reinit_when_same=False).
+            born, died = new & ~old, old & ~new
+            module.weight.masked_fill_(born | ~new, 0.0)
+            reset_optimizer_state_(optimizer, module.weight, born | died, self.reset_state == "momentum")
             regrown += int(grown.sum())
-            changed += int((new & ~old).sum())
+            changed += int(born.sum())
             old.copy_(new)
         return {
             f"{self.name}/drop_fraction": fraction,

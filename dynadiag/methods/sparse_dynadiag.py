@@ -27,9 +27,11 @@ of its values (or its alpha), and the grow score is the L2 norm of the dense gra
 gather the inputs the same way). ``g = 1`` is the ungrouped method, unchanged.
 
 Each layer's ``V`` stores the candidate diagonals' rows only (:class:`~dynadiag.candidate_layer.CandidateDiagLinear`),
-so the trainer's optimizer and the gradients touch ``K'`` rows per layer instead of ``P``. An update replaces ``V``
-by a new parameter (kept rows keep their values and optimizer state, grown ones start at zero) and sets
-``topology_changed``, as the freeze does.
+so the trainer's optimizer and the gradients touch at most ``c K`` rows per layer instead of ``P``. With
+``stable_params`` (the default) ``V`` keeps its initial ``c K`` rows and an update rewrites rows and their optimizer
+state in place (kept rows keep their values and state, grown ones start at zero), so the parameters never change
+until the freeze; without it an update replaces ``V`` by a ``[K', D]`` parameter and sets ``topology_changed``. The
+freeze shrinks ``V`` to ``[K, D]`` and sets ``topology_changed`` either way.
 
 ``alpha`` lives outside the trainer's optimizer (a grad-requiring buffer) and is trained here by AdamW with its own
 lr (``alpha_lr_mult`` x the trainer's current lr) and weight decay; its state is in :meth:`state_dict`.
@@ -92,6 +94,11 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         normalize: scale the soft weights so the top ``K`` average 1 (see ``candidate_weights``).
         label: the method's name in summaries, tables and metric prefixes (default ``sparse_dynadiag``), so a
             variant run beside the default forms its own row.
+        stable_params: keep each layer's ``V`` at its initial candidate capacity and change the candidate set in
+            place (the stable layout of :class:`~dynadiag.candidate_layer.CandidateDiagLinear`): the parameter
+            objects stay the same from :meth:`apply_` to the freeze, so DDP, ``torch.compile``, EMA copies and
+            optimizers built outside follow every candidate update; the freeze still shrinks ``V`` once (and sets
+            ``topology_changed``). ``False``: ``V`` shrinks with the candidate set (a new parameter per update).
         seed: seeds the initial random alpha (hence the initial candidate set).
     """
 
@@ -115,6 +122,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         normalize: bool = False,
         label: str | None = None,
         seed: int = 0,
+        stable_params: bool = True,
     ) -> None:
         if not 0.0 < float(freeze_fraction) <= 1.0:
             raise ValueError(f"freeze_fraction must be in (0, 1], got {freeze_fraction}")
@@ -135,6 +143,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         self.t_max, self.t_min, self.harden_power = float(t_max), float(t_min), float(harden_power)
         self.alpha_lr_mult, self.alpha_weight_decay = float(alpha_lr_mult), float(alpha_weight_decay)
         self.drop_score, self.grow_init, self.normalize = drop_score, grow_init, bool(normalize)
+        self.stable_params = bool(stable_params)
         self.freeze_step = 1
         if label:
             self.name = str(label)
@@ -169,6 +178,8 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             if self.grow_init == "keep":  # before V shrinks to the candidates: every diagonal's initial values
                 layer.keep_dropped_values_()
             layer.set_candidates_(torch.topk(layer.alpha.detach(), count).indices)  # V keeps these rows only
+            if self.stable_params:  # the set only shrinks from here: its diagonals (full-sized groups) always fit
+                layer.enable_stable_storage_(count * layer.group)
             self._handles.append(layer.register_forward_hook(self._capture_hook(name)))
         report = sparsity_report(model)
         return SparsifyReport(report.layers, params_before, report.model_params_after)
@@ -241,7 +252,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             grad.copy_(all_reduce_mean(grad))
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
             return  # e.g. an fp16 loss-scale overflow: the trainer's scaler skipped this step too
-        self._alpha_opt.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"] * self.alpha_lr_mult
+        # the trainer's rate without timm's layer-wise decay factor (lr_scale: group 0 holds the shallowest layer)
+        group = optimizer.param_groups[0]
+        self._alpha_opt.param_groups[0]["lr"] = group["lr"] / group.get("lr_scale", 1.0) * self.alpha_lr_mult
         self._alpha_opt.step()
 
     def _update_candidates(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -262,7 +275,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             if self.drop_score == "alpha":
                 score = alpha[ids].float()
             else:  # the unit's weight times the L2 norm of its values (V holds the candidate diagonals' rows)
-                norms = layer.V.detach().float().norm(dim=1)  # [K']
+                norms = layer.candidate_values().detach().float().norm(dim=1)  # [K']
                 if g > 1:  # the group's norm over all of its diagonals
                     full = norms.new_zeros(layer.num_diagonals)
                     full[layer.candidate_offsets()] = norms

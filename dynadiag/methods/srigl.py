@@ -95,6 +95,8 @@ class SRigLMethod(DropGrowMethod):
         gamma_sal: minimum fraction of a neuron's fan-in that must be salient for it to stay active
             (the paper's gamma_sal, 0.3); ``None`` or ``0`` disables ablation.
         seed: seeds the initial masks (the same on every rank).
+        reset_state: optimizer state of changed weights to zero, ``"all"`` or ``"momentum"`` (see
+            :class:`~dynadiag.methods.regrow.DropGrowMethod`).
     """
 
     name = "srigl"
@@ -105,8 +107,9 @@ class SRigLMethod(DropGrowMethod):
         schedule: RegrowSchedule | None = None,
         gamma_sal: float | None = 0.3,
         seed: int = 0,
+        reset_state: str = "all",
     ) -> None:
-        super().__init__(config, schedule, seed=seed)
+        super().__init__(config, schedule, seed=seed, reset_state=reset_state)
         if gamma_sal is not None and not 0.0 <= float(gamma_sal) <= 1.0:
             raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal}")
         self.gamma_sal = float(gamma_sal) if gamma_sal else None
