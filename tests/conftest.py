@@ -19,13 +19,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The CPU kernel variants (dynadiag.kernels.cpu) and, for avx512, both gather/scatter layouts: every variant this
-# CPU can run is checked against the reference, so an AVX-512 machine tests the avx2 and portable kernels too.
+# The CPU kernel variants (dynadiag.kernels.cpu) and, for avx512 and avx2, both gather/scatter layouts: every variant
+# this CPU can run is checked against the reference, so an AVX-512 machine tests the avx2 and portable kernels too.
 CPU_VARIANTS = [
     ("avx512", "auto"),
     ("avx512", "tm"),
     ("avx512", "fm"),
     ("avx2", "auto"),
+    ("avx2", "tm"),
+    ("avx2", "fm"),
     ("portable", "auto"),
     ("scalar", "auto"),
 ]

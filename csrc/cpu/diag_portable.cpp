@@ -3,7 +3,7 @@
 // on ARM64, and so on, with no ISA intrinsics. Every CPU without a faster variant runs this, not scalar loops.
 // Tiles fit 16 vector registers: 4 tokens x 3 vectors (gather/scatter), 4 diagonals x 3 vectors (sddmm).
 #define DD_VARIANT portable
-#include "diag_vec.h"
+#include "diag_vec_fm.h"
 
 namespace dynadiag {
 namespace portable {
@@ -21,6 +21,7 @@ struct Portable {
   static inline void store(float* p, v x) { std::memcpy(p, &x, sizeof(v)); }
   static inline v fmadd(v a, v b, v c) { return a * b + c; }  // fused where the target has FMA
   static inline v add(v a, v b) { return a + b; }
+  static constexpr bool kFm = false;  // token-major only (no portable in-register transpose)
 };
 
 const Variant kVariant{"portable", 1, &Entry<Portable>::gather, &Entry<Portable>::scatter, &Entry<Portable>::sddmm};

@@ -295,34 +295,5 @@ void sddmm_vec(const typename E::T* a, const typename E::T* b, int64_t N, int64_
   });
 }
 
-// The Variant entry points (diag_isa.h) for one traits class.
-template <class Vec>
-struct Entry {
-  static void gather(Elem e, const void* z, int64_t N, int64_t P, const void* V, const int64_t* off, int64_t K,
-                     int64_t D, void* out, const float* bias, Layout) {
-    if (e == Elem::f32)
-      return gather_vec<Vec, F32>(static_cast<const float*>(z), N, P, static_cast<const float*>(V), off, K, D,
-                                  static_cast<float*>(out), bias);
-    gather_vec<Vec, BF16>(static_cast<const uint16_t*>(z), N, P, static_cast<const uint16_t*>(V), off, K, D,
-                          static_cast<uint16_t*>(out), bias);
-  }
-  static void scatter(Elem e, const void* z, int64_t N, int64_t D, const void* V, const int64_t* off, int64_t K,
-                      int64_t P, void* out, const float* bias, Layout) {
-    if (e == Elem::f32)
-      return scatter_vec<Vec, F32>(static_cast<const float*>(z), N, D, static_cast<const float*>(V), off, K, P,
-                                   static_cast<float*>(out), bias);
-    scatter_vec<Vec, BF16>(static_cast<const uint16_t*>(z), N, D, static_cast<const uint16_t*>(V), off, K, P,
-                           static_cast<uint16_t*>(out), bias);
-  }
-  static void sddmm(Elem e, const void* a, const void* b, int64_t N, int64_t D, int64_t P, const int64_t* off,
-                    int64_t K, void* dv) {
-    if (e == Elem::f32)
-      return sddmm_vec<Vec, F32>(static_cast<const float*>(a), static_cast<const float*>(b), N, D, P, off, K,
-                                 static_cast<float*>(dv));
-    sddmm_vec<Vec, BF16>(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), N, D, P, off, K,
-                         static_cast<uint16_t*>(dv));
-  }
-};
-
 }  // namespace DD_VARIANT
 }  // namespace dynadiag
