@@ -92,8 +92,9 @@ def accuracy_table(cells: dict[Cell, dict[int, dict]]) -> list[str]:
         achieved = _stats(runs, "sparsity_effective")[0]
         ratio = f"{speed[0] / dense:.2f}x" if dense == dense and speed[2] else "–"
         target = "–" if cell[0] == "dense" else f"{cell[1]:.0%}"
+        mark = " \\*" if any(r.get("resumed") == "True" for r in runs.values()) else ""
         lines.append(
-            f"| {target} | {label(cell)} | {len(runs)} | {_fmt(*val)} | **{_fmt(*test)}** | "
+            f"| {target} | {label(cell)}{mark} | {len(runs)} | {_fmt(*val)} | **{_fmt(*test)}** | "
             f"{achieved:.3f} | {_fmt(*speed, digits=0)} | {ratio} |"
         )
     return lines
@@ -175,6 +176,13 @@ def render(cells: dict[Cell, dict[int, dict]], csv_link: str, plot_link: str) ->
         *accuracy_table(cells),
         "",
     ]
+    if any(r.get("resumed") == "True" for runs in cells.values() for r in runs.values()):
+        parts += [
+            "\\* a run of this cell was stopped and resumed from its checkpoint; checkpoints written before commit "
+            "9808c77 do not carry the throughput timers, so such a run's images per CPU-second cover only the part "
+            "after the resume.",
+            "",
+        ]
     for sparsity in sorted({c[1] for c in cells if c[0] != "dense"}):
         rows = paired_rows(cells, sparsity)
         if rows:

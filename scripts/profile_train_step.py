@@ -135,7 +135,7 @@ class Variant:
                 images, labels = next(self._batches)
         self.data_seconds += time.process_time() - t0
         t0 = time.process_time()
-        trainer._train_step(images, labels)
+        trainer._train_step([(images, labels)])  # one micro-batch per step (accum_steps=1)
         if self.clock.on:
             self.clock.seconds["step"] += time.process_time() - t0
         trainer.step = self.hold if self.hold is not None else trainer.step + 1

@@ -19,7 +19,8 @@ def _write_runs(path, cells: dict[tuple, list[float]]) -> None:
             speed = 3000.0 if method == "dense" else 3600.0
             row = dict(method=method, sparsity=sparsity, group=group, permute=permute, seed=seed, val_top1=test + 0.5)
             row |= dict(test_top1=test, sparsity_effective=0.0 if method == "dense" else sparsity)
-            run_study.append_row(path, {**row, "train_images_per_cpu_s_overall": speed + seed})
+            resumed = method == "dense" and seed == 0  # stopped and resumed: marked in the table
+            run_study.append_row(path, {**row, "train_images_per_cpu_s_overall": speed + seed, "resumed": resumed})
 
 
 def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
@@ -51,4 +52,9 @@ def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
     assert sorted(r["p_holm"] for r in (rows["dense"], rows["rigl"])) == pytest.approx(sorted(make_tables.holm(family)))
     assert math.isnan(rows["sparse_dynadiag g=32 +perm"]["p_holm"])
     assert "| rigl | 3 | -1.17 |" in text and "at 98% (test split)" in text
-    assert "| – | dense | 3 |" in text and "1.20x" in text  # 3601 / 3001 img per CPU-s
+    assert (
+        "| – | dense \\* | 3 |" in text
+        and "| 90% | rigl | 3 |" in text
+        and "cover only the part" in text
+        and "1.20x" in text
+    )  # 3601 / 3001 img per CPU-s

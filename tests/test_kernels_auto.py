@@ -304,3 +304,23 @@ def test_scalar_kernels_lose_to_dense(tune_dir, monkeypatch):
         assert choice.plan == Plan() and choice.source == "measured", choice
     autotune.set_enabled(False)
     assert auto.choose(values, offsets, 384, 384, 256, torch.float32, False).plan == Plan()
+
+
+def test_dense_training_buffer_rewritten_by_a_later_forward_is_not_used():
+    """Two layers sharing one offsets tensor share the reused W buffer: the first backward after the second forward
+    must scatter its own values again, not read the second layer's."""
+    first, second = _layer(), _layer(seed=1)
+    second.offsets = first.offsets  # same pattern object, other values
+    with torch.no_grad():
+        second.V.mul_(-3.0)
+    for layer in (first, second):
+        layer.backend = "dense"
+    x = torch.randn(7, 96)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = first(xa), second(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for layer, xg in ((first, xa), (second, xb)):
+        want = g @ layer.dense_weight().detach()
+        assert torch.allclose(xg.grad, want, atol=1e-5)

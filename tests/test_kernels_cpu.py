@@ -68,13 +68,14 @@ def _rel(a, b):
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("in_f", "out_f", "k"), SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, cpu_variant):
-    """Every CPU kernel variant (conftest.CPU_VARIANTS) on every shape; fp64 always takes the scalar loops."""
-    if dtype == torch.float64 and cpu_variant != ("scalar", "auto"):
-        pytest.skip("fp64 runs the scalar loops whatever the variant")
+def _ran(cpu_variant, in_f, out_f):
+    """The kernels a forced variant runs (avx512 hands P < 16 to portable) and those the last op ran."""
+    isa = cpu_variant[0]
+    want = "portable" if isa == "avx512" and max(in_f, out_f) < 16 else isa
+    return want, torch.ops.dynadiag_cpu.last_run()
+
+
+def _check_against_reference(backend, in_f, out_f, k, dtype):
     x, values, offsets, bias = _problem(in_f, out_f, k, n=13, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
     y = get_backend(backend, "cpu").diag_linear(leaves[0], leaves[1], offsets, leaves[2], in_f, out_f)
@@ -85,6 +86,26 @@ def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, c
     for name, got, want in zip(("y", "grad_x", "grad_values", "grad_bias"), (y, *(t.grad for t in leaves)), ref):
         assert got.dtype == dtype, name
         assert _rel(got, want) < TOL[dtype], f"{name}: rel err {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("in_f", "out_f", "k"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_gradients_match_reference(backend, in_f, out_f, k, dtype, cpu_variant):
+    """Every CPU kernel variant (conftest.CPU_VARIANTS) on every shape, fp32 and bf16."""
+    _check_against_reference(backend, in_f, out_f, k, dtype)
+    if backend == "cpu":
+        want, ran = _ran(cpu_variant, in_f, out_f)
+        assert ran == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("in_f", "out_f", "k"), SHAPES)
+def test_fp64_matches_reference(backend, in_f, out_f, k):
+    """fp64 (gradcheck's dtype) takes the scalar loops whatever the variant."""
+    _check_against_reference(backend, in_f, out_f, k, torch.float64)
+    if backend == "cpu":
+        assert torch.ops.dynadiag_cpu.last_run() == "scalar"
 
 
 @pytest.mark.parametrize(("in_f", "out_f"), [(768, 2304), (3072, 768), (768, 768), (200, 648)])
@@ -101,6 +122,8 @@ def test_vit_shapes_with_many_tokens(in_f, out_f, dtype, n, cpu_variant):
     ref = _reference(x, values, offsets, bias, in_f, out_f, grad_y)
     for got, want in zip((y, *(t.grad for t in leaves)), ref):
         assert _rel(got, want) < TOL[dtype]
+    want, ran = _ran(cpu_variant, in_f, out_f)
+    assert ran == want
 
 
 def test_non_contiguous_and_3d_inputs():

@@ -28,18 +28,29 @@ def _args(in_f, out_f, k, n=6, dtype=torch.float32, seed=0):
     return x, values, offsets, grad_y
 
 
-@pytest.mark.parametrize(("in_f", "out_f", "k"), [(12, 20, 3), (20, 12, 3), (16, 16, 16), (40, 72, 5)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_every_op(in_f, out_f, k, dtype, cpu_variant):
-    """Every CPU kernel variant (conftest.CPU_VARIANTS); fp64 always takes the scalar loops."""
-    if dtype == torch.float64 and cpu_variant != ("scalar", "auto"):
-        pytest.skip("fp64 runs the scalar loops whatever the variant")
-    x, values, offsets, grad_y = _args(in_f, out_f, k, n=6 if cpu_variant[1] == "tm" else 53, dtype=dtype)
+OPCHECK_SHAPES = [(12, 20, 3), (20, 12, 3), (16, 16, 16), (40, 72, 5)]
+
+
+def _opcheck(in_f, out_f, k, dtype, n):
+    x, values, offsets, grad_y = _args(in_f, out_f, k, n=n, dtype=dtype)
     torch.library.opcheck(OPS.diag_fwd.default, (x.requires_grad_(), values.requires_grad_(), offsets, out_f))
     bias = torch.randn(out_f, dtype=dtype, requires_grad=True)
     torch.library.opcheck(OPS.diag_fwd_bias.default, (x, values, offsets, out_f, bias))
     torch.library.opcheck(OPS.diag_bwd_x.default, (grad_y, values.detach(), offsets, in_f))
     torch.library.opcheck(OPS.diag_bwd_v.default, (grad_y, x.detach(), offsets))
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k"), OPCHECK_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_every_op(in_f, out_f, k, dtype, cpu_variant):
+    """Every CPU kernel variant (conftest.CPU_VARIANTS), fp32 and bf16."""
+    _opcheck(in_f, out_f, k, dtype, n=6 if cpu_variant[1] == "tm" else 53)
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "k"), OPCHECK_SHAPES)
+def test_opcheck_fp64(in_f, out_f, k):
+    """fp64 takes the scalar loops whatever the variant."""
+    _opcheck(in_f, out_f, k, torch.float64, n=6)
 
 
 @pytest.mark.parametrize(("in_f", "out_f", "k"), [(7, 11, 3), (11, 7, 3), (9, 9, 9), (1, 5, 2), (5, 1, 5)])

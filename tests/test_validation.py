@@ -33,7 +33,11 @@ BAD_CONFIGS = [
     ),
     pytest.param(["backend=cuda"], "backend 'cuda' cannot run on cpu", id="backend-cuda-no-gpu", marks=NO_GPU),
     pytest.param(["device=cuda"], "device=cuda but no CUDA GPU is visible", id="device-cuda-no-gpu", marks=NO_GPU),
-    pytest.param(["data.name=mnist"], "unknown dataset 'mnist'; choose one of ['digits', 'fashion_mnist', 'cifar10'", id="dataset"),
+    pytest.param(
+        ["data.name=mnist"],
+        "unknown dataset 'mnist'; choose one of ['digits', 'fashion_mnist', 'cifar10'",
+        id="dataset",
+    ),
     pytest.param(["model.name=vit_nonexistent"], "unknown timm model 'vit_nonexistent'", id="model"),
     pytest.param(
         ["trainer.epochs=2", "sparsifier=dynadiag", "schedule.freeze_epoch=3"],
@@ -85,7 +89,8 @@ def test_batch_not_divisible_across_ranks(monkeypatch):
         (["model=vit_zz"], "unknown model 'vit_zz'; choose one of ['deit_b', 'deit_s'"),
         (
             ["data=mnist"],
-            "unknown data 'mnist'; choose one of ['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'imagenet', 'synthetic']",
+            "unknown data 'mnist'; choose one of "
+            "['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'imagenet', 'synthetic']",
         ),
         (["sparsifier=magic"], "unknown sparsifier 'magic'; choose one of ['dense', 'diag_heur', 'dynadiag'"),
         (["-m", "sparsifier=set,rigl,nope"], "unknown sparsifier 'nope'"),

@@ -134,12 +134,20 @@ std::string chosen_name() {
   return "portable";
 }
 
+// Which kernels this thread's last gather/scatter/sddmm ran ("scalar" or a variant's name), so tests can check
+// that a forced variant really runs.
+thread_local const char* g_last_run = "";
+
 // The kernels for fp32/bf16 at circle length P, or nullptr for the scalar loops.
-const Variant* active_variant(int64_t P) {
-  const std::string name = chosen_name();
-  const Variant* v = name == "avx512" ? variant_avx512() : name == "avx2" ? variant_avx2()
-                   : name == "portable" ? variant_portable() : nullptr;
-  if (v != nullptr && P < v->min_P) v = variant_portable();
+const Variant* active_variant(int64_t P, at::ScalarType st) {
+  const Variant* v = nullptr;
+  if (st == at::kFloat || st == at::kBFloat16) {
+    const std::string name = chosen_name();
+    v = name == "avx512" ? variant_avx512() : name == "avx2" ? variant_avx2()
+        : name == "portable" ? variant_portable() : nullptr;
+    if (v != nullptr && P < v->min_P) v = variant_portable();
+  }
+  g_last_run = v == nullptr ? "scalar" : v->name;
   return v;
 }
 
@@ -173,7 +181,7 @@ void gather_scatter(bool is_scatter, const at::Tensor& z, const at::Tensor& V, c
   const int64_t N = z.size(0), K = V.size(0), n_out = is_scatter ? P : D;
   const int64_t* o = off.const_data_ptr<int64_t>();
   const at::ScalarType st = z.scalar_type();
-  const Variant* v = st == at::kFloat || st == at::kBFloat16 ? active_variant(P) : nullptr;
+  const Variant* v = active_variant(P, st);
   if (v != nullptr) {
     const std::vector<float> b = padded_bias<float>(bias, n_out);
     const float* bp = b.empty() ? nullptr : b.data();
@@ -210,7 +218,7 @@ void scatter(const at::Tensor& z, const at::Tensor& V, const at::Tensor& off, in
 void sddmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& off, int64_t P, int64_t D, at::Tensor& dv) {
   const int64_t N = a.size(0), K = off.size(0);
   const at::ScalarType st = a.scalar_type();
-  const Variant* v = st == at::kFloat || st == at::kBFloat16 ? active_variant(P) : nullptr;
+  const Variant* v = active_variant(P, st);
   if (v != nullptr)
     return v->sddmm(st == at::kFloat ? Elem::f32 : Elem::bf16, a.const_data_ptr(), b.const_data_ptr(), N, D, P,
                     off.const_data_ptr<int64_t>(), K, dv.mutable_data_ptr());
@@ -289,12 +297,16 @@ std::string isa() { return chosen_name(); }
 // Every variant DYNADIAG_CPU_ISA may name on this CPU, fastest first.
 std::vector<std::string> supported_isas() { return runnable(); }
 
+std::string last_run() { return g_last_run; }
+
 }  // namespace
 
 // Introspection for Python (dynadiag.kernels.cpu.isa): its own namespace, so the shared op schemas stay as they are.
 TORCH_LIBRARY(dynadiag_cpu, m) {
   m.def("isa() -> str", &isa);
   m.def("supported_isas() -> str[]", &supported_isas);
+  // Which kernels the calling thread's last dynadiag CPU op ran (for tests).
+  m.def("last_run() -> str", &last_run);
 }
 
 TORCH_LIBRARY_IMPL(dynadiag, CPU, m) {

@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from dynadiag.kernels import Backend, autotune, get_backend, ops
 from dynadiag.kernels.autotune import Choice, TuneKey
@@ -237,6 +238,11 @@ class AutoBackend:
         training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
         plan = self.choose(values, offsets, in_features, out_features, tokens, x.dtype, training, bias is not None)
         plan = plan.plan
+        if plan.fwd == "dense" and x.dtype in _DTYPES and not torch.compiler.is_compiling():
+            weight = frozen_weight(values, offsets, in_features, out_features, x.dtype)
+            if weight is not None:  # values not trained: exactly nn.Linear's call on the cached W
+                ops.check_offsets(offsets, max(in_features, out_features), "auto")
+                return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
         whole = self.backends.get(plan.fwd) if plan.fwd == plan.dx == plan.dv else None
         if whole is not None:  # one backend for every op: its own path (no per-op dispatch to pay for)
             return whole.diag_linear(x, values, offsets, bias, in_features, out_features)
