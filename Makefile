@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'  # dev = every extra ([train], [onnx], ...) + test tools
+	# The third-party RigL reference row (sparsifier=sparsimony_rigl); --no-deps: its wheel pins numpy 1.*, RigL needs none
+	$(PY) -m pip install --quiet --no-deps sparsimony==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -118,11 +118,11 @@ def _diag_ops(version: str):
     if version == "v2":
         from dynadiag.kernels import cuda_v2
 
-        return cuda_v2.DIAG_OPS
+        return tuple(cuda_v2.DIAG_OPS[:3])  # DiagOps also carries an optional fused-bias forward
     if version in GROUPED_METHODS:
         import importlib
 
-        return importlib.import_module(f"dynadiag.kernels.{version}").DIAG_OPS
+        return tuple(importlib.import_module(f"dynadiag.kernels.{version}").DIAG_OPS[:3])
     dd = torch.ops.dynadiag
     return dd.diag_fwd, dd.diag_bwd_x, dd.diag_bwd_v
 

@@ -130,7 +130,8 @@ def test_loads_without_pickle_hydra_or_trainer(tmp_path):
         pickle.load = pickle.loads = torch.load = refuse
         import dynadiag
         model = dynadiag.from_pretrained({str(tmp_path / "artifact")!r}).eval()
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        # Not bitwise: ``auto`` picks kernels by timing them, so two processes may sum in different orders.
+        torch.testing.assert_close(model(x), expected)
         assert not any(m.split(".")[0] in ("hydra", "omegaconf") for m in sys.modules)
         print("ok")
         """
