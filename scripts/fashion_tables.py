@@ -8,9 +8,11 @@
 - Whole-run training images per CPU-second (soft phase, freeze and all; 1 thread) and the ratio to dense.
 
 The tables replace the block between ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` of the page;
-the plot is written next to the CSV.
+the plot is written next to the CSV. A compact summary (test top-1 per method and target, the paired difference
+against ``sparse_dynadiag`` with its CI, the training speed against dense) replaces the block between
+``<!-- fashion:begin -->`` and ``<!-- fashion:end -->`` of the README (``--readme ''`` skips it).
 
-    python scripts/fashion_tables.py                      # docs/results/fashion_mnist/runs.csv -> the page
+    python scripts/fashion_tables.py                      # docs/results/fashion_mnist/runs.csv -> the page, README
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +36,11 @@ from make_tables import MIN_PAIRS, add_holm, paired_difference
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = ROOT / "docs" / "results" / "fashion_mnist" / "runs.csv"
 DEFAULT_PAGE = ROOT / "docs" / "results" / "fashion_mnist.md"
+DEFAULT_README = ROOT / "README.md"
 REFERENCE = "sparse_dynadiag"
 ORDER = ("dense", "sparse_dynadiag", "dynadiag", "diag_heur", "rigl", "sparsimony_rigl", "srigl", "set", "static")
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+README_BEGIN, README_END = "<!-- fashion:begin -->", "<!-- fashion:end -->"
 
 Cell = tuple[str, float, int, bool]  # method, sparsity, group, permute
 
@@ -196,18 +201,75 @@ def render(cells: dict[Cell, dict[int, dict]], csv_link: str, plot_link: str) ->
     return "\n".join(parts)
 
 
-def update_page(page: Path, block: str) -> None:
-    text = page.read_text(encoding="utf-8") if page.is_file() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {page} has no {BEGIN} ... {END} block to fill")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    page.write_text(pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text), encoding="utf-8")
+def _diff_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    if row["n"] < 2:
+        return f"{row['mean']:+.2f} (1 pair)"
+    return f"{row['mean']:+.2f} [{row['lo']:+.2f}, {row['hi']:+.2f}]"
+
+
+def readme_summary(cells: dict[Cell, dict[int, dict]], page_link: str, csv_link: str, plot_link: str) -> str:
+    """One row per method (grouped variants included): test top-1 (mean ± std over seeds) at each target, the paired
+    difference against ``sparse_dynadiag`` with its 95 % CI, whole-run training speed against dense at 90 %."""
+    dense_speed = _stats(cells.get(("dense", 0.0, 1, False), {}), "train_images_per_cpu_s_overall")[0]
+    targets = sorted({c[1] for c in cells if c[0] != "dense"})
+    diffs = {t: {r["cell"]: r for r in paired_rows(cells, t)} for t in targets}
+    kinds = sorted({(c[0], c[2], c[3]) for c in cells}, key=lambda k: _order((k[0], 0.0, k[1], k[2])))
+    head = " | ".join(f"test top-1, {t:.0%} | − {REFERENCE}, {t:.0%} (pp, 95 % CI)" for t in targets)
+    lines = [
+        f"| method | {head} | training speed vs dense |",
+        "|---|" + "---|---|" * len(targets) + "---|",
+    ]
+    for method, group, permute in kinds:
+        row_cells = [(method, 0.0 if method == "dense" else t, group, permute) for t in targets]
+        parts = []
+        for t, cell in zip(targets, row_cells, strict=True):
+            runs = cells.get(cell)
+            if method == "dense" and t != targets[0]:
+                parts += ["″", "″"]
+                continue
+            parts.append(_fmt(*_stats(runs, "test_top1")) if runs else "–")
+            parts.append("reference" if method == REFERENCE and group == 1 else _diff_cell(diffs[t].get(cell)))
+        speed_cell = next((c for c in row_cells if c in cells and c[1] in (0.0, 0.9)), None)
+        speed = _stats(cells[speed_cell], "train_images_per_cpu_s_overall")[0] if speed_cell else math.nan
+        ratio = f"{speed / dense_speed:.2f}x" if speed == speed and dense_speed == dense_speed else "–"
+        lines.append(f"| {label((method, 0.0, group, permute))} | {' | '.join(parts)} | {ratio} |")
+    seeds = sorted({s for runs in cells.values() for s in runs})
+    counts = sorted({len(runs) for runs in cells.values()})
+    coverage = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return "\n".join(
+        [
+            *lines,
+            "",
+            textwrap.fill(
+                f"Test split (10,000 images, evaluated once per finished run), mean ± std over {coverage} seed(s) per "
+                f"cell (seeds {', '.join(map(str, seeds))}); differences paired by seed, 95 % t intervals. Training "
+                f"speed: whole-run training images per CPU-second (1 thread) at 90 % over dense. Generated by "
+                f"`python scripts/fashion_tables.py` from [runs.csv]({csv_link}); Holm-adjusted p-values, "
+                f"validation numbers and the recipe: [the study page]({page_link}).",
+                width=118,
+                break_on_hyphens=False,
+            ),
+            "",
+            f"![Fashion-MNIST test top-1 vs training images per CPU-second]({plot_link})",
+        ]
+    )
+
+
+def update_page(page: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    text = page.read_text(encoding="utf-8") if page.is_file() else f"{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {page} has no {begin} ... {end} block to fill")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    page.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", default=str(DEFAULT_CSV))
     parser.add_argument("--page", default=str(DEFAULT_PAGE), help="markdown page whose tables block is replaced")
+    parser.add_argument("--readme", default=str(DEFAULT_README), help="file with the summary block ('' to skip)")
     args = parser.parse_args(argv)
     csv_path = Path(args.csv)
     cells = load(csv_path)
@@ -217,6 +279,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     links = [os.path.relpath(p, page.resolve().parent) for p in (csv_path.resolve(), plot_path.resolve())]
     update_page(page, render(cells, *links))
     print(f"wrote {args.page} and {plot_path}")
+    if args.readme:
+        readme = Path(args.readme)
+        base = readme.resolve().parent
+        rel = [os.path.relpath(p, base) for p in (page.resolve(), csv_path.resolve(), plot_path.resolve())]
+        update_page(readme, readme_summary(cells, *rel), README_BEGIN, README_END)
+        print(f"wrote {args.readme}")
 
 
 if __name__ == "__main__":

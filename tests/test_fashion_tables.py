@@ -38,7 +38,9 @@ def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
     )
     page = tmp_path / "fashion_mnist.md"
     page.write_text(f"# title\n\n{fashion_tables.BEGIN}\nold\n{fashion_tables.END}\n\nafter\n")
-    fashion_tables.main(["--csv", str(csv_path), "--page", str(page)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# product\n\n{fashion_tables.README_BEGIN}\nold\n{fashion_tables.README_END}\n\nlinks\n")
+    fashion_tables.main(["--csv", str(csv_path), "--page", str(page), "--readme", str(readme)])
     text = page.read_text()
     assert text.startswith("# title") and text.rstrip().endswith("after") and "old" not in text
     assert (tmp_path / "fashion_mnist" / "test_top1_vs_cost.png").stat().st_size > 0
@@ -58,3 +60,12 @@ def test_page_block_pairs_by_seed_and_holm_adjusts_each_table(tmp_path):
         and "cover only the part" in text
         and "1.20x" in text
     )  # 3601 / 3001 img per CPU-s
+    summary = readme.read_text()
+    assert summary.startswith("# product") and summary.rstrip().endswith("links") and "old" not in summary
+    # rigl at 90 %: 3 pairs (mean -1.17, its t interval), none at 98 %; dense's row spans the targets
+    rigl = next(line for line in summary.splitlines() if line.startswith("| rigl |"))
+    low, high = rows["rigl"]["lo"], rows["rigl"]["hi"]
+    assert rigl == f"| rigl | 87.83 ± 1.76 | -1.17 [{low:+.2f}, {high:+.2f}] | – | – | 1.20x |"
+    assert "| sparse_dynadiag | 89.00 ± 1.00 | reference | 84.50 ± 0.71 | reference | 1.20x |" in summary
+    assert "| sparse_dynadiag g=32 +perm | 88.50 | -0.50 (1 pair) | – | – |" in summary
+    assert "](fashion_mnist.md)" in summary and "](fashion_mnist/runs.csv)" in summary
