@@ -177,7 +177,32 @@ def test_frozen_checkpoint_loads_into_a_freshly_applied_model(group, permute):
     torch.testing.assert_close(fresh_model(x), model(x))
 
 
-@pytest.mark.parametrize("bad", [{"density_start": 0.5}, {"drop_score": "x"}, {"freeze_fraction": 0.0}])
+def test_swap_rounding_ceil_keeps_exploring_where_floor_stops():
+    """Few kept units (groups of 5 here): ``floor`` swaps none once ``fraction * k < 1``; ``ceil`` swaps one per
+    update until the freeze."""
+    method = SparseDynaDiagMethod(DiagSparsifyConfig(0.9), swap_rounding="ceil")
+    assert [method.swap_count(f, 4) for f in (0.3, 0.25, 0.1, 0.0)] == [2, 1, 1, 0]
+    assert [SparseDynaDiagMethod(DiagSparsifyConfig(0.9)).swap_count(f, 4) for f in (0.3, 0.25, 0.1)] == [1, 1, 0]
+    grown = {}
+    for rounding in ("floor", "ceil"):
+        model, method, optimizer = make(group=5, swap_rounding=rounding)
+        layers = [m for m in model.modules() if isinstance(m, CandidateDiagLinear)]
+        grown[rounding] = []
+
+        def check(step, metrics, out=grown[rounding]):
+            if "sparse_dynadiag/num_grown" in metrics:
+                out.append(metrics["sparse_dynadiag/num_grown"])
+
+        run_steps(model, method, optimizer, 12, after_step=check)
+        assert all(m.is_frozen and m.offsets.numel() == m.k for m in layers)
+    assert len(grown["floor"]) == len(grown["ceil"]) == 4
+    assert grown["floor"][-1] == 0  # the last update before the freeze: int(fraction * k) == 0 everywhere
+    assert all(n >= len(layers) for n in grown["ceil"])  # at least one unit per layer at every update
+
+
+@pytest.mark.parametrize(
+    "bad", [{"density_start": 0.5}, {"drop_score": "x"}, {"freeze_fraction": 0.0}, {"swap_rounding": "round"}]
+)
 def test_bad_options_fail_clearly(bad):
     with pytest.raises(ValueError):
         SparseDynaDiagMethod(DiagSparsifyConfig(0.9), **bad)

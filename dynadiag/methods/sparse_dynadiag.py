@@ -81,6 +81,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         delta_t: optimizer steps between candidate updates (drop/grow and shrinking).
         swap_fraction: fraction of ``K`` swapped at the first update, decayed to 0 at the freeze.
         swap_decay: ``cosine``, ``linear`` or ``constant`` decay of ``swap_fraction``.
+        swap_rounding: how ``swap_fraction * K`` becomes a count: ``floor`` (RigL's rule) or ``ceil`` (at least one
+            unit per update while the fraction is above 0: layers with few kept units, e.g. ``K = 4`` at 98 % or
+            grouped layers, otherwise stop exploring after the first update).
         t_max: starting temperature, relative to each layer's alpha spread.
         t_min: temperature at the freeze.
         harden_power: shape of the hardness ramp ``(t / (F - 1))^p`` (1: linear; larger: later).
@@ -112,6 +115,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         delta_t: int = 100,
         swap_fraction: float = 0.3,
         swap_decay: str = "cosine",
+        swap_rounding: str = "floor",
         t_max: float = 1.0,
         t_min: float = 0.05,
         harden_power: float = 1.0,
@@ -135,6 +139,9 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             raise ValueError(f"density_start must be >= 1 (candidates per kept diagonal), got {density_start}")
         if not 0 < t_min <= t_max:
             raise ValueError(f"temperatures need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        if swap_rounding not in ("floor", "ceil"):
+            raise ValueError(f"swap_rounding must be 'floor' or 'ceil', got '{swap_rounding}'")
+        self.swap_rounding = swap_rounding
         if drop_score not in DROP_SCORES:
             raise ValueError(f"unknown drop_score '{drop_score}'; choose one of {list(DROP_SCORES)}")
         if grow_init not in ("zero", "keep"):
@@ -257,6 +264,10 @@ class SparseDynaDiagMethod(DiagHeurMethod):
         self._alpha_opt.param_groups[0]["lr"] = group["lr"] / group.get("lr_scale", 1.0) * self.alpha_lr_mult
         self._alpha_opt.step()
 
+    def swap_count(self, fraction: float, k: int) -> int:
+        """Units to swap at an update: ``fraction * k`` rounded as ``swap_rounding`` says."""
+        return math.ceil(fraction * k - 1e-9) if self.swap_rounding == "ceil" else int(fraction * k)
+
     def _update_candidates(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Shrink each soft layer's candidate set to the schedule and swap units (diagonals or groups).
 
@@ -270,7 +281,7 @@ class SparseDynaDiagMethod(DiagHeurMethod):
             ids, g, k = layer.candidate_ids(), layer.group, layer.k_groups
             target = candidate_count(k, layer.num_groups, self.density_start, done, self.freeze_step)
             target = min(target, ids.numel())  # the set only shrinks; growth replaces what was dropped
-            n_grow = min(int(fraction * k), target - 1)
+            n_grow = min(self.swap_count(fraction, k), target - 1)
             alpha = layer.alpha.detach()
             if self.drop_score == "alpha":
                 score = alpha[ids].float()
