@@ -156,8 +156,11 @@ def plot(cells: dict[Cell, dict[int, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     markers = {0.0: "*", 0.9: "o", 0.98: "s"}
+    # one colour per method (and group variant), one marker per target sparsity
+    names = sorted({label(c) for c in cells}, key=lambda n: min(_order(c) for c in cells if label(c) == n)[1:])
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
     for cell in sorted(cells, key=_order):
         runs = cells[cell]
         test, speed = _stats(runs, "test_top1"), _stats(runs, "train_images_per_cpu_s_overall")
@@ -168,6 +171,8 @@ def plot(cells: dict[Cell, dict[int, dict]], path: Path) -> None:
             test[0],
             yerr=test[1] if test[2] > 1 else None,
             marker=markers.get(cell[1], "^"),
+            color=colours[label(cell)],
+            markersize=7,
             capsize=3,
             linestyle="none",
             label=f"{label(cell)} {'' if cell[0] == 'dense' else f'{cell[1]:.0%}'}",
@@ -176,7 +181,7 @@ def plot(cells: dict[Cell, dict[int, dict]], path: Path) -> None:
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("Fashion-MNIST, ViT patch 7 / width 64 / depth 4 (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="o 90 %   s 98 %", title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
