@@ -95,8 +95,18 @@ def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+def _dense_speed(cells: dict[Cell, dict[int, dict]]) -> float:
+    """Dense's mean whole-run training images per CPU-second (NaN without a dense cell)."""
+    return _stats(cells.get(("dense", 0.0, 1, False), {}), "train_images_per_cpu_s_overall")[0]
+
+
+def _mask_unseen(cell: Cell, runs: dict[int, dict[str, Any]]) -> bool:
+    """A sparse method whose masks the per-layer count cannot read (it masks through its own parametrization)."""
+    return cell[0] != "dense" and _stats(runs, "sparsity_effective")[0] == 0
+
+
 def accuracy_table(cells: dict[Cell, dict[int, dict]]) -> list[str]:
-    dense = _stats(cells.get(("dense", 0.0, 1, False), {}), "train_images_per_cpu_s_overall")[0]
+    dense = _dense_speed(cells)
     lines = [
         "| target | method | seeds | val top-1 | **test top-1** | sparsity (achieved) | train img / CPU-s | vs dense |",
         "|---|---|---|---|---|---|---|---|",
@@ -109,8 +119,7 @@ def accuracy_table(cells: dict[Cell, dict[int, dict]]) -> list[str]:
         ratio = f"{speed[0] / dense:.2f}x" if dense == dense and speed[2] else "–"
         target = "–" if cell[0] == "dense" else f"{cell[1]:.0%}"
         mark = " \\*" if any(r.get("resumed") == "True" for r in runs.values()) else ""
-        # a method masking through its own parametrization has no weight_mask the per-layer count can read
-        shown = f"{achieved:.3f}" if achieved > 0 or cell[0] == "dense" else "– †"
+        shown = "– †" if _mask_unseen(cell, runs) else f"{achieved:.3f}"
         lines.append(
             f"| {target} | {label(cell)}{mark} | {len(runs)} | {_fmt(*val)} | **{_fmt(*test)}** | "
             f"{shown} | {_fmt(*speed, digits=0)} | {ratio} |"
@@ -206,7 +215,7 @@ def render(cells: dict[Cell, dict[int, dict]], csv_link: str, plot_link: str) ->
             "after the resume.",
             "",
         ]
-    if any(c[0] != "dense" and _stats(r, "sparsity_effective")[0] == 0 for c, r in cells.items()):
+    if any(_mask_unseen(c, r) for c, r in cells.items()):
         parts += [
             "† masks through its own parametrization (sparsimony), which the per-layer count does not read; its "
             "runs' whole-model non-zeros are `rigl`'s at the same target to within 0.3 % (`nnz` in `summary.json`).",
@@ -236,7 +245,7 @@ def _diff_cell(row: dict[str, Any] | None) -> str:
 def readme_summary(cells: dict[Cell, dict[int, dict]], page_link: str, csv_link: str, plot_link: str) -> str:
     """One row per method (grouped variants included): test top-1 (mean ± std over seeds) at each target, the paired
     difference against ``sparse_dynadiag`` with its 95 % CI, whole-run training speed against dense at 90 %."""
-    dense_speed = _stats(cells.get(("dense", 0.0, 1, False), {}), "train_images_per_cpu_s_overall")[0]
+    dense_speed = _dense_speed(cells)
     targets = sorted({c[1] for c in cells if c[0] != "dense"})
     diffs = {t: {r["cell"]: r for r in paired_rows(cells, t)} for t in targets}
     kinds = sorted({(c[0], c[2], c[3]) for c in cells}, key=lambda k: _order((k[0], 0.0, k[1], k[2])))
