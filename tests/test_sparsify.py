@@ -143,3 +143,20 @@ def test_init_kaiming_builds_each_layer_directly():
         assert torch.isfinite(layer.V).all() and layer.V.abs().max() <= layer.diag_length**-0.5
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
         assert torch.equal(layer.alpha, torch.full_like(layer.alpha, 1.0 / layer.num_diagonals))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_init_grad_flow_scales_v_to_the_kept_fan_in(sparsity):
+    """init=grad_flow: V ~ N(0, (2 / fan_in)^2), fan_in = k * D / out: the masked baselines' rule, per layer shape."""
+    model = _vit()
+    torch.manual_seed(0)
+    sparsify_(model, DiagSparsifyConfig(sparsity=sparsity, init="grad_flow"))
+    layers = [m for m in model.modules() if isinstance(m, DiagLinear)]
+    assert {(m.in_features, m.out_features) for m in layers} == {(192, 576), (192, 192), (192, 768), (768, 192)}
+    for layer in layers:
+        fan_in = layer.k * layer.diag_length / layer.out_features
+        assert abs(layer.V.std().item() / (2.0 / fan_in) - 1.0) < 0.05  # >= 36k draws per layer
+        assert abs(layer.V.mean().item()) < 0.05 * 2.0 / fan_in
+        assert torch.equal(layer.alpha, torch.full_like(layer.alpha, 1.0 / layer.num_diagonals))
+    with pytest.raises(ValueError, match=r"init must be one of kaiming, grad_flow, copy, got 'xavier'"):
+        DiagSparsifyConfig(0.5, init="xavier")
