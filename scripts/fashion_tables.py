@@ -42,6 +42,7 @@ ORDER = (
     "dense",
     "sparse_dynadiag",
     "sparse_dynadiag_ceil",
+    "sparse_dynadiag_gf",
     "dynadiag",
     "diag_heur",
     "rigl",
