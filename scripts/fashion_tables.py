@@ -48,6 +48,7 @@ ORDER = (
     "rigl",
     "sparsimony_rigl",
     "srigl",
+    "srigl_dt25",
     "set",
     "static",
 )

@@ -50,6 +50,10 @@ def test_plan_orders_seeds_outermost_filters_methods_and_skips_recorded(tmp_path
     grouped = run_study.Cell("sparse_dynadiag", 0.9, 32, True)
     assert grouped.overrides(2)[-2:] == ["sparsifier.config.group=32", "sparsifier.config.permute=true"]
     assert "sparsity=0" not in " ".join(run_study.Cell("dense", 0.0).overrides(0))
+    # a cell with its own overrides runs the base sparsifier and is recorded under its label
+    tuned = next(c for c in cells if c.name == "srigl_dt25-s0.98")
+    assert tuned.overrides(1)[1:] == ["sparsifier=srigl", "seed=1", "sparsity=0.98", "regrow.delta_t=25"]
+    assert tuned.key(1) == ("srigl_dt25", 0.98, 1, False, 1) != run_study.Cell("srigl", 0.98).key(1)
     run_study.append_row(csv_path, {"method": "dense", "sparsity": 0.0, "group": 1, "permute": False, "seed": 0})
     args = run_study.parse_args(["--root", str(tmp_path), "--csv", str(csv_path), "--methods", "dense,dynadiag"])
     assert [(c.name, s) for c, s in run_study.plan(args)] == [
