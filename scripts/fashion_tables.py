@@ -42,7 +42,6 @@ ORDER = (
     "dense",
     "sparse_dynadiag",
     "sparse_dynadiag_ceil",
-    "sparse_dynadiag_gf",
     "dynadiag",
     "diag_heur",
     "rigl",

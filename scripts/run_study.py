@@ -103,7 +103,6 @@ def study_cells() -> list[Cell]:
     cells += [Cell(m, s) for m in ("sparse_dynadiag", "dynadiag") for s in (0.9, 0.98)]
     cells += [Cell("sparse_dynadiag", 0.9, g, True) for g in (8, 32)]
     cells += [Cell("sparse_dynadiag_ceil", 0.98)]  # swap_rounding=ceil, chosen on the validation split at 98 %
-    cells += [Cell("sparse_dynadiag_gf", s) for s in (0.9, 0.98)]  # init=grad_flow, the masked baselines' init
     cells += [Cell(m, s) for m in BASELINES + REFERENCES for s in (0.9, 0.98)]
     # the baselines' cadence on the validation split at 98 % (delta_t 25 against the study's 100, seeds 0-1): adopted
     # where both seeds improved, as for sparse_dynadiag_ceil; SRigL only (docs/results/fashion_mnist.md)
