@@ -21,7 +21,7 @@ from dynadiag.layers import DiagLinear
 from dynadiag.sparsity import SparsifyReport, frozen_param_count, layer_report
 from dynadiag.targets import plan_targets, replace_module_
 
-__all__ = ["DIAG_INITS", "DiagSparsifyConfig", "densify_", "grad_flow_init_", "reset_alpha_", "sparsify_"]
+__all__ = ["DIAG_INITS", "DiagSparsifyConfig", "densify_", "diag_grad_flow_init_", "reset_alpha_", "sparsify_"]
 
 #: ``DiagSparsifyConfig.init`` choices
 DIAG_INITS = ("kaiming", "grad_flow", "copy")
@@ -70,12 +70,13 @@ class DiagSparsifyConfig:
 
 
 @torch.no_grad()
-def grad_flow_init_(layer: DiagLinear) -> None:
+def diag_grad_flow_init_(layer: DiagLinear) -> None:
     """Draw ``V`` in place from ``N(0, (2 / fan_in)^2)``, ``fan_in = k * D / out`` (inputs per output once frozen).
 
-    The masked baselines' ``grad_flow`` rule (sparsimony's; Evci et al. 2022 scale the init to the sparse fan-in)
-    applied to a diagonal layer: at high sparsity the kaiming draw over the dense fan-in ``D`` leaves the kept
-    weights far too small (a layer at 98 % starts almost silent).
+    The masked baselines' ``grad_flow`` rule (:func:`dynadiag.methods.masks.grad_flow_init_`, sparsimony's; Evci et
+    al. 2022 scale the init to the sparse fan-in) for a diagonal layer, whose kept inputs per output are known from
+    its shape and ``k`` rather than read from a mask. At high sparsity the kaiming draw over the dense fan-in ``D``
+    leaves the kept weights far too small (a layer at 98 % starts almost silent).
 
     Args:
         layer: a fresh :class:`DiagLinear` (``V`` is ``[P, D]``).
@@ -103,7 +104,7 @@ def _convert(name: str, module: nn.Linear | nn.Conv2d, config: DiagSparsifyConfi
             dtype=module.weight.dtype,
         )
         if config.init == "grad_flow":
-            grad_flow_init_(layer)
+            diag_grad_flow_init_(layer)
         if perm is not None:
             layer.set_permutation_(perm)
         return layer
